@@ -1,0 +1,83 @@
+"""The one settings class. Every field is also an environment variable with the ``BERTQ_`` prefix.
+
+Settings are read once, by whoever starts the process (the CLI, a worker, a test), and passed
+down. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bertq.schemas import Limits, TaskName
+
+#: What a real user gets when a task's model is not configured (needs the model hub once).
+DEFAULT_MODELS: dict[TaskName, str] = {
+    TaskName.sentiment: "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+    TaskName.ner: "dslim/bert-base-NER",
+    TaskName.qa: "distilbert/distilbert-base-cased-distilled-squad",
+    TaskName.fill_mask: "google-bert/bert-base-uncased",
+    TaskName.nsp: "google-bert/bert-base-uncased",
+    TaskName.embedding: "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BERTQ_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        description="Broker and result store, e.g. redis://host:6379/0. Unset: `bertq demo` starts an "
+        "embedded server; other commands refuse to guess.",
+    )
+    queue: str = Field("bertq", description="Celery queue that producers send to and workers consume.")
+    result_ttl_s: int = Field(86_400, ge=1, description="Seconds a job record and its result are kept.")
+    results_stream_maxlen: int = Field(
+        100_000, ge=1, description="Approximate length cap of the `bertq:results` completion stream."
+    )
+
+    model_sentiment: str = Field(DEFAULT_MODELS[TaskName.sentiment], description="Hub id or local path.")
+    model_ner: str = Field(DEFAULT_MODELS[TaskName.ner], description="Hub id or local path.")
+    model_qa: str = Field(DEFAULT_MODELS[TaskName.qa], description="Hub id or local path.")
+    model_fill_mask: str = Field(DEFAULT_MODELS[TaskName.fill_mask], description="Hub id or local path.")
+    model_nsp: str = Field(DEFAULT_MODELS[TaskName.nsp], description="Hub id or local path.")
+    model_embedding: str = Field(DEFAULT_MODELS[TaskName.embedding], description="Hub id or local path.")
+
+    device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Weights and activations on GPU. `auto` is fp16 on CUDA; CPU always runs fp32."
+    )
+
+    max_batch_tokens: int = Field(
+        8192, ge=8, description="Padded tokens per forward batch (rows x longest row, padded to 8)."
+    )
+    max_batch_rows: int = Field(64, ge=1, description="Rows per forward batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long a worker waits for more work to fill a batch when the device is idle."
+    )
+
+    max_text_chars: int = Field(50_000, ge=1, description="Longest accepted text, in characters.")
+    max_items_per_job: int = Field(4096, ge=1, description="Most items in one job.")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
+    items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
+
+    visibility_timeout_s: int = Field(
+        90, ge=1, description="Seconds before an unacknowledged job is redelivered to another worker."
+    )
+    sweep_interval_s: int = Field(
+        10, ge=1, description="Seconds between a worker's scans for unacknowledged jobs to redeliver."
+    )
+    prefetch: int = Field(
+        32, ge=1, description="Job messages a worker holds at once; more lets it batch across more jobs."
+    )
+
+    log_format: Literal["console", "json"] = Field("console", description="Log line format.")
+    log_level: str = Field("INFO", description="Log level of bertq's loggers.")
+
+    def model_for(self, task: TaskName) -> str:
+        return str(getattr(self, f"model_{task.value}"))
+
+    def limits(self) -> Limits:
+        return Limits(max_text_chars=self.max_text_chars, max_items_per_job=self.max_items_per_job)

@@ -1,0 +1,137 @@
+"""The job envelope, job status, error records, and validation with messages that name the field."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bertq.errors import BertqError, InvalidInput
+from bertq.schemas.tasks import CONTRACTS, TaskName
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    unknown = "unknown"
+
+
+class Limits(BaseModel):
+    """Input limits, taken from the settings of whoever validates."""
+
+    max_text_chars: int = 50_000
+    max_items_per_job: int = 4096
+
+
+class JobRequest(BaseModel):
+    """What a producer sends. On the wire it is a Celery task `bertq.<task>` with these as kwargs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    task: TaskName
+    items: list[dict[str, Any]]
+    model: str | None = Field(None, description="Hub id or local path; default: the worker's for this task.")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorRecord(BaseModel):
+    code: str
+    field: str | None = None
+    message: str
+
+
+class ItemError(BaseModel):
+    """Stands in the results list in place of an item that failed."""
+
+    error: ErrorRecord
+
+
+def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path.lstrip(".")
+
+
+def _invalid(error: ValidationError, prefix: str) -> InvalidInput:
+    first = error.errors()[0]
+    field = _field_path(prefix, tuple(first["loc"]))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return InvalidInput(message, field=field)
+
+
+def parse_task(task: Any) -> TaskName:
+    try:
+        return TaskName(task)
+    except ValueError:
+        known = ", ".join(t.value for t in TaskName)
+        raise InvalidInput(f"unknown task {task!r}; expected one of {known}", field="task") from None
+
+
+def validate_options(task: TaskName, options: Any) -> BaseModel:
+    """Options for the whole job; unknown option names are refused, never ignored."""
+    contract = CONTRACTS[task]
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InvalidInput("must be an object", field="options")
+    for name in options:
+        if name not in contract.options.model_fields:
+            known = ", ".join(contract.options.model_fields) or "none"
+            raise InvalidInput(f"unknown option for task {task.value}; known: {known}", field=f"options.{name}")
+    try:
+        return contract.options.model_validate(options)
+    except ValidationError as error:
+        raise _invalid(error, "options") from None
+
+
+def validate_item_count(items: Any, limits: Limits) -> list[Any]:
+    if not isinstance(items, list):
+        raise InvalidInput("must be a list of items", field="items")
+    if not items:
+        raise InvalidInput("a job needs at least one item", field="items")
+    if len(items) > limits.max_items_per_job:
+        raise InvalidInput(
+            f"{len(items)} items is over the limit of {limits.max_items_per_job} (BERTQ_MAX_ITEMS_PER_JOB)",
+            field="items",
+        )
+    return items
+
+
+def validate_item(task: TaskName, index: int, item: Any, limits: Limits) -> BaseModel:
+    """One item. The error names the field, e.g. ``items[3].text``."""
+    prefix = f"items[{index}]"
+    if not isinstance(item, dict):
+        raise InvalidInput("must be an object", field=prefix)
+    try:
+        parsed = CONTRACTS[task].item.model_validate(item)
+    except ValidationError as error:
+        raise _invalid(error, prefix) from None
+    for name, value in parsed:
+        if not isinstance(value, str):
+            continue
+        if not value.strip():
+            raise InvalidInput("empty text", field=f"{prefix}.{name}")
+        if len(value) > limits.max_text_chars:
+            raise InvalidInput(
+                f"{len(value)} characters is over the limit of {limits.max_text_chars} (BERTQ_MAX_TEXT_CHARS)",
+                field=f"{prefix}.{name}",
+            )
+    return parsed
+
+
+def validate_items(task: TaskName, items: Any, limits: Limits) -> list[BaseModel | BertqError]:
+    """Every item, each to a parsed model or its own error: one bad item never fails the others."""
+    checked: list[BaseModel | BertqError] = []
+    for index, item in enumerate(validate_item_count(items, limits)):
+        try:
+            checked.append(validate_item(task, index, item, limits))
+        except InvalidInput as error:
+            checked.append(error)
+    return checked

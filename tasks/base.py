@@ -1,0 +1,119 @@
+"""What every task module provides, and the pieces they share.
+
+A task turns validated items into model rows (``preprocess``), runs one padded batch of rows on the
+device (``forward``), and turns an item's rows and their outputs into its result (``postprocess``).
+Rows of many items, from many jobs, share a batch; a row remembers its item by index. Nothing here
+knows about Celery or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from bertq.errors import BertqError
+from bertq.schemas import TaskName
+
+PAD_MULTIPLE = 8
+
+
+@dataclass
+class Row:
+    """One model input: a whole item, or one window of a long one."""
+
+    item: int
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+    meta: Any = None  # task-specific: offsets, window position, mask positions, flags for forward
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: weights on the device, its tokenizer, and task-specific extras."""
+
+    model_id: str
+    model: Any
+    tokenizer: Any
+    device: Any
+    max_length: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    input_ids: Any  # LongTensor [rows, length], on the device
+    attention_mask: Any
+    token_type_ids: Any | None
+
+    def model_inputs(self) -> dict[str, Any]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
+
+
+class Task(Protocol):
+    name: TaskName
+    #: the transformers class that loads this task's checkpoints, e.g. "AutoModelForMaskedLM"
+    model_class: str
+
+    def on_load(self, loaded: Loaded, local_dir: Any) -> None:
+        """Read task-specific settings off the checkpoint (``local_dir`` is None for hub ids)."""
+        ...
+
+    def preprocess(self, loaded: Loaded, items: list[Any], options: Any) -> list[list[Row] | BertqError]:
+        """Tokenize. Per item: its rows, or the error that stops that item alone."""
+        ...
+
+    def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
+        """One output per row, moved off the device. Runs under ``torch.inference_mode()``."""
+        ...
+
+    def postprocess(self, loaded: Loaded, item: Any, options: Any, rows: list[Row], outputs: list[Any]) -> BaseModel:
+        """One item's result from its rows (in preprocess order) and their outputs."""
+        ...
+
+
+def padded_length(length: int) -> int:
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def collate(rows: list[Row], pad_id: int, device: Any) -> Batch:
+    """Pad rows to the longest one, rounded up to a multiple of 8, as tensors on ``device``."""
+    import torch
+
+    width = padded_length(max(len(row) for row in rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    with_types = any(row.token_type_ids is not None for row in rows)
+    token_type_ids = torch.zeros((len(rows), width), dtype=torch.long) if with_types else None
+    for i, row in enumerate(rows):
+        n = len(row)
+        input_ids[i, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        if token_type_ids is not None and row.token_type_ids is not None:
+            token_type_ids[i, :n] = torch.tensor(row.token_type_ids, dtype=torch.long)
+    return Batch(
+        rows=rows,
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        token_type_ids=None if token_type_ids is None else token_type_ids.to(device),
+    )
+
+
+def cap_chars(text: str, limit: int) -> tuple[str, bool]:
+    """Cut a text before tokenizing: fast tokenizers are superlinear on huge inputs."""
+    return (text[:limit], True) if len(text) > limit else (text, False)
+
+
+def chars_for_tokens(max_tokens: int) -> int:
+    """Characters that can never fit in ``max_tokens`` WordPiece tokens are cut before tokenizing.
+
+    A word of more than 100 characters becomes one [UNK], so 100 characters per token is a bound."""
+    return max_tokens * 100

@@ -1,0 +1,82 @@
+"""Sentence embeddings: mean, CLS or pooler pooling, optional L2 normalisation, optional per-token
+contextual vectors with their tokens and character offsets. Matches sentence-transformers' `encode`
+for checkpoints in its layout (their `max_seq_length` is honoured)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertq.errors import BertqError
+from bertq.schemas import EmbeddingOptions, EmbeddingResult, TaskName, TextItem, TokenVector
+from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+
+
+@dataclass
+class EmbeddingRow:
+    pooling: str
+    offsets: list[tuple[int, int]] | None  # set when per-token vectors are asked for
+    truncated: bool
+
+
+class EmbeddingTask:
+    name = TaskName.embedding
+    model_class = "AutoModel"
+
+    def on_load(self, loaded: Loaded, local_dir: Path | None) -> None:
+        config = local_dir / "sentence_bert_config.json" if local_dir else None
+        if config and config.exists():
+            loaded.max_length = min(loaded.max_length, int(json.loads(config.read_text())["max_seq_length"]))
+
+    def preprocess(
+        self, loaded: Loaded, items: list[TextItem], options: EmbeddingOptions
+    ) -> list[list[Row] | BertqError]:
+        texts, cut = zip(*(cap_chars(item.text, chars_for_tokens(loaded.max_length)) for item in items))
+        encoded = loaded.tokenizer(
+            list(texts), truncation=True, max_length=loaded.max_length, return_offsets_mapping=options.return_tokens
+        )
+        rows: list[list[Row] | BertqError] = []
+        for i, encoding in enumerate(encoded.encodings):
+            meta = EmbeddingRow(
+                pooling=options.pooling,
+                offsets=list(encoding.offsets) if options.return_tokens else None,
+                truncated=cut[i] or bool(encoding.overflowing),
+            )
+            rows.append([Row(i, list(encoding.ids), list(encoding.type_ids), meta)])
+        return rows
+
+    def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
+        output = loaded.model(**batch.model_inputs())
+        hidden = output.last_hidden_state.float()
+        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = {"mean": mean, "cls": hidden[:, 0]}
+        if any(row.meta.pooling == "pooler" for row in batch.rows):
+            pooled["pooler"] = output.pooler_output.float()
+        results = []
+        for i, row in enumerate(batch.rows):
+            tokens = hidden[i, : len(row)].cpu().numpy() if row.meta.offsets is not None else None
+            results.append((pooled[row.meta.pooling][i].cpu().numpy(), tokens))
+        return results
+
+    def postprocess(
+        self, loaded: Loaded, item: TextItem, options: EmbeddingOptions, rows: list[Row], outputs: list[Any]
+    ) -> EmbeddingResult:
+        (row,), ((vector, token_vectors),) = rows, outputs
+        if options.normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        tokens = None
+        if token_vectors is not None:
+            names = loaded.tokenizer.convert_ids_to_tokens(row.input_ids)
+            tokens = [
+                TokenVector(token=name, start=start, end=end, vector=vec.tolist())
+                for name, (start, end), vec in zip(names, row.meta.offsets, token_vectors)
+            ]
+        return EmbeddingResult(embedding=vector.tolist(), tokens=tokens, truncated=row.meta.truncated)
+
+
+TASK = EmbeddingTask()

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny offline checkpoints, the real MiniLM, and a real Redis-compatible server.
+
+Redis: ``BERTQ_TEST_REDIS_URL`` when set, else an embedded Valkey started once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from bertq.tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    from bertq.tiny_models import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    from bertq.embedded import redis_url_or_embedded
+
+    with redis_url_or_embedded(os.environ.get("BERTQ_TEST_REDIS_URL")) as url:
+        yield url

@@ -1,0 +1,1 @@
+"""The worker runtime: intake, batcher, runner, results, and the worker entry point."""

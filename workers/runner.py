@@ -1,0 +1,151 @@
+"""The device, the model cache and the forward loop. No Celery or Redis here: `bertq run` uses it
+in-process, and the worker's engine uses the same pieces between intake and results."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelUnavailable
+from bertq.log import get_logger
+from bertq.schemas import TaskName
+from bertq.tasks import get_task
+from bertq.tasks.base import Loaded, Row, Task, collate
+from bertq.workers.batcher import pack
+
+log = get_logger(__name__)
+
+
+def resolve_device(device: str, dtype: str) -> tuple[Any, Any]:
+    """The torch device and dtype. CPU always runs fp32; CUDA defaults to fp16."""
+    import torch
+
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable(f"device {device!r} asked for, but torch sees no CUDA device", field="device")
+    if torch_device.type != "cuda":
+        return torch_device, torch.float32
+    return torch_device, {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        dtype, torch.float32
+    )
+
+
+def load_model(task: Task, model_id: str, device: str = "cpu", dtype: str = "auto") -> Loaded:
+    """Load through the same ``from_pretrained`` path for hub ids and local directories."""
+    import transformers
+
+    torch_device, torch_dtype = resolve_device(device, dtype)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+        model = getattr(transformers, task.model_class).from_pretrained(model_id, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        env = f"BERTQ_MODEL_{task.name.value.upper()}"
+        raise ModelUnavailable(
+            f"cannot load model {model_id!r} for task {task.name.value}: {error}. If the model hub is out of "
+            f"reach, point {env} (or the job's `model`) at a local directory saved with save_pretrained()",
+            field="model",
+        ) from error
+    model.to(torch_device).eval()
+    max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
+    loaded = Loaded(model_id, model, tokenizer, torch_device, max_length)
+    task.on_load(loaded, Path(model_id) if Path(model_id).is_dir() else None)
+    log.info("model loaded", task=task.name.value, model=model_id, device=str(torch_device), dtype=str(torch_dtype))
+    return loaded
+
+
+class ModelCache:
+    """Loaded models by (task, model id), loaded on first use. Thread-safe."""
+
+    def __init__(self, device: str = "cpu", dtype: str = "auto") -> None:
+        self.device = device
+        self.dtype = dtype
+        self._models: dict[tuple[TaskName, str], Loaded] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task: TaskName, model_id: str) -> Loaded:
+        key = (task, model_id)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load_model(get_task(task), model_id, self.device, self.dtype)
+            return self._models[key]
+
+
+def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
+    """Outputs per row. If the batch fails, each row is retried alone so one bad row fails alone."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            outputs = task.forward(loaded, collate(rows, loaded.tokenizer.pad_token_id or 0, loaded.device))
+    except Exception as error:  # a model error must never take the worker or the batch-mates down
+        if len(rows) == 1:
+            return [InferenceFailed(f"forward pass failed: {type(error).__name__}: {error}")]
+        return [output for row in rows for output in forward_rows(task, loaded, [row])]
+    return outputs
+
+
+def finish_item(
+    task: Task, loaded: Loaded, item: Any, options: Any, rows: list[Row], outputs: list[Any]
+) -> BaseModel | BertqError:
+    for output in outputs:
+        if isinstance(output, BertqError):
+            return output
+    try:
+        return task.postprocess(loaded, item, options, rows, outputs)
+    except BertqError as error:
+        return error
+    except Exception as error:
+        return InferenceFailed(f"postprocess failed: {type(error).__name__}: {error}")
+
+
+def preprocess_items(task: Task, loaded: Loaded, items: list[Any], options: Any) -> list[list[Row] | BertqError]:
+    """Rows per item; items that are already errors stay errors, a tokenizer error fails one item."""
+    valid = [i for i, item in enumerate(items) if not isinstance(item, BertqError)]
+    prepared: list[list[Row] | BertqError] = [item if isinstance(item, BertqError) else [] for item in items]
+    try:
+        per_item = task.preprocess(loaded, [items[i] for i in valid], options)
+    except Exception:
+        per_item = [_preprocess_one(task, loaded, items[i], options) for i in valid]
+    for i, rows in zip(valid, per_item):
+        if isinstance(rows, list):
+            for row in rows:
+                row.item = i
+        prepared[i] = rows
+    return prepared
+
+
+def _preprocess_one(task: Task, loaded: Loaded, item: Any, options: Any) -> list[Row] | BertqError:
+    try:
+        return task.preprocess(loaded, [item], options)[0]
+    except BertqError as error:
+        return error
+    except Exception as error:
+        return InvalidInput(f"tokenizer failed: {type(error).__name__}: {error}", field="text")
+
+
+def run_items(
+    task: Task, loaded: Loaded, items: list[Any], options: Any, max_tokens: int, max_rows: int
+) -> list[BaseModel | BertqError]:
+    """In-process: preprocess everything, run length-sorted batches, postprocess in input order."""
+    prepared = preprocess_items(task, loaded, items, options)
+    rows = [row for entry in prepared if isinstance(entry, list) for row in entry]
+    outputs: list[Any] = [None] * len(rows)
+    for batch in pack(rows, max_tokens, max_rows):
+        for index, output in zip(batch, forward_rows(task, loaded, [rows[i] for i in batch])):
+            outputs[index] = output
+    by_item: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_item.setdefault(row.item, []).append(index)
+    results: list[BaseModel | BertqError] = []
+    for i, entry in enumerate(prepared):
+        if isinstance(entry, BertqError):
+            results.append(entry)
+            continue
+        indices = by_item.get(i, [])
+        results.append(
+            finish_item(task, loaded, items[i], options, [rows[j] for j in indices], [outputs[j] for j in indices])
+        )
+    return results
