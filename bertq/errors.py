@@ -16,7 +16,8 @@ class BertqError(Exception):
     code = "error"
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
+        # Both in args: Celery rebuilds a stored exception as type(e)(*e.args), field included.
+        super().__init__(*((message,) if field is None else (message, field)))
         self.message = message
         self.field = field
 

@@ -12,6 +12,16 @@ import structlog
 _base: Any = None
 
 
+class _Stderr:
+    """Writes to sys.stderr as it is at each call, not at configure time, so a stream swapped out
+    later (pytest's capsys, a host app's redirect) is never written to once closed."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = error = critical = exception = msg
+
+
 def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
     """JSON lines for machines, aligned key=value for people. Safe to call again."""
     global _base
@@ -19,7 +29,7 @@ def configure_logging(fmt: str = "console", level: str = "INFO") -> None:
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     _base = structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
+        _Stderr(),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

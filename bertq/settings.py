@@ -70,7 +70,14 @@ class Settings(BaseSettings):
         10, ge=1, description="Seconds between a worker's scans for unacknowledged jobs to redeliver."
     )
     prefetch: int = Field(
-        32, ge=1, description="Job messages a worker holds at once; more lets it batch across more jobs."
+        256, ge=1, description="Job messages a worker holds at once; more lets it batch across more jobs."
+    )
+
+    max_held_items: int = Field(
+        2048,
+        ge=1,
+        description="Items a worker holds before it stops fetching messages. Keep the time to finish "
+        "them well under the visibility timeout.",
     )
 
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")

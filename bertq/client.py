@@ -1,0 +1,160 @@
+"""The producer client: submit jobs, read their status and results. Light: redis and pydantic only.
+
+A submit is one Redis round trip: the job's ``queued`` record and its Celery message go in one
+pipeline, so a job is never visible without its message nor its message without a record. The
+message is Celery's protocol 2 over kombu's Redis transport, JSON only (the README documents it for
+producers in other languages), so plain Celery workers' tooling sees ordinary tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+
+from bertq.errors import InvalidInput
+from bertq.records import RESULTS_STREAM, JobView, meta_key, queued_record
+from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
+from bertq.settings import Settings
+
+_ORIGIN = f"bertq-client@{socket.gethostname()}"
+
+
+def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: str) -> str:
+    """One Celery task message as kombu's Redis transport stores it in the queue's list."""
+    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    headers = {
+        "lang": "py",
+        "task": f"bertq.{task.value}",
+        "id": job_id,
+        "root_id": job_id,
+        "parent_id": None,
+        "group": None,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "argsrepr": "()",
+        "kwargsrepr": f"{{'items': <{len(kwargs['items'])} items>}}",
+        "origin": _ORIGIN,
+        "ignore_result": False,
+    }
+    return json.dumps(
+        {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": job_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
+class Client:
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        url = redis_url or self.settings.redis_url
+        if not url:
+            raise RuntimeError("no Redis URL: pass redis_url or set BERTQ_REDIS_URL")
+        self.redis = redis.Redis.from_url(url)
+
+    # ---- submit --------------------------------------------------------------------------------
+
+    def submit(
+        self, task: str, items: Sequence[Any], model: str | None = None, options: dict[str, Any] | None = None
+    ) -> str:
+        """Queue one job; returns its id. Items are dicts of the task's item fields (a plain string
+        stands for ``{"text": ...}`` where the task takes a text). Job-level mistakes raise
+        InvalidInput here; an invalid item gets its own error in the job's results."""
+        return self._send(parse_task(task), [list(items)], model, options)[0]
+
+    def submit_many(
+        self,
+        task: str,
+        items: Sequence[Any],
+        items_per_message: int | None = None,
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Queue a stream of items as jobs of ``items_per_message`` items each; one id per job, in order."""
+        size = items_per_message or self.settings.items_per_message
+        chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        return self._send(parse_task(task), chunks, model, options)
+
+    def _send(
+        self, task: TaskName, chunks: list[list[Any]], model: str | None, options: dict[str, Any] | None
+    ) -> list[str]:
+        validate_options(task, options)
+        limits = self.settings.limits()
+        job_ids = []
+        pipe = self.redis.pipeline(transaction=False)
+        for number, chunk in enumerate(chunks):
+            items = [self._item(task, item) for item in validate_item_count(chunk, limits)]
+            job_id = str(uuid.uuid4())
+            kwargs = {"items": items, "model": model, "options": options or {}}
+            pipe.set(meta_key(job_id), queued_record(job_id, task.value, len(items)), ex=self.settings.result_ttl_s)
+            pipe.lpush(self.settings.queue, celery_message(job_id, task, kwargs, self.settings.queue))
+            job_ids.append(job_id)
+            if number % 500 == 499:
+                pipe.execute()
+        pipe.execute()
+        return job_ids
+
+    @staticmethod
+    def _item(task: TaskName, item: Any) -> Any:
+        if isinstance(item, str):
+            if CONTRACTS[task].item is not TextItem:
+                raise InvalidInput(f"task {task.value} takes objects, not plain strings", field="items")
+            return {"text": item}
+        return item
+
+    # ---- read ----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView:
+        return JobView.from_record(job_id, self.redis.get(meta_key(job_id)))
+
+    def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, JobView]:
+        """Poll until every job is done or failed, or ``timeout`` seconds pass; then unfinished jobs
+        come back with their current status. One pipelined MGET per poll, over unfinished jobs only."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        views: dict[str, JobView] = {}
+        pending = list(dict.fromkeys(job_ids))
+        delay = 0.002
+        while pending:
+            still = []
+            for start in range(0, len(pending), 1000):
+                chunk = pending[start : start + 1000]
+                for job_id, raw in zip(chunk, self.redis.mget([meta_key(j) for j in chunk])):
+                    view = JobView.from_record(job_id, raw)
+                    views[job_id] = view
+                    if not view.finished:
+                        still.append(job_id)
+            pending = still
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        return {job_id: views[job_id] for job_id in job_ids}
+
+    def stream(self, last_id: str = "$", block_ms: int = 1000) -> Iterator[tuple[str, str, str]]:
+        """Follow the completion stream: (stream entry id, job id, "done" | "failed"), forever."""
+        while True:
+            for _, entries in self.redis.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500) or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode()
+                    yield last_id, fields[b"job_id"].decode(), fields[b"status"].decode()
