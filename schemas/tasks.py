@@ -64,7 +64,7 @@ class QAOptions(_Strict):
 
 class FillMaskOptions(_Strict):
     top_k: int = Field(5, ge=1)
-    targets: list[str] | None = Field(None, description="Score only these candidate tokens.")
+    targets: list[str] | None = Field(None, min_length=1, description="Score only these candidate tokens.")
 
 
 class NspOptions(_Strict):
@@ -88,7 +88,9 @@ class LabelScore(_Strict):
 class SentimentResult(_Strict):
     label: str
     score: float
-    scores: list[LabelScore] = Field(description="Every label's probability, most likely first.")
+    scores: list[LabelScore] = Field(
+        description="Every label's probability (raw output for regression heads), most likely first."
+    )
     truncated: bool = False
 
 

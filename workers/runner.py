@@ -111,8 +111,10 @@ def preprocess_items(task: Task, loaded: Loaded, items: list[Any], options: Any)
         per_item = [_preprocess_one(task, loaded, items[i], options) for i in valid]
     for i, rows in zip(valid, per_item):
         if isinstance(rows, BertqError):
-            # tasks name fields relative to the item ("text"); the job names them in full
-            rows.field = f"items[{i}].{rows.field}" if rows.field else f"items[{i}]"
+            # tasks name fields relative to the item ("text") or the job's options ("options.targets");
+            # item fields get their full name
+            if not (rows.field or "").startswith("options."):
+                rows.field = f"items[{i}].{rows.field}" if rows.field else f"items[{i}]"
         else:
             for row in rows:
                 row.item = i
