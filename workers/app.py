@@ -22,6 +22,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # kombu scans for expired unacked messages every interval x throttle seconds: make it one interval
         "unacked_restore_interval": settings.sweep_interval_s,
         "unacked_restore_throttle": 1,
+        # a worker killed during its scan holds the scan lock until it expires (kombu's default: 300 s)
+        "unacked_mutex_expire": settings.sweep_interval_s,
     }
     return {
         "broker_url": settings.redis_url,

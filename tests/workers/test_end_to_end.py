@@ -1,0 +1,245 @@
+"""End to end: real worker processes, a real Redis, producers in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from bertq.cli import main as bertq_main
+from bertq.client import Client, celery_message
+from bertq.errors import InvalidInput
+from bertq.records import RESULTS_STREAM, meta_key
+from bertq.schemas import JobStatus
+from bertq.settings import Settings
+
+INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
+    "sentiment": ([{"text": "Great battery 😀"}, {"text": "Screen cracked after a week"}], {}),
+    "ner": ([{"text": "Ada Lovelace met Charles Babbage in London."}], {"aggregation_strategy": "first"}),
+    "qa": ([{"question": "Who met Babbage?", "context": "Ada Lovelace met Charles Babbage in London."}], {"top_k": 2}),
+    "fill_mask": ([{"text": "The delivery was [MASK]."}], {"top_k": 3}),
+    "nsp": ([{"text": "I ordered a kettle.", "text_pair": "It arrived two days later."}], {}),
+    "embedding": ([{"text": "Great value"}, {"text": "東京 café"}], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path], minilm: Path) -> dict[str, str]:
+    paths = {task: str(tiny_models[task]) for task in ("sentiment", "ner", "qa", "fill_mask", "nsp")}
+    return {**paths, "embedding": str(minilm)}
+
+
+def worker_env(redis_url: str, queue: str, models: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {**os.environ, "BERTQ_REDIS_URL": redis_url, "BERTQ_QUEUE": queue, "HF_HUB_OFFLINE": "1"}
+    env.update({f"BERTQ_MODEL_{task.upper()}": path for task, path in models.items()})
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bertq", "worker", "--name", f"test-{uuid.uuid4().hex[:8]}@localhost", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill(worker: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(worker.pid, sig)
+    except ProcessLookupError:
+        pass
+    worker.wait(30)
+
+
+def client_for(redis_url: str, queue: str) -> Client:
+    return Client(redis_url, Settings(redis_url=redis_url, queue=queue))
+
+
+@pytest.fixture(scope="module")
+def main_worker(redis_url: str, models: dict[str, str]) -> Iterator[str]:
+    queue = f"e2e-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(worker_env(redis_url, queue, models))
+    yield queue
+    kill(worker)
+
+
+def plain_celery(redis_url: str) -> Celery:
+    app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    return app
+
+
+def bertq_run(task: str, model: str, items: list[dict[str, Any]], options: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    source = tmp_path / f"{task}.jsonl"
+    source.write_text("".join(json.dumps(item) + "\n" for item in items))
+    capsys.readouterr()
+    assert bertq_main(["run", task, "--model", model, "--input", str(source), "--options", json.dumps(options)]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def assert_close(ours: Any, theirs: Any) -> None:
+    if isinstance(ours, float) or isinstance(theirs, float):
+        assert abs(ours - theirs) < 1e-5
+    elif isinstance(ours, dict):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert_close(ours[key], theirs[key])
+    elif isinstance(ours, list):
+        assert len(ours) == len(theirs)
+        for one, other in zip(ours, theirs):
+            assert_close(one, other)
+    else:
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("task", list(INPUTS))
+def test_each_task_via_client_and_send_task_equals_bertq_run(
+    task: str, main_worker: str, redis_url: str, models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items, options = INPUTS[task]
+    client = client_for(redis_url, main_worker)
+    by_client = client.submit(task, items, options=options)
+    app = plain_celery(redis_url)
+    by_celery = app.send_task(f"bertq.{task}", kwargs={"items": items, "model": None, "options": options}, queue=main_worker)
+    views = client.wait([by_client, by_celery.id], timeout=120)
+    expected = bertq_run(task, models[task], items, options, tmp_path, capsys)
+    for job_id in (by_client, by_celery.id):
+        assert views[job_id].status is JobStatus.done, views[job_id]
+        assert_close(views[job_id].results, expected)
+    assert_close(app.AsyncResult(by_client).get(timeout=30), expected)
+    assert_close(by_celery.get(timeout=30), expected)
+
+
+def test_statuses_unknown_queued_then_done(redis_url: str, models: dict[str, str]) -> None:
+    queue = f"idle-{uuid.uuid4().hex[:6]}"
+    client = client_for(redis_url, queue)
+    assert client.get(str(uuid.uuid4())).status is JobStatus.unknown
+    job_id = client.submit("sentiment", ["fine"])
+    assert client.get(job_id).status is JobStatus.queued
+    worker = start_worker(worker_env(redis_url, queue, models))
+    try:
+        assert client.wait([job_id], timeout=120)[job_id].status is JobStatus.done
+    finally:
+        kill(worker)
+
+
+def test_an_invalid_item_fails_alone_and_a_bad_option_fails_the_job(main_worker: str, redis_url: str) -> None:
+    client = client_for(redis_url, main_worker)
+    mixed = client.submit("sentiment", [{"text": "good"}, {"text": "   "}, {"text": "bad"}])
+    app = plain_celery(redis_url)
+    bad_option = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "x"}], "options": {"top_kk": 1}}, queue=main_worker)
+    unregistered = app.send_task("bertq.nope", kwargs={"items": [{"text": "x"}]}, queue=main_worker)
+    views = client.wait([mixed, bad_option.id, unregistered.id], timeout=120)
+    results = views[mixed].results
+    assert views[mixed].status is JobStatus.done and results is not None
+    assert "label" in results[0] and "label" in results[2]
+    assert results[1]["error"]["code"] == "invalid_input"
+    assert results[1]["error"]["field"] == "items[1].text"
+    assert views[bad_option.id].status is JobStatus.failed
+    assert views[bad_option.id].error is not None and views[bad_option.id].error["field"] == "options.top_kk"
+    with pytest.raises(InvalidInput, match="options.top_kk"):
+        bad_option.get(timeout=30)
+    assert views[unregistered.id].status is JobStatus.failed
+    assert "bertq.nope" in views[unregistered.id].error["message"]  # type: ignore[index]
+
+
+def test_a_redelivered_finished_job_is_not_run_or_stored_again(main_worker: str, redis_url: str) -> None:
+    client = client_for(redis_url, main_worker)
+    job_id = client.submit("sentiment", ["twice"])
+    first = client.wait([job_id], timeout=60)[job_id]
+    assert first.status is JobStatus.done
+    store = redis.Redis.from_url(redis_url)
+    record = store.get(meta_key(job_id))
+    from bertq.schemas import TaskName
+
+    message = celery_message(job_id, TaskName.sentiment, {"items": [{"text": "other"}], "model": None, "options": {}}, main_worker)
+    store.lpush(main_worker, message)
+    deadline = time.monotonic() + 30
+    while store.llen(main_worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe = client.submit("sentiment", ["after"])  # the worker took the duplicate before this one
+    assert client.wait([probe], timeout=60)[probe].status is JobStatus.done
+    assert store.get(meta_key(job_id)) == record
+    entries = [fields for _, fields in store.xrange(RESULTS_STREAM) if fields[b"job_id"] == job_id.encode()]
+    assert len(entries) == 1
+
+
+def test_killed_worker_jobs_are_redelivered_and_stored_exactly_once(redis_url: str, tiny_models: dict[str, Path]) -> None:
+    queue = f"kill-{uuid.uuid4().hex[:6]}"
+    timeouts = {"BERTQ_VISIBILITY_TIMEOUT_S": "6", "BERTQ_SWEEP_INTERVAL_S": "1", "BERTQ_MAX_BATCH_ROWS": "8"}
+    env = worker_env(redis_url, queue, {"sentiment": str(tiny_models["sentiment"])}, **timeouts)
+    client = client_for(redis_url, queue)
+    texts = [("word " * (1 + i % 60)).strip() for i in range(300)]
+    job_ids = [client.submit("sentiment", [text]) for text in texts]
+    first = start_worker(env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = sum(view.finished for view in client.wait(job_ids, timeout=0).values())
+        if done >= 20:
+            break
+        time.sleep(0.02)
+    kill(first, signal.SIGKILL)
+    done_at_kill = sum(view.finished for view in client.wait(job_ids, timeout=0).values())
+    assert 20 <= done_at_kill < 300, "the worker must be killed mid-run"
+    second = start_worker(env)
+    try:
+        views = client.wait(job_ids, timeout=6 + 1 + 90)
+    finally:
+        kill(second)
+    store = redis.Redis.from_url(redis_url)
+    statuses = [view.status.value for view in views.values()]
+    assert statuses == ["done"] * 300, (
+        {status: statuses.count(status) for status in set(statuses)},
+        store.llen(queue),
+        store.hlen("unacked"),
+        store.ttl("unacked_mutex"),
+    )
+    counts: dict[bytes, int] = {}
+    for _, fields in store.xrange(RESULTS_STREAM):
+        counts[fields[b"job_id"]] = counts.get(fields[b"job_id"], 0) + 1
+    assert [counts.get(job_id.encode(), 0) for job_id in job_ids] == [1] * 300
+
+
+def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "bertq", "worker", "--gpus", "0,1"],
+        env={**os.environ, "BERTQ_REDIS_URL": redis_url, "BERTQ_QUEUE": "gpus-test"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = [int(pid) for pid in Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()]
+            time.sleep(0.1)
+        assert len(children) == 2
+        seen = {}
+        for pid in children:
+            environ = dict(
+                entry.split("=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in entry
+            )
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            name = cmdline[cmdline.index("--name") + 1]
+            seen[environ["CUDA_VISIBLE_DEVICES"]] = (name, cmdline[cmdline.index("--device") + 1])
+        assert set(seen) == {"0", "1"}
+        assert seen["0"][0].startswith("bertq-gpu0@") and seen["1"][0].startswith("bertq-gpu1@")
+        assert seen["0"][1] == seen["1"][1] == "cuda:0"  # each sees only its own GPU
+    finally:
+        os.killpg(supervisor.pid, signal.SIGTERM)
+        supervisor.wait(30)
