@@ -79,7 +79,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit("bertq worker: set BERTQ_REDIS_URL")
     from bertq.workers.worker import run_worker
 
-    run_worker(settings, queues, args.name)
+    run_worker(settings, queues, args.name, args.events)
     return 0
 
 
@@ -132,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", help="comma-separated GPU ids: one pinned worker process per GPU")
     worker.add_argument("--queues", help="comma-separated queues (default: BERTQ_QUEUE)")
     worker.add_argument("--name", help="Celery node name (default: bertq-<device>@<host>)")
+    worker.add_argument("--events", action="store_true", help="send task events (for Flower), like celery -E")
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="embedded Redis + a worker + one job per task")

@@ -27,7 +27,9 @@ def node_name(device: str) -> str:
     return f"bertq-{device.replace(':', '')}@{socket.gethostname()}"
 
 
-def run_worker(settings: Settings, queues: list[str] | None = None, name: str | None = None) -> None:
+def run_worker(
+    settings: Settings, queues: list[str] | None = None, name: str | None = None, events: bool = False
+) -> None:
     """Run one worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
     configure_logging(settings.log_format, settings.log_level)
     app = configure(settings)
@@ -47,6 +49,7 @@ def run_worker(settings: Settings, queues: list[str] | None = None, name: str | 
             loglevel=settings.log_level,
             without_gossip=True,
             without_mingle=True,
+            task_events=events,  # task-received / task-succeeded for Flower
         )
         worker.start()
     finally:

