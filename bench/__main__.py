@@ -133,12 +133,18 @@ NOTES = """
   8192 rows), likely because a small batch's attention and feed-forward intermediates stay in cache. Hence the
   default `BERTQ_MAX_BATCH_TOKENS=4096` (2048 and 4096 traded places across runs; 8192 was slower in every
   run); on a GPU, raise it.
-- **End to end vs in-process.** A worker overlaps intake, tokenizing and result writing with the forward
-  pass (three threads; Celery's consumer thread only decodes and hands over), so the Redis path costs a
-  few percent, and jobs of many texts can beat the in-process row, which tokenizes everything before
-  its first forward pass. One-text jobs pay Celery's per-message cost (one BRPOP and one unacked-hash
-  write per message in the consumer thread, competing for the 2 cores) and need a deep prefetch
-  (`BERTQ_PREFETCH=256`) so the pool never drains between batches.
+- **End to end vs in-process.** Targets: 0.8x for one-text jobs, 0.9x for 64-text jobs. This run misses
+  both. Two earlier runs of this script, timed row after row rather than round-robin and with 8192 and
+  then 2048 as the default budget, gave 0.93x / 0.93x / 0.98x and 0.81x / 1.03x / 1.12x for the three
+  e2e rows: the noise on this shared machine is about +-15%, so the gap is real but not settled.
+  Where the time goes: `py-spy record --threads` on a worker during 512 one-text jobs (12 s, 100 Hz) had
+  the forward thread busy in ~95% of samples, so the model rarely waits; but Celery's consumer thread was
+  busy in ~20% (kombu's per-message BRPOP, unacked-hash write and ack: one Redis round trip each) and the
+  prepare thread in ~13% (mostly the per-group claim round trip). On 2 cores those steal cycles from
+  torch's two threads. What would close the gap: claim in larger groups, fetch several messages per
+  round trip instead of kombu's one-per-BRPOP, and give torch one thread less when the worker shares
+  cores with its own I/O threads. `submit_many` (64 items per message) already amortises the
+  per-message cost.
 - **transformers.pipeline** (feature-extraction) returns every token's vector as nested Python lists
   and batches in arrival order; we have not profiled which of the two costs more.
 - Not measured yet (issue 5): latency percentiles under load, batch-setting sweeps, two workers, 10k-100k
