@@ -80,3 +80,18 @@ def test_stride_not_below_window_is_an_item_error_naming_the_option(qa) -> None:
     options = validate_options(TaskName.qa, {"doc_stride": 400})
     (result,) = run_items(get_task(TaskName.qa), qa, items, options, 8192, 64)
     assert "options.doc_stride" in str(result)
+
+
+def test_question_too_long_is_an_item_error_and_spares_its_batch_mates(qa) -> None:  # type: ignore[no-untyped-def]
+    long_question = "Who " + "really " * 80 + "met?"  # over max_question_len (64 tokens)
+    roomless = "Who " + "really " * 60 + "met?"  # 63 tokens: leaves 62 of 125 to the context, under doc_stride
+    items = validate_items(
+        TaskName.qa,
+        [{"question": q, "context": LONG_CONTEXT} for q in (long_question, "When did Town3 meet?", roomless)],
+        Limits(),
+    )
+    options = validate_options(TaskName.qa, {"max_seq_len": 128, "doc_stride": 64})
+    too_long, fine, no_room = run_items(get_task(TaskName.qa), qa, items, options, 8192, 64)
+    assert too_long.field == "items[0].question" and "max_question_len (64)" in str(too_long)
+    assert no_room.field == "items[2].question" and "doc_stride (64)" in str(no_room)
+    assert isinstance(fine, QAResult) and fine.answer
