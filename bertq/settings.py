@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bertq.schemas import Limits, TaskName
@@ -22,6 +22,11 @@ DEFAULT_MODELS: dict[TaskName, str] = {
     TaskName.nsp: "google-bert/bert-base-uncased",
     TaskName.embedding: "sentence-transformers/all-MiniLM-L6-v2",
 }
+
+
+#: ``max_batch_tokens`` when left at 0, by device.
+CPU_BATCH_TOKENS = 1024
+CUDA_BATCH_TOKENS = 16384
 
 
 class Settings(BaseSettings):
@@ -51,10 +56,11 @@ class Settings(BaseSettings):
     )
 
     max_batch_tokens: int = Field(
-        4096,
-        ge=8,
-        description="Padded tokens per forward batch (rows x longest row, padded to 8). Small batches are "
-        "fastest on CPU; raise it on GPU (16384 or more).",
+        0,
+        ge=0,
+        description="Padded tokens per forward batch (rows x longest row, padded to 8). 0: 1024 on CPU, where "
+        "a bigger batch is no faster and every row waits for the whole batch (BENCHMARKS.md, batch settings); "
+        "16384 on CUDA.",
     )
     max_batch_rows: int = Field(64, ge=1, description="Rows per forward batch.")
     max_wait_ms: float = Field(
@@ -85,6 +91,12 @@ class Settings(BaseSettings):
 
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("INFO", description="Log level of bertq's loggers.")
+
+    @model_validator(mode="after")
+    def _batch_tokens_for_device(self) -> Settings:
+        if self.max_batch_tokens == 0:
+            self.max_batch_tokens = CUDA_BATCH_TOKENS if self.device.startswith("cuda") else CPU_BATCH_TOKENS
+        return self
 
     def model_for(self, task: TaskName) -> str:
         return str(getattr(self, f"model_{task.value}"))

@@ -91,6 +91,13 @@ def test_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert settings.max_items_per_job == 4096
 
 
+def test_batch_token_budget_follows_the_device_unless_set(clean_env: pytest.MonkeyPatch) -> None:
+    assert Settings().max_batch_tokens == 1024
+    assert Settings(device="cuda:1").max_batch_tokens == 16384
+    clean_env.setenv("BERTQ_MAX_BATCH_TOKENS", "3000")
+    assert Settings(device="cuda").max_batch_tokens == 3000
+
+
 def test_settings_refuse_invalid_env(clean_env: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
