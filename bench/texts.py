@@ -1,25 +1,113 @@
-"""Deterministic review-like texts. Word counts are lognormal with a median of 40 words
-(sigma 0.9, capped at 1200), so most reviews are short and a tail runs past 512 tokens."""
+"""Deterministic review-like texts, and their length distribution.
+
+Word counts are lognormal: median exp(mu) = 40 words, sigma 0.9, clipped to [3, 1200]. So most
+reviews are short (p10 about 13 words), a few run long (p99 about 330 words) and a handful pass 512
+WordPiece tokens. The words come from product-review sentences (openers, product nouns, opinions,
+complaints, numbers, the odd emoji and typo) so the tokenizer sees punctuation, digits and rare words,
+not a bag of 80 common ones. Same seed, same texts, on every machine: every system gets the same list.
+"""
 
 from __future__ import annotations
 
+import math
 import random
+from typing import Any
 
-OPENERS = ["I bought this", "We ordered the", "My wife loves the", "Returned the", "Honestly the", "After two weeks the"]
-WORDS = (
-    "battery screen delivery price quality kettle headphones charger cable box seller support "
-    "great terrible fine okay broke arrived late early fast slow loud quiet sturdy flimsy cheap "
-    "and but because although really very quite never always again would recommend not "
-    "the a it this that was is were has had after before during with without for to of in on"
+MEDIAN_WORDS = 40
+SIGMA = 0.9
+MIN_WORDS, MAX_WORDS = 3, 1200
+
+PRODUCTS = (
+    "kettle headphones charger blender vacuum laptop stand backpack toaster phone case keyboard mouse "
+    "monitor router camera tripod speaker lamp mattress pillow jacket boots sneakers drill saw grinder "
+    "frying pan coffee maker water bottle smartwatch tablet earbuds microwave air fryer"
 ).split()
-ENDINGS = ["Five stars.", "Would not buy again!", "Meh.", "Customer service was helpful 🙂", "Returned it.", ""]
+ADJECTIVES = (
+    "great terrible decent flimsy sturdy gorgeous cheap overpriced reliable noisy quiet sleek bulky "
+    "disappointing excellent mediocre solid awful fantastic underwhelming comfortable itchy durable"
+).split()
+PARTS = "battery screen handle lid strap cable button zipper hinge motor fabric sole plug speaker display".split()
+SENTENCES = (
+    "I bought this {p} for my {who} and {who2} uses it every day.",
+    "The {part} is {adj}, but the {part2} feels {adj2}.",
+    "After {n} weeks the {part} stopped working, which is {adj} for the price.",
+    "Delivery took {n} days and the box arrived {state}.",
+    "Customer support answered within {n} hours and sent a replacement {part}.",
+    "Honestly, it's {adj} – not perfect, not a disaster.",
+    "Compared to my old {p}, this one is {adj} and much {adj2}.",
+    "Would I recommend it? {yesno}.",
+    "The instructions were {adj} and missing step {n}.",
+    "It costs ${n}.99, which seems {adj} to me.",
+    "My {who} said the {part} looked {adj} in the photos but {adj2} in person.",
+    "Setup took {n} minutes; pairing with my phone was {adj}.",
+    "Returned it after {n} days because the {part} was {adj}.",
+    "Five stars for the {part}, one star for the {part2}.",
+    "It's been {n} months and it still works {adv}.",
+    "The smell out of the box was {adj}, gone after a day or two.",
+    "Bought a second one as a gift 🎁 for my {who}.",
+    "Not sure why people complain, mine is {adj} 👍.",
+    "teh {part} broke on day {n} :( very dissapointed",
+    "Update: the seller refunded me {adv} without any questions!",
+)
+WHO = "wife husband daughter son mum dad roommate grandmother boss neighbour".split()
+STATES = "damaged soaked crushed intact late early".split()
+ADVERBS = "fine flawlessly okay perfectly quickly slowly reliably".split()
+YESNO = ("Yes, absolutely", "No", "Maybe, if it's on sale", "Only for light use", "Not at this price")
+
+
+def _sentence(rng: random.Random) -> str:
+    template = rng.choice(SENTENCES)
+    return template.format(
+        p=rng.choice(PRODUCTS),
+        part=rng.choice(PARTS),
+        part2=rng.choice(PARTS),
+        adj=rng.choice(ADJECTIVES),
+        adj2=rng.choice(ADJECTIVES),
+        adv=rng.choice(ADVERBS),
+        who=rng.choice(WHO),
+        who2="she" if rng.random() < 0.5 else "he",
+        n=rng.randint(1, 60),
+        state=rng.choice(STATES),
+        yesno=rng.choice(YESNO),
+    )
+
+
+def word_count(rng: random.Random) -> int:
+    return min(MAX_WORDS, max(MIN_WORDS, round(rng.lognormvariate(math.log(MEDIAN_WORDS), SIGMA))))
 
 
 def review_texts(count: int, seed: int = 0) -> list[str]:
+    """``count`` reviews; the same ``seed`` gives the same texts everywhere."""
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
-        words = min(1200, max(3, int(rng.lognormvariate(3.689, 0.9))))  # exp(3.689) = 40
-        body = " ".join(rng.choice(WORDS) for _ in range(words))
-        texts.append(f"{rng.choice(OPENERS)} {body}. {rng.choice(ENDINGS)}".strip())
+        target = word_count(rng)
+        words: list[str] = []
+        while len(words) < target:
+            words.extend(_sentence(rng).split())
+        texts.append(" ".join(words[:target]))
     return texts
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+PERCENTILES = (10, 50, 90, 99, 100)
+
+
+def length_stats(texts: list[str], tokenizer: Any) -> dict[str, Any]:
+    """Percentiles of words and WordPiece tokens (special tokens included, no truncation)."""
+    words = [len(text.split()) for text in texts]
+    tokens = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    return {
+        "count": len(texts),
+        "words": {f"p{q}": percentile(words, q) for q in PERCENTILES},
+        "tokens": {f"p{q}": percentile(tokens, q) for q in PERCENTILES},
+        "over_256_tokens": sum(1 for n in tokens if n > 256),
+        "over_512_tokens": sum(1 for n in tokens if n > 512),
+        "total_tokens": sum(tokens),
+    }

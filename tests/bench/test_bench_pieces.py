@@ -1,0 +1,56 @@
+"""The benchmark's own arithmetic: the text generator's promises, percentiles and the GPU mode's
+FLOP count. The benchmark itself runs with `make bench`, not here."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench.gpu import flops_per_sequence, long_texts, peak_tflops
+from bench.texts import length_stats, percentile, review_texts
+
+
+def test_texts_are_deterministic_and_differ_by_seed() -> None:
+    assert review_texts(50) == review_texts(50)
+    assert review_texts(50, seed=1) != review_texts(50)
+
+
+def test_length_distribution_is_as_documented(minilm) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    texts = review_texts(2000)
+    words = [len(text.split()) for text in texts]
+    assert 34 <= statistics.median(words) <= 46  # lognormal, median 40 words
+    assert min(words) >= 3 and max(words) <= 1200
+    stats = length_stats(texts, AutoTokenizer.from_pretrained(minilm))
+    assert stats["over_512_tokens"] >= 1  # the tail runs past the model window
+    assert stats["tokens"]["p50"] < stats["tokens"]["p90"] < stats["tokens"]["p99"]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_bert_base_flops_at_128_tokens() -> None:
+    # 85M encoder weights x 2 x 128 tokens, plus attention's seq^2 terms: about 22.4 GFLOP
+    assert flops_per_sequence() / 1e9 == pytest.approx(22.4, abs=0.1)
+
+
+def test_peak_picks_the_most_specific_name() -> None:
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("Some Future GPU") is None
+
+
+def test_gpu_texts_reach_the_sequence_length(minilm) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    texts = long_texts(review_texts(64), 32)
+    assert len(texts) == 32
+    assert min(len(ids) for ids in tokenizer(texts)["input_ids"]) >= 128
