@@ -34,6 +34,7 @@ from bertq.workers.runner import ModelCache, finish_item, forward_rows, preproce
 log = get_logger(__name__)
 
 TASK_PREFIX = "bertq."
+SCAN_BATCHES = 8  # the forward thread packs at most this many full batches' worth of the oldest rows
 
 
 @dataclass
@@ -270,12 +271,15 @@ class Engine:
         return len(rows) * padded_length(max(len(pending.row) for pending in rows)) >= self.settings.max_batch_tokens
 
     def _select(self, rows: list[PendingRow]) -> list[PendingRow]:
-        """Of the length-sorted batches the pool packs into, the one holding the oldest row: sorted
-        batches for throughput, and no row waits behind newer work for long."""
-        batches = pack([pending.row for pending in rows], self.settings.max_batch_tokens, self.settings.max_batch_rows)
+        """Of the length-sorted batches the oldest rows pack into, the one holding the oldest row:
+        sorted batches for throughput, and no row waits behind newer work for long. Only the oldest
+        ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of held rows)
+        does not make every batch pay for sorting all of it."""
+        window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
+        batches = pack([pending.row for pending in window], self.settings.max_batch_tokens, self.settings.max_batch_rows)
         oldest = 0  # the pool keeps arrival order
         chosen = next(batch for batch in batches if oldest in batch)
-        return [rows[i] for i in chosen]
+        return [window[i] for i in chosen]
 
     # ---- finish: postprocess, store, ack -------------------------------------------------------
 
