@@ -15,6 +15,7 @@ import redis
 
 from bench.plan import Plan
 from bench.procs import log_tail, running
+from bertq.schemas import JobStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -53,10 +54,13 @@ class Context:
     redis_url: str
     out: Path = OUT
     started: float = field(default_factory=time.perf_counter)
-    report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from bertq.client import Client
+        from bertq.settings import Settings
+
         self.redis = redis.Redis.from_url(self.redis_url)
+        self.client = Client(self.redis_url, Settings(redis_url=self.redis_url))  # for waiting on any queue
 
     def log(self, line: str = "") -> None:
         print(line, flush=True)
@@ -89,26 +93,19 @@ class Context:
         return running(command, self.worker_env(queue, threads, **settings), self.out / "logs" / f"{name}.log")
 
     def wait_jobs(self, job_ids: Sequence[str], timeout: float = 600.0, worker: Any = None) -> None:
-        """Poll the job records (Celery result keys, bertq's and the peers' alike) as bertq's
-        ``Client.wait`` does: pipelined MGETs over unfinished jobs, 2 ms apart growing to 50 ms, so a
-        long wait does not steal the worker's cores. Raise if a job failed, if ``worker`` (a Popen)
-        exited, or on timeout."""
+        """Wait as a user would, with bertq's ``Client.wait`` (pipelined MGETs over unfinished jobs,
+        backing off to 50 ms); it reads the peers' Celery result keys as well. Between slices of a
+        second, check that ``worker`` (a Popen) still runs. Raise if a job failed, the worker exited
+        or time ran out."""
         pending = list(job_ids)
         deadline = time.monotonic() + timeout
-        delay = 0.002
         while pending:
-            still = []
-            for start in range(0, len(pending), 2000):
-                chunk = pending[start : start + 2000]
-                for job_id, raw in zip(chunk, self.redis.mget([f"celery-task-meta-{j}" for j in chunk])):
-                    if not finished(job_id, raw):
-                        still.append(job_id)
-            pending = still
-            if not pending:
-                return
-            if worker is not None and worker.poll() is not None:
+            views = self.client.wait(pending, timeout=1.0)
+            failed = [view for view in views.values() if view.status is JobStatus.failed]
+            if failed:
+                raise RuntimeError(f"job {failed[0].job_id} failed: {failed[0].error}")
+            pending = [job_id for job_id, view in views.items() if not view.finished]
+            if pending and worker is not None and worker.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.returncode}:\n{log_tail(worker.log_path)}")
-            if time.monotonic() > deadline:
+            if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} of {len(job_ids)} jobs unfinished after {timeout:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)

@@ -15,12 +15,12 @@ from typing import IO, Any
 _started: list[subprocess.Popen[bytes]] = []
 
 
-def start(command: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``command`` in a new session; its stdout and stderr go to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(log_path, "ab")
     proc = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )
     log.close()  # the child holds its own descriptor
     proc.log_path = log_path  # type: ignore[attr-defined]
@@ -55,8 +55,8 @@ def stop_all() -> None:
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = start(command, env, log_path, cwd)
+def running(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start(command, env, log_path)
     try:
         yield proc
     finally:

@@ -121,15 +121,12 @@ def throughput_lines(report: dict[str, Any]) -> list[str]:
 
 
 def leaders(rows: list[dict[str, Any]]) -> str:
-    """Which system leads among the in-process rows and among the end-to-end/peer rows, and by how much."""
+    """Which system leads among the rows run in one process, and among those through Redis (bertq end
+    to end and the Celery peers), and by how much over the next."""
     measured = [row for row in rows if "per_s" in row]
+    via_redis = [row for row in measured if row["kind"] == "end-to-end" or "Celery" in row["system"]]
     parts = []
-    for label, kinds in (("in-process", ("in-process", "peer")), ("through Redis", ("end-to-end",))):
-        group = [row for row in measured if row["kind"] in kinds]
-        if label == "through Redis":
-            group += [row for row in measured if row["kind"] == "peer" and "Celery" in row["system"]]
-        else:
-            group = [row for row in group if "Celery" not in row["system"]]
+    for label, group in (("in-process", [row for row in measured if row not in via_redis]), ("through Redis", via_redis)):
         ranked = sorted(group, key=lambda row: row["per_s"], reverse=True)
         if len(ranked) >= 2:
             parts.append(f"{label}, **{ranked[0]['system']}** leads, {ranked[0]['per_s'] / ranked[1]['per_s']:.2f}x the next ({ranked[1]['system']})")

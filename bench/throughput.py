@@ -23,40 +23,47 @@ NAIVE = "naive Celery: one task per text, pipeline per task"
 BATCHED = "celery-batches: flush of 64, sorted, batches of 32"
 
 
-def in_process_system(ctx: Context, task: str, model: str, texts: list[str], name: str = IN_PROCESS) -> System:
-    from bertq.schemas import Limits, TaskName, validate_items, validate_options
-    from bertq.settings import Settings
-    from bertq.tasks import get_task
-    from bertq.workers.runner import load_model, run_items
+class BertqInProcess:
+    """bertq's in-process path (what `bertq run` calls) on one loaded model, at the default settings."""
 
-    settings = Settings()
-    bert_task = get_task(TaskName(task))
-    loaded = load_model(bert_task, model, ctx.device)
-    options = validate_options(TaskName(task), {})
-    items = validate_items(TaskName(task), [{"text": t} for t in texts], Limits())
-    warm = items[: ctx.plan.warmup_texts]
+    def __init__(self, ctx: Context, task: str, model: str) -> None:
+        from bertq.schemas import TaskName, validate_options
+        from bertq.settings import Settings
+        from bertq.tasks import get_task
+        from bertq.workers.runner import load_model
 
-    def run(batch: list[Any]) -> None:
-        results = run_items(bert_task, loaded, batch, options, settings.max_batch_tokens, settings.max_batch_rows)
+        self.name = TaskName(task)
+        self.settings = Settings()
+        self.task = get_task(self.name)
+        self.loaded = load_model(self.task, model, ctx.device)
+        self.options = validate_options(self.name, {})
+
+    def items(self, texts: list[str]) -> list[Any]:
+        """Validated items, made before timing starts."""
+        from bertq.schemas import Limits, validate_items
+
+        return validate_items(self.name, [{"text": t} for t in texts], Limits())
+
+    def run(self, items: list[Any]) -> None:
+        from bertq.workers.runner import run_items
+
+        results = run_items(self.task, self.loaded, items, self.options, self.settings.max_batch_tokens, self.settings.max_batch_rows)
         assert not any(hasattr(r, "code") for r in results), "an item failed"
 
-    return System(name, lambda: run(items), len(items), warmup=lambda: run(warm))
+    def system(self, texts: list[str], warmup_texts: int) -> System:
+        items = self.items(texts)
+        return System(IN_PROCESS, lambda: self.run(items), len(items), warmup=lambda: self.run(items[:warmup_texts]))
 
 
 def embedding_in_process(ctx: Context) -> list[Row]:
-    from bertq.schemas import Limits, TaskName, validate_items, validate_options
-    from bertq.tasks import get_task
-    from bertq.workers.runner import load_model, run_items
     from sentence_transformers import SentenceTransformer
     from transformers import pipeline
 
     texts, plan = ctx.texts, ctx.plan
     st = SentenceTransformer(ctx.minilm, device=ctx.device)
     extractor = pipeline("feature-extraction", model=ctx.minilm, device=ctx.device)
-    task = get_task(TaskName.embedding)
-    loaded = load_model(task, ctx.minilm, ctx.device)
-    options = validate_options(TaskName.embedding, {})
-    singles = validate_items(TaskName.embedding, [{"text": t} for t in texts[: plan.one_at_a_time_texts]], Limits())
+    bertq = BertqInProcess(ctx, "embedding", ctx.minilm)
+    singles = bertq.items(texts[: plan.one_at_a_time_texts])
 
     def pipeline_embed(batch: list[str]) -> None:
         outputs = extractor(batch, batch_size=32, tokenize_kwargs={"truncation": True, "max_length": 256})
@@ -71,7 +78,7 @@ def embedding_in_process(ctx: Context) -> list[Row]:
     )
     warm = texts[: plan.warmup_texts]
     systems = [
-        in_process_system(ctx, "embedding", ctx.minilm, texts),
+        bertq.system(texts, plan.warmup_texts),
         System(
             "sentence-transformers encode(batch_size=32)",
             lambda: st.encode(texts, batch_size=32),
@@ -88,9 +95,9 @@ def embedding_in_process(ctx: Context) -> list[Row]:
         ),
         System(
             f"bertq in-process, one text at a time, first {plan.one_at_a_time_texts} texts",
-            lambda: [run_items(task, loaded, [item], options, 4096, 64) for item in singles],
+            lambda: [bertq.run([item]) for item in singles],
             len(singles),
-            warmup=lambda: [run_items(task, loaded, [item], options, 4096, 64) for item in singles[:8]],
+            warmup=lambda: [bertq.run([item]) for item in singles[:8]],
         ),
     ]
     return measure(systems, plan.repeats, ctx.log)
@@ -115,7 +122,7 @@ def classifier_in_process(ctx: Context, task: str) -> list[Row]:
         "bertq ahead of pipeline(batch_size=32): batch tokenizing, no per-text Python pipeline steps",
     )
     systems = [
-        in_process_system(ctx, task, ctx.tiny[task], texts),
+        BertqInProcess(ctx, task, ctx.tiny[task]).system(texts, ctx.plan.warmup_texts),
         System(
             f"transformers.pipeline({pipeline_task}, batch_size=32)",
             lambda: call(texts),
