@@ -72,7 +72,10 @@ class Task(Protocol):
         ...
 
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
-        """One output per row, moved off the device. Runs under ``torch.inference_mode()``."""
+        """One output per row, moved off the device. Runs under ``torch.inference_mode()``.
+
+        A row's output must depend only on its ids and the job's options: rows of one job with the
+        same ids are computed once and share the output."""
         ...
 
     def postprocess(self, loaded: Loaded, item: Any, options: Any, rows: list[Row], outputs: list[Any]) -> BaseModel:

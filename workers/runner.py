@@ -131,16 +131,37 @@ def _preprocess_one(task: Task, loaded: Loaded, item: Any, options: Any) -> list
         return InvalidInput(f"tokenizer failed: {type(error).__name__}: {error}", field="text")
 
 
+def distinct_rows(rows: list[Row]) -> tuple[list[int], list[int]]:
+    """Rows of one job that are the same model input are computed once.
+
+    Returns the indices of the first row of each distinct input, and for every row the position of
+    its input in that list. Safe because a task's forward output for a row depends only on the row's
+    ids and the job's options (see ``Task.forward``)."""
+    first: dict[tuple[tuple[int, ...], tuple[int, ...] | None], int] = {}
+    distinct: list[int] = []
+    position: list[int] = []
+    for index, row in enumerate(rows):
+        key = (tuple(row.input_ids), None if row.token_type_ids is None else tuple(row.token_type_ids))
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(index)
+        position.append(first[key])
+    return distinct, position
+
+
 def run_items(
     task: Task, loaded: Loaded, items: list[Any], options: Any, max_tokens: int, max_rows: int
 ) -> list[BaseModel | BertqError]:
-    """In-process: preprocess everything, run length-sorted batches, postprocess in input order."""
+    """In-process: preprocess everything, run length-sorted batches of the distinct rows, postprocess in
+    input order."""
     prepared = preprocess_items(task, loaded, items, options)
     rows = [row for entry in prepared if isinstance(entry, list) for row in entry]
-    outputs: list[Any] = [None] * len(rows)
-    for batch in pack(rows, max_tokens, max_rows):
-        for index, output in zip(batch, forward_rows(task, loaded, [rows[i] for i in batch])):
-            outputs[index] = output
+    distinct, position = distinct_rows(rows)
+    computed: list[Any] = [None] * len(distinct)
+    for batch in pack([rows[i] for i in distinct], max_tokens, max_rows):
+        for index, output in zip(batch, forward_rows(task, loaded, [rows[distinct[i]] for i in batch])):
+            computed[index] = output
+    outputs = [computed[p] for p in position]
     by_item: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
         by_item.setdefault(row.item, []).append(index)
