@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gpu, latency, scaling, throughput
+from bench.sections import SECTIONS
 from bench.context import OUT, ROOT, Context, quiet_libraries
 from bench.plan import DEFAULT, QUICK
 from bench.procs import exit_on_sigterm, stop_all
@@ -51,6 +52,12 @@ def main() -> int:
     parser.add_argument("--gpu-mode", action="store_true", help="run only the GPU mode, on --device (fp32 on cpu)")
     parser.add_argument("--render", action="store_true", help="rewrite BENCHMARKS.md and the plots from bench/results/results.json")
     parser.add_argument("--tokenizer", help="GPU mode: a BERT WordPiece tokenizer directory (default: MiniLM's)")
+    parser.add_argument(
+        "--only",
+        choices=sorted(SECTIONS),
+        action="append",
+        help="run only this added section (repeatable) and merge it into the last full run's results",
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else DEFAULT
     if args.render:
@@ -84,6 +91,8 @@ def main() -> int:
             if gpu_only:
                 report["gpu"] = gpu.run(ctx)
                 return finish_gpu(report, out, started)
+            if args.only:
+                return run_only(args.only, ctx, plan, out)
             tables = throughput.run(ctx)
             report["throughput"] = {task: [row.to_dict(rows[0].median) for row in rows] for task, rows in tables.items()}
             capacity = next(row.median for row in tables["embedding"] if row.name == throughput.ONE_TEXT_JOBS)
@@ -92,12 +101,28 @@ def main() -> int:
             report["batch_settings"] = latency.batch_settings(ctx, capacity)
             report["scaling"] = {"workers": [row.to_dict() for row in scaling.workers(ctx)], "items": scaling.item_counts(ctx)}
             report["gpu"] = {"reason": "no GPU on this machine; run `python -m bench --device cuda` on one"}
+            for name, section in SECTIONS.items():
+                report[name] = section.run(ctx)
     finally:
         stop_all()
     report["elapsed_s"] = time.perf_counter() - started
     if plan is DEFAULT:
         return write_outputs(report, RESULTS, ROOT / "BENCHMARKS.md")
     return write_outputs(report, out, out / "BENCHMARKS.md")
+
+
+def run_only(names: list[str], ctx: Context, plan: Any, out: Path) -> int:
+    """Run the named sections and merge them into the last full run's results (its markdown and plots
+    are rewritten; the other sections keep their figures and say when they were measured)."""
+    results = RESULTS if plan is DEFAULT else out
+    path = results / "results.json"
+    report = json.loads(path.read_text()) if path.exists() else json.loads((RESULTS / "results.json").read_text())
+    for name in names:
+        started = time.perf_counter()
+        report[name] = SECTIONS[name].run(ctx)
+        report[name]["command"] = f"python -m bench --only {name}" + (" --quick" if plan is QUICK else "")
+        report[name]["elapsed_s"] = time.perf_counter() - started
+    return write_outputs(report, results, results.parent / "BENCHMARKS.md" if plan is DEFAULT else out / "BENCHMARKS.md")
 
 
 def write_outputs(report: dict[str, Any], results: Path, markdown: Path) -> int:

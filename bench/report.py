@@ -222,6 +222,7 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "",
         f"![scaling]({results}/scaling.png)",
         "",
+        *added_section_lines(report),
         "## GPU mode",
         "",
         *gpu_lines(report.get("gpu")),
@@ -230,6 +231,18 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def added_section_lines(report: dict[str, Any]) -> list[str]:
+    from bench.sections import SECTIONS
+
+    lines: list[str] = []
+    for name, section in SECTIONS.items():
+        if name in report:
+            lines += [*section.markdown(report[name]), ""]
+            if "command" in report[name]:
+                lines += [f"_Measured alone by `{report[name]['command']}` ({report[name]['elapsed_s'] / 60:.1f} minutes)._", ""]
+    return lines
 
 
 def gpu_lines(gpu: dict[str, Any] | None) -> list[str]:

@@ -1,0 +1,13 @@
+"""Sections added to the benchmark after the core ones (throughput, latency, scaling). Each one runs in
+a full `make bench` and alone with `python -m bench --only NAME`, which merges its figures into the
+last full run's results.json and rewrites BENCHMARKS.md.
+
+A section is a module with ``run(ctx) -> dict`` (its JSON figures) and ``markdown(figures) -> list[str]``
+(its lines in BENCHMARKS.md, a "## Title" first). Register it in ``SECTIONS``, in the order the
+markdown shows them."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+SECTIONS: dict[str, ModuleType] = {}
