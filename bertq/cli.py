@@ -25,8 +25,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """In-process, no Redis: one JSON result per input line, in input order."""
     from bertq.schemas import parse_task, validate_items, validate_options
     from bertq.tasks import get_task
-    from bertq.workers.results import result_dicts
-    from bertq.workers.runner import ModelCache, run_items
+    from bertq.workers.runner import ModelCache, result_dicts, run_items
 
     task_name = parse_task(args.task)
     options = validate_options(task_name, _options(args.options))
@@ -79,8 +78,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit("bertq worker: set BERTQ_REDIS_URL")
     from bertq.workers.worker import run_worker
 
-    run_worker(settings, queues, args.name, args.events)
-    return 0
+    return run_worker(settings, queues, args.name, args.events)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

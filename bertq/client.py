@@ -18,15 +18,16 @@ from typing import Any
 
 import redis
 
-from bertq.errors import InvalidInput
-from bertq.records import RESULTS_STREAM, JobView, meta_key, queued_record
+from bertq.connection import broker_error, connect
+from bertq.errors import InvalidInput, SubmitIncomplete
+from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, meta_key, queued_record
 from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
 from bertq.settings import Settings
 
 _ORIGIN = f"bertq-client@{socket.gethostname()}"
 
 
-def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: str) -> str:
+def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: str, priority: int = 0) -> str:
     """One Celery task message as kombu's Redis transport stores it in the queue's list."""
     body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     headers = {
@@ -45,6 +46,7 @@ def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: s
         "kwargsrepr": f"{{'items': <{len(kwargs['items'])} items>}}",
         "origin": _ORIGIN,
         "ignore_result": False,
+        "bertq_submitted_at": time.time(),
     }
     return json.dumps(
         {
@@ -57,7 +59,7 @@ def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: s
                 "reply_to": "",
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
+                "priority": priority,
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
             },
@@ -71,17 +73,27 @@ class Client:
         url = redis_url or self.settings.redis_url
         if not url:
             raise RuntimeError("no Redis URL: pass redis_url or set BERTQ_REDIS_URL")
-        self.redis = redis.Redis.from_url(url)
+        self.url = url
+        self.redis = connect(url, name="bertq-client")
 
     # ---- submit --------------------------------------------------------------------------------
 
     def submit(
-        self, task: str, items: Sequence[Any], model: str | None = None, options: dict[str, Any] | None = None
+        self,
+        task: str,
+        items: Sequence[Any],
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+        priority: int | None = None,
     ) -> str:
         """Queue one job; returns its id. Items are dicts of the task's item fields (a plain string
         stands for ``{"text": ...}`` where the task takes a text). Job-level mistakes raise
-        InvalidInput here; an invalid item gets its own error in the job's results."""
-        return self._send(parse_task(task), [list(items)], model, options)[0]
+        InvalidInput here; an invalid item gets its own error in the job's results. ``priority``: 0-9,
+        0 (the default) served first, as Celery on Redis does.
+
+        Raises ``SubmitIncomplete`` (a ``BrokerUnavailable``) when Redis cannot take the job; its
+        ``unconfirmed_ids`` holds the id when the reply was lost and the job may be queued."""
+        return self._send(parse_task(task), [list(items)], model, options, priority)[0]
 
     def submit_many(
         self,
@@ -90,30 +102,69 @@ class Client:
         items_per_message: int | None = None,
         model: str | None = None,
         options: dict[str, Any] | None = None,
+        priority: int | None = None,
     ) -> list[str]:
-        """Queue a stream of items as jobs of ``items_per_message`` items each; one id per job, in order."""
+        """Queue a stream of items as jobs of ``items_per_message`` items each; one id per job, in order.
+
+        Jobs go to Redis in transactions of up to 500: each transaction is queued whole or not at all.
+        When Redis fails part-way this raises ``SubmitIncomplete``: ``queued_ids`` were queued,
+        ``unconfirmed_ids`` were in the transaction whose reply was lost (check them with ``get``:
+        ``unknown`` means not queued), and the rest were not sent."""
         size = items_per_message or self.settings.items_per_message
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-        return self._send(parse_task(task), chunks, model, options)
+        return self._send(parse_task(task), chunks, model, options, priority)
 
     def _send(
-        self, task: TaskName, chunks: list[list[Any]], model: str | None, options: dict[str, Any] | None
+        self,
+        task: TaskName,
+        chunks: list[list[Any]],
+        model: str | None,
+        options: dict[str, Any] | None,
+        priority: int | None,
     ) -> list[str]:
+        from bertq.workers.delivery import priority_list
+
         validate_options(task, options)
+        if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
+            raise InvalidInput("must be an integer from 0 (served first) to 9", field="priority")
         limits = self.settings.limits()
-        job_ids = []
-        pipe = self.redis.pipeline(transaction=False)
-        for number, chunk in enumerate(chunks):
+        queue = priority_list(self.settings.queue, priority)
+        jobs = []
+        for chunk in chunks:
             items = [self._item(task, item) for item in validate_item_count(chunk, limits)]
             job_id = str(uuid.uuid4())
             kwargs = {"items": items, "model": model, "options": options or {}}
-            pipe.set(meta_key(job_id), queued_record(job_id, task.value, len(items)), ex=self.settings.result_ttl_s)
-            pipe.lpush(self.settings.queue, celery_message(job_id, task, kwargs, self.settings.queue))
-            job_ids.append(job_id)
-            if number % 500 == 499:
+            message = celery_message(job_id, task, kwargs, self.settings.queue, priority or 0)
+            jobs.append((job_id, queued_record(job_id, task.value, len(items)), message))
+        queued: list[str] = []
+        for start in range(0, len(jobs), 500):
+            batch = jobs[start : start + 500]
+            pipe = self.redis.pipeline(transaction=True)
+            for job_id, record, message in batch:
+                pipe.set(meta_key(job_id), record, ex=self.settings.result_ttl_s)
+                pipe.lpush(queue, message)
+            try:
                 pipe.execute()
-        pipe.execute()
-        return job_ids
+            except redis.RedisError as error:
+                ids = [job_id for job_id, _, _ in batch]
+                unconfirmed = ids if _maybe_sent(error) else []
+                cause = broker_error(error, self.url)
+                detail = f"{len(queued)} of {len(jobs)} jobs queued" + (
+                    f", {len(unconfirmed)} unconfirmed (the reply was lost: check them with get)" if unconfirmed else ""
+                )
+                raise SubmitIncomplete(f"{cause.message}; {detail}", queued, unconfirmed) from error
+            queued.extend(job_id for job_id, _, _ in batch)
+        return queued
+
+    def cancel(self, job_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
+        """Cancel queued jobs. Per job: whether it is cancelled now, and its status (a job already
+        running or finished is left as it is, and its status says why). Cancelled is final: a worker
+        that fetches the job skips it."""
+        try:
+            outcomes = cancel_jobs(self.redis, list(job_ids), self.settings.result_ttl_s, self.settings.results_stream_maxlen)
+        except redis.RedisError as error:
+            raise broker_error(error, self.url) from error
+        return dict(zip(job_ids, outcomes))
 
     @staticmethod
     def _item(task: TaskName, item: Any) -> Any:
@@ -126,7 +177,10 @@ class Client:
     # ---- read ----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobView:
-        return JobView.from_record(job_id, self.redis.get(meta_key(job_id)))
+        try:
+            return JobView.from_record(job_id, self.redis.get(meta_key(job_id)))
+        except redis.RedisError as error:
+            raise broker_error(error, self.url) from error
 
     def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, JobView]:
         """Poll until every job is done or failed, or ``timeout`` seconds pass; then unfinished jobs
@@ -158,3 +212,11 @@ class Client:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
                     yield last_id, fields[b"job_id"].decode(), fields[b"status"].decode()
+
+
+def _maybe_sent(error: redis.RedisError) -> bool:
+    """Whether a failed transaction may have reached Redis: not when the connection could not be made,
+    nor when Redis refused it (OOM, READONLY: MULTI/EXEC then runs nothing)."""
+    if isinstance(error, redis.ResponseError):
+        return False
+    return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))

@@ -51,3 +51,48 @@ class InferenceFailed(BertqError):
     """The model raised while running an item or a batch."""
 
     code = "inference_failed"
+
+
+class InvalidMessage(BertqError):
+    """The job message itself cannot be read: not JSON, not base64, not UTF-8, a refused content type,
+    or not the Celery protocol 2 shape. The job fails without running."""
+
+    code = "invalid_message"
+
+
+class Unsupported(BertqError):
+    """The job asks for a Celery feature bertq does not run (eta/countdown, link/chains): refused, never
+    silently ignored."""
+
+    code = "unsupported"
+
+
+class ModelNotAllowed(BertqError):
+    """The job names a model the worker is not configured to serve (BERTQ_ALLOWED_MODELS)."""
+
+    code = "model_not_allowed"
+
+
+class DeadLettered(BertqError):
+    """The job was delivered BERTQ_MAX_DELIVERIES times and never finished (each time its worker died or
+    froze while holding it). Its message is kept in the dead-letter stream; see `bertq dead`."""
+
+    code = "dead_lettered"
+
+
+class BrokerUnavailable(BertqError):
+    """Redis could not take or serve the request: unreachable, read-only, out of memory, or refusing
+    the credentials. The message says what to check. Raised to producers; never stored on a job."""
+
+    code = "broker_unavailable"
+
+
+class SubmitIncomplete(BrokerUnavailable):
+    """``submit_many`` failed part-way. ``queued_ids`` were queued for certain; ``unconfirmed_ids`` were
+    sent in the round trip that failed and may or may not be queued (check them with ``Client.get``);
+    the rest were not sent."""
+
+    def __init__(self, message: str, queued_ids: list[str] | None = None, unconfirmed_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.queued_ids = list(queued_ids or [])
+        self.unconfirmed_ids = list(unconfirmed_ids or [])

@@ -7,8 +7,11 @@ a finished record from the first bytes alone (GETRANGE) without reading a large 
 
     client submit  -> PENDING  (queued)      worker claims -> STARTED (running)
     worker finish  -> SUCCESS  (done)        or FAILURE (failed: the job as a whole was refused)
+    cancel / revoke of a queued job, or its ``expires`` passing -> REVOKED (cancelled or expired)
 
-Items that fail inside a done job carry their own ``{"error": {...}}`` in the results list.
+SUCCESS, FAILURE and REVOKED are final: a final record is never overwritten (the Lua scripts that
+write records check ``IS_FINAL`` first). Items that fail inside a done job carry their own
+``{"error": {...}}`` in the results list.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bertq.errors import BertqError
 from bertq.schemas import JobStatus
 
 META_PREFIX = "celery-task-meta-"
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 RESULTS_STREAM = "bertq:results"
 
 _STATUS_OF_CELERY_STATE = {
@@ -31,8 +35,21 @@ _STATUS_OF_CELERY_STATE = {
     "RETRY": JobStatus.running,
     "SUCCESS": JobStatus.done,
     "FAILURE": JobStatus.failed,
-    "REVOKED": JobStatus.failed,
+    "REVOKED": JobStatus.cancelled,  # or expired: the record's bertq.status says which
 }
+
+#: Lua: ``is_final(key)``, whether the record at ``key`` is final, and ``is_queued(key)``. ``status`` is
+#: the first field, so a record's first bytes tell.
+RECORD_STATE = """
+local function state_of(key)
+  local head = redis.call('GETRANGE', key, 0, 31)
+  return string.match(head, '^{"status": "(%u+)"')
+end
+local function is_final(key)
+  local state = state_of(key)
+  return state == 'SUCCESS' or state == 'FAILURE' or state == 'REVOKED'
+end
+"""
 
 
 def meta_key(job_id: str) -> str:
@@ -46,7 +63,7 @@ def _record(state: str, job_id: str, result: Any, info: dict[str, Any]) -> str:
             "result": result,
             "traceback": None,
             "children": [],
-            "date_done": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) if state in ("SUCCESS", "FAILURE") else None,
+            "date_done": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) if state in FINAL_STATES else None,
             "task_id": job_id,
             "bertq": info,
         }
@@ -59,6 +76,13 @@ def queued_record(job_id: str, task: str, items: int) -> str:
 
 def running_record(job_id: str, task: str, items: int, worker: str) -> str:
     return _record("STARTED", job_id, None, {"task": task, "items": items, "worker": worker, "started_at": time.time()})
+
+
+def revoked_record(job_id: str, status: JobStatus, reason: str, info: dict[str, Any] | None = None) -> str:
+    """Cancelled or expired before it ran. ``result`` is Celery's TaskRevokedError, so
+    ``AsyncResult.get()`` raises it."""
+    celery_exception = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
+    return _record("REVOKED", job_id, celery_exception, {**(info or {}), "status": status.value, "reason": reason, "finished_at": time.time()})
 
 
 def done_record(job_id: str, task: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
@@ -101,11 +125,13 @@ class JobView:
         if status is JobStatus.failed:
             error = info.get("error") or _error_from_celery(record.get("result"))
             return cls(job_id, status, error=error, info=info)
+        if status is JobStatus.cancelled:
+            status = JobStatus(info.get("status", "cancelled"))
         return cls(job_id, status, info=info)
 
     @property
     def finished(self) -> bool:
-        return self.status in (JobStatus.done, JobStatus.failed)
+        return self.status.final
 
     def to_dict(self) -> dict[str, Any]:
         view: dict[str, Any] = {"job_id": self.job_id, "status": self.status.value}
@@ -113,6 +139,8 @@ class JobView:
             view["results"] = self.results
         if self.error is not None:
             view["error"] = self.error
+        if self.status in (JobStatus.cancelled, JobStatus.expired):
+            view["reason"] = self.info.get("reason")
         return view
 
 
@@ -122,3 +150,47 @@ def _error_from_celery(result: Any) -> dict[str, Any]:
         message = " ".join(str(part) for part in result.get("exc_message") or [])
         return {"code": result.get("exc_type", "error"), "field": None, "message": message}
     return {"code": "error", "field": None, "message": str(result)}
+
+
+# KEYS: record, results stream. ARGV: cancelled record, ttl, stream maxlen, job id, '1' to cancel a job
+# without a record (sent with plain send_task: no record until a worker claims it).
+_CANCEL = (
+    RECORD_STATE
+    + """
+local state = state_of(KEYS[1])
+local absent = redis.call('EXISTS', KEYS[1]) == 0
+if state == 'PENDING' or state == 'RECEIVED' or (absent and ARGV[5] == '1') then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[4], 'status', 'cancelled')
+  return {1, 'cancelled'}
+end
+if absent then return {0, 'unknown'} end
+if state == 'REVOKED' then
+  local ours = cjson.decode(redis.call('GET', KEYS[1]))['bertq']
+  if type(ours) == 'table' and ours['status'] then return {0, ours['status']} end
+  return {0, 'cancelled'}
+end
+return {0, state or 'unknown'}
+"""
+)
+
+_STATUS_OF_STATE = {state: status.value for state, status in _STATUS_OF_CELERY_STATE.items()}
+
+
+def cancel_jobs(
+    client: Any, job_ids: list[str], ttl_s: int, stream_maxlen: int = 100_000, allow_unknown: bool = False
+) -> list[tuple[bool, str]]:
+    """Cancel queued jobs: per job, whether it is cancelled now, and its status. A job running or
+    final is left as it is. ``allow_unknown`` also cancels ids without a record (Celery's revoke of a
+    job sent with plain ``send_task``)."""
+    script = client.register_script(_CANCEL)
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        record = revoked_record(job_id, JobStatus.cancelled, "cancelled before it ran")
+        script(keys=[meta_key(job_id), RESULTS_STREAM], args=[record, ttl_s, stream_maxlen, job_id, "1" if allow_unknown else "0"], client=pipe)
+    outcomes = []
+    for changed, state in pipe.execute():
+        state = state.decode() if isinstance(state, bytes) else state
+        outcomes.append((bool(changed), _STATUS_OF_STATE.get(state, state)))
+    return outcomes

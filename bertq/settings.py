@@ -73,21 +73,44 @@ class Settings(BaseSettings):
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
 
     visibility_timeout_s: int = Field(
-        90, ge=1, description="Seconds before an unacknowledged job is redelivered to another worker."
+        30,
+        ge=2,
+        description="Seconds a worker may go without a heartbeat before the jobs it holds are given to "
+        "others. A live worker's jobs are never redelivered, however long they take.",
     )
     sweep_interval_s: int = Field(
-        10, ge=1, description="Seconds between a worker's scans for unacknowledged jobs to redeliver."
+        5, ge=1, description="Seconds between a worker's looks for silent workers whose jobs to reclaim."
+    )
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of a job that end with its worker gone before the job is dead-lettered "
+        "(failed with code `dead_lettered`; see `bertq dead`).",
     )
     prefetch: int = Field(
         256, ge=1, description="Job messages a worker holds at once; more lets it batch across more jobs."
     )
-
     max_held_items: int = Field(
-        2048,
-        ge=1,
-        description="Items a worker holds before it stops fetching messages. Keep the time to finish "
-        "them well under the visibility timeout.",
+        2048, ge=1, description="Items a worker holds before it stops fetching messages."
     )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds a worker takes to finish the jobs already in a batch before it "
+        "gives everything still held back to the queue and exits.",
+    )
+    stall_timeout_s: float = Field(
+        120.0,
+        ge=1,
+        description="A worker holding jobs without progress this long exits non-zero (and `bertq worker "
+        "--check` fails), as it does when Redis stays unreachable this long.",
+    )
+    allowed_models: str = Field(
+        "",
+        description="Comma-separated hub ids or paths a job may name besides the configured task models "
+        "(BERTQ_MODEL_<TASK>). `*` allows any: only for trusted producers.",
+    )
+    max_loaded_models: int = Field(8, ge=1, description="Models a worker keeps loaded; the least recently used goes.")
 
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("INFO", description="Log level of bertq's loggers.")
@@ -100,6 +123,10 @@ class Settings(BaseSettings):
 
     def model_for(self, task: TaskName) -> str:
         return str(getattr(self, f"model_{task.value}"))
+
+    def model_allowed(self, model_id: str) -> bool:
+        listed = {model.strip() for model in self.allowed_models.split(",") if model.strip()}
+        return "*" in listed or model_id in listed or model_id in {self.model_for(task) for task in TaskName}
 
     def limits(self) -> Limits:
         return Limits(max_text_chars=self.max_text_chars, max_items_per_job=self.max_items_per_job)

@@ -12,11 +12,20 @@ from bertq.schemas.tasks import CONTRACTS, TaskName
 
 
 class JobStatus(str, Enum):
+    """queued -> running -> done | failed; or cancelled / expired before it ran. ``unknown``: no record
+    (never submitted through bertq, or its record expired)."""
+
     queued = "queued"
     running = "running"
     done = "done"
     failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
     unknown = "unknown"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.done, JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
 
 
 class Limits(BaseModel):

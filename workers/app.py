@@ -1,12 +1,20 @@
 """The Celery app. Importing it is light (no torch): producers may use it for ``send_task`` and
-``AsyncResult``. It reads settings from the environment on first use, or takes them from
-``configure``, called by the worker entry point with the settings it already read."""
+``AsyncResult``, and operators for ``celery -A bertq.workers.app inspect|control|status``.
+
+Its configuration comes from the BERTQ_ settings, read when Celery first needs it (never at import),
+or from ``configure``, called by the worker entry point with the settings it already read.
+
+Workers do not let Celery consume the queues (see workers/intake.py): the tasks registered here exist
+so that Celery's tools list them, and their ``run`` refuses to run outside a bertq worker.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import ImproperlyConfigured
 
 from bertq.schemas import TaskName
 from bertq.settings import Settings
@@ -16,57 +24,65 @@ app = Celery("bertq", set_as_current=False)
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     if not settings.redis_url:
-        raise RuntimeError("BERTQ_REDIS_URL is not set")
-    transport = {
-        "visibility_timeout": settings.visibility_timeout_s,
-        # kombu scans for expired unacked messages every interval x throttle seconds: make it one interval
-        "unacked_restore_interval": settings.sweep_interval_s,
-        "unacked_restore_throttle": 1,
-        # a worker killed during its scan holds the scan lock until it expires (kombu's default: 300 s)
-        "unacked_mutex_expire": settings.sweep_interval_s,
-    }
+        raise ImproperlyConfigured("BERTQ_REDIS_URL is not set: point it at the Redis that bertq workers use")
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
-        "visibility_timeout": settings.visibility_timeout_s,
         "task_serializer": "json",
         "result_serializer": "json",
+        "event_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
         "task_default_queue": settings.queue,
         "result_expires": settings.result_ttl_s,
-        "worker_prefetch_multiplier": settings.prefetch,
         "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a Redis outage never ends a worker
+        "broker_channel_error_retry": True,
     }
 
 
+class _Config(Mapping[str, Any]):
+    """Celery reads its configuration from this mapping when it first needs it."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._config: dict[str, Any] | None = None
+
+    def _loaded(self) -> dict[str, Any]:
+        if self._config is None:
+            self._config = celery_config(self._settings or Settings())
+        return self._config
+
+    def __getitem__(self, key: str) -> Any:
+        return self._loaded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __bool__(self) -> bool:  # Celery asks whether a source is set: say so without reading it
+        return True
+
+
+app.config_from_object(_Config())
+
+
 def configure(settings: Settings) -> Celery:
-    app.conf.update(celery_config(settings))
+    app.config_from_object(_Config(settings), force=True)
     return app
 
 
-@app.on_configure.connect
-def _configure_from_environment(sender: Celery, **_: Any) -> None:
-    if not sender.conf.get("broker_url"):
-        sender.conf.update(celery_config(Settings()))
+def _register(task: TaskName) -> None:
+    def run(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"bertq.{task.value} runs only inside a bertq worker (bertq worker)")
 
-
-class IntakeTask(app.Task):  # type: ignore[name-defined,misc]
-    """A bertq task as Celery sees it. Workers never run ``run``: the intake strategy hands each
-    message to the engine, which batches it with others and acknowledges it once stored."""
-
-    Strategy = "bertq.workers.intake:intake_strategy"
-    acks_late = True
-    typing = False
-
-    def run(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(f"{self.name} runs only inside a bertq worker (bertq worker)")
+    # lazy: registering does not finalize the app, so importing reads no configuration
+    app.task(name=f"bertq.{task.value}", typing=False, shared=False)(run)
 
 
 for _task in TaskName:
-    app.register_task(type(f"{_task.value}_task", (IntakeTask,), {"name": f"bertq.{_task.value}"})())
+    _register(_task)

@@ -1,12 +1,15 @@
-"""The worker's pipeline: three threads joined by queues, so the model never waits on Redis or the
-tokenizer.
+"""The worker's engine: typed deliveries in, batches across jobs on the device, outcomes out through a
+sink. It knows nothing of Celery or of where work came from.
 
-    intake (Celery's consumer thread) -> prepare: claim, validate, tokenize -> pool of rows
+    submit(deliveries) -> prepare: claim, validate, tokenize -> pool of rows
     pool -> forward: length-sorted batches across jobs, under the token budget -> finish queue
-    finish: postprocess, store every job the batch completed in one round trip, then ack
+    finish: postprocess, then store every outcome that is ready in one sink call (which also
+            acknowledges the deliveries)
 
-A job leaves the worker only through ``finish``: with its results stored, or with its error stored.
-Its message is acknowledged after that, so a worker that dies mid-job has it redelivered.
+Three stage threads joined by queues, so the model never waits on Redis or the tokenizer. Every call
+to a sink is retried while Redis is at fault (``bertq.connection.retry``): an outage delays results,
+it never fails a job. A delivery leaves the engine only through its sink: stored (with its results
+or its error) and acknowledged, or released back to its source at shutdown.
 """
 
 from __future__ import annotations
@@ -14,41 +17,33 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, InferenceFailed, InvalidInput
+from bertq.connection import GiveUp, retry
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
 from bertq.log import get_logger
-from bertq.records import done_record, failed_record, running_record
-from bertq.schemas import TaskName, parse_task, validate_item, validate_item_count, validate_options
+from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.settings import Settings
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, padded_length
 from bertq.workers.batcher import pack
-from bertq.workers.results import Finished, ResultStore, result_dicts
-from bertq.workers.runner import ModelCache, finish_item, forward_rows, preprocess_items
+from bertq.workers.sink import Claim, Delivery, Events, NoEvents, Outcome
+from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
 
 log = get_logger(__name__)
 
-TASK_PREFIX = "bertq."
 SCAN_BATCHES = 8  # the forward thread packs at most this many full batches' worth of the oldest rows
+GROUP_MOST = 256  # deliveries prepared together (one claim round trip)
 
 
-@dataclass
-class Delivery:
-    """A job message as the consumer received it. ``ack`` must be safe to call from any thread."""
-
-    job_id: str
-    task_name: str
-    kwargs: Any
-    size: int
-    ack: Callable[[], None]
+# ---- inside the engine --------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     delivery: Delivery
     task: Task
@@ -58,123 +53,267 @@ class Job:
     results: list[BaseModel | BertqError | None]
     rows_left: dict[int, int] = field(default_factory=dict)
     outputs: dict[int, list[tuple[Row, Any]]] = field(default_factory=dict)
-    held: int = 0  # items counted in the engine's held total until this job is stored
-    started: float = field(default_factory=time.monotonic)
+    claimed: float = field(default_factory=time.monotonic)
+    started: bool = False  # a row of it went into a forward batch
 
     @property
     def job_id(self) -> str:
         return self.delivery.job_id
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingRow:
     row: Row
     job: Job
     arrived: float
+    copies: list[Row] = field(default_factory=list)  # rows of the same job with the same input
+
+
+@dataclass
+class _Batch:
+    rows: list[PendingRow]
+    outputs: list[Any]
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: ResultStore, models: ModelCache, worker_name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelCache,
+        worker_name: str,
+        events: Events | None = None,
+        on_stage_death: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
         self.settings = settings
-        self.store = store
         self.models = models
         self.worker_name = worker_name
-        self._intake: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._finished: queue.SimpleQueue[tuple[list[PendingRow], list[Any]] | None] = queue.SimpleQueue()
+        self.events = events or NoEvents()
+        self._on_stage_death = on_stage_death
+        self._intake: queue.SimpleQueue[list[Delivery] | None] = queue.SimpleQueue()
+        self._finish: queue.SimpleQueue[_Batch | list[Outcome] | tuple[str, list[Delivery]] | None] = queue.SimpleQueue()
         self._pool: dict[tuple[TaskName, str], list[PendingRow]] = {}
         self._pool_changed = threading.Condition()
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._held_items = 0  # items received and not yet finished
+        self._held: dict[int, Delivery] = {}  # every delivery taken and not yet stored or released
+        self._held_lock = threading.Condition()
+        self._held_items = 0
+        self._stop = threading.Event()  # stage loops end; retries give up
+        self._draining = False
+        self.last_progress = time.monotonic()
+        self.loading_since: float | None = None
         self._threads = [
-            threading.Thread(target=self._guard(self._prepare_loop), name="bertq-prepare", daemon=True),
-            threading.Thread(target=self._guard(self._forward_loop), name="bertq-forward", daemon=True),
-            threading.Thread(target=self._guard(self._finish_loop), name="bertq-finish", daemon=True),
+            threading.Thread(target=self._guard(name, loop), name=f"bertq-{name}", daemon=True)
+            for name, loop in (("prepare", self._prepare_loop), ("forward", self._forward_loop), ("finish", self._finish_loop))
         ]
 
-    # ---- control -------------------------------------------------------------------------------
+    # ---- control --------------------------------------------------------------------------------
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._intake.put(None)
-        self._finished.put(None)
-        with self._pool_changed:
-            self._pool_changed.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def submit(self, delivery: Delivery) -> None:
-        """Called from the consumer thread: hand over and return at once."""
-        self._intake.put(delivery)
+    def submit(self, deliveries: list[Delivery]) -> None:
+        """Hand over deliveries (from a source's thread); returns at once."""
+        if not deliveries:
+            return
+        with self._held_lock:
+            for delivery in deliveries:
+                self._held[id(delivery)] = delivery
+                self._held_items += delivery.item_count
+        for delivery in deliveries:
+            self.events.received(delivery)
+        self._intake.put(deliveries)
 
     @property
     def held_items(self) -> int:
         return self._held_items
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+    @property
+    def held_messages(self) -> int:
+        return len(self._held)
+
+    def held(self) -> list[Delivery]:
+        with self._held_lock:
+            return list(self._held.values())
+
+    def room(self) -> int:
+        """Deliveries a source may still hand over: under both the prefetch and the held-items caps."""
+        if self._draining or self._held_items >= self.settings.max_held_items:
+            return 0
+        return max(0, self.settings.prefetch - len(self._held))
+
+    def wait_for_room(self, timeout: float) -> None:
+        with self._held_lock:
+            if self.room() == 0:
+                self._held_lock.wait(timeout)
+
+    def stage_states(self) -> dict[str, str]:
+        return {thread.name.removeprefix("bertq-"): "running" if thread.is_alive() else "stopped" for thread in self._threads}
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has held work without finishing a batch or a job (0 while it holds none
+        or is loading a model)."""
+        if not self._held or self.loading_since is not None:
+            return 0.0
+        return time.monotonic() - self.last_progress
+
+    def drain(self, timeout: float, hurry: threading.Event) -> int:
+        """Graceful stop. The source must have stopped submitting. Jobs with rows already in a batch
+        are finished and stored; the rest is released to its source at once. Whatever is still held
+        after ``timeout`` seconds, or once ``hurry`` is set, is released too. Returns how many
+        deliveries were released."""
+        give_up = threading.Event()
+
+        def watch() -> None:
+            hurry.wait(timeout)
+            give_up.set()
+
+        threading.Thread(target=watch, name="bertq-drain-timer", daemon=True).start()
+        with self._pool_changed:
+            self._draining = True
+            unstarted = {id(p.job): p.job for rows in self._pool.values() for p in rows if not p.job.started}
+            for key, rows in self._pool.items():
+                self._pool[key] = [p for p in rows if p.job.started]
+            self._pool_changed.notify_all()
+        released = self._release([job.delivery for job in unstarted.values()], give_up)
+        self._intake.put(None)  # prepare releases whatever is still waiting, then ends
+        with self._held_lock:
+            while self._held and not give_up.is_set():
+                self._held_lock.wait(0.1)
+        self.stop()
+        left = self.held()
+        if left:
+            log.warning("drain ended with jobs unfinished, releasing them", jobs=len(left), timeout_s=timeout)
+            last_try = threading.Event()
+            threading.Timer(5.0, last_try.set).start()
+            released += self._release(left, last_try)
+        return released
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._intake.put(None)
+        self._finish.put(None)
+        with self._pool_changed:
+            self._pool_changed.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread() and thread.is_alive():
+                thread.join(2.0)
+
+    def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 loop()
-            except Exception:  # a stage that dies would stall every job: make it loud
-                log.exception("engine stage crashed", stage=loop.__name__)
+            except GiveUp:  # stopping while Redis was away: what is held stays in flight for reclaim
+                return
+            except BaseException as error:
+                log.critical("engine stage died", stage=name, error=f"{type(error).__name__}: {error}", exc_info=True)
+                if self._on_stage_death is not None:
+                    self._on_stage_death(name, error)
                 raise
 
         return run
 
-    def _hold(self, items: int) -> None:
-        with self._lock:
-            self._held_items += items
+    def _forget(self, deliveries: Iterable[Delivery]) -> None:
+        with self._held_lock:
+            for delivery in deliveries:
+                if self._held.pop(id(delivery), None) is not None:
+                    self._held_items -= delivery.item_count
+            self._held_lock.notify_all()
 
-    # ---- prepare: claim, validate, tokenize ----------------------------------------------------
+    def _retry(self, operation: Callable[[], Any], what: str) -> Any:
+        return retry(operation, what, self._stop)
+
+    def _release(self, deliveries: list[Delivery], give_up: threading.Event | None = None) -> int:
+        """Back to their sources; with Redis away until ``give_up``, they stay in flight (and are
+        reclaimed once this worker's heartbeat stops)."""
+        released = 0
+        for sink, group in _by_sink(deliveries):
+            try:
+                retry(lambda: sink.release(group), "release", give_up or self._stop)
+            except GiveUp:
+                log.warning("could not release to the queue: Redis unreachable", jobs=len(group))
+                continue
+            self._forget(group)
+            released += len(group)
+        if released:
+            log.info("released to the queue", jobs=released)
+        return released
+
+    # ---- prepare: claim, validate, tokenize -----------------------------------------------------
 
     def _prepare_loop(self) -> None:
-        while not self._stopping.is_set():
-            first = self._intake.get()
-            if first is None:
-                return
-            group = [first]
-            while len(group) < 256:
+        while True:
+            group = self._intake.get()
+            if group is None:
+                if self._draining or self._stop.is_set():
+                    self._release_waiting()
+                    return
+                continue
+            while len(group) < GROUP_MOST:
                 try:
                     more = self._intake.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    self._stopping.set()
+                    self._intake.put(None)
                     break
-                group.append(more)
+                group.extend(more)
+            if self._draining:
+                self._release(group)
+                continue
+            self._prepare(group)
+
+    def _release_waiting(self) -> None:
+        waiting: list[Delivery] = []
+        while True:
             try:
-                self._prepare(group)
-            except Exception as error:  # e.g. Redis unreachable: fail loudly, keep the worker alive
-                log.exception("prepare failed", jobs=len(group))
-                for delivery in group:
-                    try:
-                        self._fail(delivery, InferenceFailed(f"worker error: {type(error).__name__}: {error}"))
-                    except Exception:  # unacked: redelivered after the visibility timeout
-                        log.exception("could not store the failure", job_id=delivery.job_id)
+                more = self._intake.get_nowait()
+            except queue.Empty:
+                break
+            if more:
+                waiting.extend(more)
+        self._release(waiting)
 
     def _prepare(self, group: list[Delivery]) -> None:
-        claims = []
-        for delivery in group:
-            task_name = delivery.task_name.removeprefix(TASK_PREFIX)
-            items = delivery.kwargs.get("items") if isinstance(delivery.kwargs, dict) else None
-            count = len(items) if isinstance(items, list) else 0
-            claims.append((delivery.job_id, running_record(delivery.job_id, task_name, count, self.worker_name)))
-        for delivery, claimed in zip(group, self.store.claim(claims)):
-            if not claimed:
-                log.info("job already finished, not run again", job_id=delivery.job_id)
-                delivery.ack()
-                continue
-            try:
-                self._enqueue_rows(self._accept(delivery))
-            except BertqError as error:
-                self._fail(delivery, error)
-            except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
-                log.exception("job could not be prepared", job_id=delivery.job_id)
-                self._fail(delivery, InferenceFailed(f"worker error: {type(error).__name__}: {error}"))
+        now = time.time()
+        outcomes = [Outcome(d, JobStatus.failed, error=d.refusal) for d in group if d.refusal is not None]
+        outcomes += [
+            Outcome(d, JobStatus.expired, error=InvalidInput("expired before it ran", field="expires"))
+            for d in group
+            if d.refusal is None and d.expires_at is not None and d.expires_at <= now
+        ]
+        decided = {id(o.delivery) for o in outcomes}
+        to_claim = [d for d in group if id(d) not in decided]
+        if outcomes:
+            self._finish.put(outcomes)
+        for sink, deliveries in _by_sink(to_claim):
+            claims = self._retry(lambda: sink.claim(deliveries), "claim")
+            final = [d for d, c in zip(deliveries, claims) if c is Claim.final]
+            lost = [d for d, c in zip(deliveries, claims) if c is Claim.lost]
+            if final:
+                log.info("jobs already final, not run again", jobs=len(final), job_ids=[d.job_id for d in final][:5])
+                self._finish.put(("acknowledge", final))
+            if lost:
+                log.warning("jobs reclaimed by another worker, dropped", jobs=len(lost))
+                self._forget(lost)
+            for delivery, claim in zip(deliveries, claims):
+                if claim is Claim.run:
+                    self._start_job(delivery)
+
+    def _start_job(self, delivery: Delivery) -> None:
+        try:
+            job = self._accept(delivery)
+            rows = preprocess_items(job.task, job.loaded, job.items, job.options)
+        except BertqError as error:
+            self._fail(delivery, error)
+            return
+        except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
+            log.exception("job could not be prepared", job_id=delivery.job_id)
+            self._fail(delivery, InferenceFailed(f"worker error: {type(error).__name__}: {error}"))
+            return
+        self._enqueue(job, rows)
+
+    def _fail(self, delivery: Delivery, error: BertqError) -> None:
+        self._finish.put([Outcome(delivery, JobStatus.failed, error=error, info={"worker": self.worker_name})])
 
     def _accept(self, delivery: Delivery) -> Job:
         if delivery.size > self.settings.max_message_bytes:
@@ -182,73 +321,82 @@ class Engine:
                 f"{delivery.size} bytes is over the limit of {self.settings.max_message_bytes} (BERTQ_MAX_MESSAGE_BYTES)",
                 field="message",
             )
-        kwargs = delivery.kwargs
-        if not isinstance(kwargs, dict):
-            raise InvalidInput("the task takes keyword arguments: items, model, options", field="kwargs")
-        unknown = set(kwargs) - {"items", "model", "options"}
-        if unknown:
-            raise InvalidInput("unknown argument; expected items, model, options", field=sorted(unknown)[0])
-        task_name = parse_task(delivery.task_name.removeprefix(TASK_PREFIX))
-        options = validate_options(task_name, kwargs.get("options"))
+        task_name = parse_task(delivery.task)
+        options = validate_options(task_name, delivery.options)
         limits = self.settings.limits()
-        raw_items = validate_item_count(kwargs.get("items"), limits)
+        raw_items = validate_item_count(delivery.items, limits)
         items: list[Any] = []
         for index, raw in enumerate(raw_items):
             try:
                 items.append(validate_item(task_name, index, raw, limits))
             except InvalidInput as error:
                 items.append(error)
-        model_id = kwargs.get("model") or self.settings.model_for(task_name)
+        model_id = delivery.model or self.settings.model_for(task_name)
         if not isinstance(model_id, str):
             raise InvalidInput("must be a hub id or a local path", field="model")
-        loaded = self.models.get(task_name, model_id)
-        task = get_task(task_name)
-        log.info("job running", job_id=delivery.job_id, task=task_name.value, items=len(items))
-        return Job(delivery, task, loaded, options, items, [None] * len(items))
+        if not self.settings.model_allowed(model_id):
+            raise ModelNotAllowed(
+                f"model {model_id!r} is not served by this worker; allowed: the configured task models "
+                "(BERTQ_MODEL_<TASK>) and BERTQ_ALLOWED_MODELS",
+                field="model",
+            )
+        self.loading_since = time.monotonic()
+        try:
+            loaded = self.models.get(task_name, model_id)
+        finally:
+            self.loading_since = None
+            self.last_progress = time.monotonic()
+        log.info(
+            "job running", job_id=delivery.job_id, task=task_name.value, items=len(items), deliveries=delivery.deliveries
+        )
+        return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
 
-    def _enqueue_rows(self, job: Job) -> None:
-        prepared = preprocess_items(job.task, job.loaded, job.items, job.options)
+    def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError]) -> None:
         now = time.monotonic()
-        pending = []
+        rows: list[Row] = []
         for index, entry in enumerate(prepared):
             if isinstance(entry, BertqError):
                 job.results[index] = entry
             else:
                 job.rows_left[index] = len(entry)
-                pending.extend(PendingRow(row, job, now) for row in entry)
+                rows.extend(entry)
+        distinct, position = distinct_rows(rows)
+        pending = [PendingRow(rows[i], job, now) for i in distinct]
+        for index, row in enumerate(rows):
+            if distinct[position[index]] != index:
+                pending[position[index]].copies.append(row)
         if not pending:  # every item failed validation: nothing to run
-            self._finished.put(([], [job]))
+            self._finish.put(_Batch([], [job]))
             return
-        job.held = len(job.items)
-        self._hold(job.held)
         with self._pool_changed:
-            self._pool.setdefault((job.task.name, job.loaded.model_id), []).extend(pending)
-            self._pool_changed.notify_all()
+            pooled = not self._draining
+            if pooled:
+                self._pool.setdefault((job.task.name, job.loaded.model_id), []).extend(pending)
+                self._pool_changed.notify_all()
+        if not pooled:  # stopping: give it back rather than start it
+            self._release([job.delivery])
 
-    def _fail(self, delivery: Delivery, error: BertqError) -> None:
-        log.info("job failed", job_id=delivery.job_id, code=error.code, error=str(error))
-        task = delivery.task_name.removeprefix(TASK_PREFIX)
-        self.store.finish([Finished(delivery.job_id, failed_record(delivery.job_id, task, error, {}), "failed")])
-        delivery.ack()
-
-    # ---- forward: batches across jobs -----------------------------------------------------------
+    # ---- forward: batches across jobs -------------------------------------------------------------
 
     def _forward_loop(self) -> None:
         while True:
             picked = self._next_batch()
             if picked is None:
                 return
-            task, loaded, batch = picked
+            task, loaded, batch, first = picked
+            for job in first:
+                self.events.started(job.delivery)
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
-            self._finished.put((batch, outputs))
+            self.last_progress = time.monotonic()
+            self._finish.put(_Batch(batch, outputs))
 
-    def _next_batch(self) -> tuple[Task, Loaded, list[PendingRow]] | None:
+    def _next_batch(self) -> tuple[Task, Loaded, list[PendingRow], list[Job]] | None:
         """Wait for rows; when the device is idle and no batch is full yet, wait up to max_wait_ms
-        after the oldest row arrived for more to fill it."""
+        after the oldest row arrived for more to fill it. Also returns the jobs this batch starts."""
         max_wait = self.settings.max_wait_ms / 1000
         with self._pool_changed:
             while True:
-                if self._stopping.is_set():
+                if self._stop.is_set():
                     return None
                 groups = [(rows[0].arrived, key) for key, rows in self._pool.items() if rows]
                 if not groups:
@@ -257,13 +405,16 @@ class Engine:
                 oldest, key = min(groups)
                 rows = self._pool[key]
                 wait = oldest + max_wait - time.monotonic()
-                if wait <= 0 or self._is_full(rows):
+                if wait <= 0 or self._is_full(rows) or self._draining:
                     break
                 self._pool_changed.wait(wait)
             batch = self._select(rows)
             taken = {id(pending) for pending in batch}
             self._pool[key] = [pending for pending in rows if id(pending) not in taken]
-        return batch[0].job.task, batch[0].job.loaded, batch
+            first = list({id(p.job): p.job for p in batch if not p.job.started}.values())
+            for job in first:
+                job.started = True  # under the pool lock: drain sees it
+        return batch[0].job.task, batch[0].job.loaded, batch, first
 
     def _is_full(self, rows: list[PendingRow]) -> bool:
         if len(rows) >= self.settings.max_batch_rows:
@@ -281,63 +432,88 @@ class Engine:
         chosen = next(batch for batch in batches if oldest in batch)
         return [window[i] for i in chosen]
 
-    # ---- finish: postprocess, store, ack -------------------------------------------------------
+    # ---- finish: postprocess, store, acknowledge ------------------------------------------------
 
     def _finish_loop(self) -> None:
         while True:
-            entry = self._finished.get()
+            entry = self._finish.get()
             if entry is None:
                 return
-            completed = self._collect(*entry)
+            entries = [entry]
             while True:  # store everything that is ready in one round trip
                 try:
-                    more = self._finished.get_nowait()
+                    more = self._finish.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    self._finished.put(None)
+                    self._finish.put(None)
                     break
-                completed.extend(self._collect(*more))
-            self._store(completed)
+                entries.append(more)
+            outcomes: list[Outcome] = []
+            for entry in entries:
+                if isinstance(entry, _Batch):
+                    outcomes.extend(self._done(job) for job in self._collect(entry))
+                elif isinstance(entry, tuple):
+                    self._acknowledge(entry[1])
+                else:
+                    outcomes.extend(entry)
+            self._store(outcomes)
 
-    def _collect(self, batch: list[PendingRow], outputs: list[Any]) -> list[Job]:
-        if not batch:  # a job with no rows to run, handed over by prepare
-            return list(outputs)
+    def _collect(self, batch: _Batch) -> list[Job]:
+        if not batch.rows:  # a job with no rows to run, handed over by prepare
+            return list(batch.outputs)
         completed = []
-        for pending, output in zip(batch, outputs):
-            job, index = pending.job, pending.row.item
-            job.outputs.setdefault(index, []).append((pending.row, output))
-            job.rows_left[index] -= 1
-            if job.rows_left[index]:
-                continue
-            done = job.outputs.pop(index)
-            job.results[index] = finish_item(
-                job.task, job.loaded, job.items[index], job.options, [r for r, _ in done], [o for _, o in done]
-            )
-            del job.rows_left[index]
-            if not job.rows_left:
-                completed.append(job)
+        for pending, output in zip(batch.rows, batch.outputs):
+            job = pending.job
+            for row in (pending.row, *pending.copies):
+                index = row.item
+                job.outputs.setdefault(index, []).append((row, output))
+                job.rows_left[index] -= 1
+                if job.rows_left[index]:
+                    continue
+                done = job.outputs.pop(index)
+                job.results[index] = finish_item(
+                    job.task, job.loaded, job.items[index], job.options, [r for r, _ in done], [o for _, o in done]
+                )
+                del job.rows_left[index]
+                if not job.rows_left:
+                    completed.append(job)
         return completed
 
-    def _store(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        finished = []
-        for job in jobs:
-            results = result_dicts(job.results)
-            info = {"worker": self.worker_name, "model": job.loaded.model_id}
-            finished.append(Finished(job.job_id, done_record(job.job_id, job.task.name.value, results, info), "done"))
-        written = self.store.finish(finished)
-        for job, fresh in zip(jobs, written):
-            elapsed_ms = round((time.monotonic() - job.started) * 1000, 1)
-            failed = sum(1 for result in job.results if isinstance(result, BertqError))
-            log.info(
-                "job done" if fresh else "job done, result already stored",
-                job_id=job.job_id,
-                task=job.task.name.value,
-                items=len(job.items),
-                failed_items=failed,
-                elapsed_ms=elapsed_ms,
-            )
-            self._hold(-job.held)
-            job.delivery.ack()
+    def _done(self, job: Job) -> Outcome:
+        info = {"worker": self.worker_name, "model": job.loaded.model_id, "deliveries": job.delivery.deliveries}
+        return Outcome(job.delivery, JobStatus.done, results=result_dicts(job.results), info=info)
+
+    def _acknowledge(self, deliveries: list[Delivery]) -> None:
+        for sink, group in _by_sink(deliveries):
+            self._retry(lambda: sink.acknowledge(group), "acknowledge")
+            self._forget(group)
+
+    def _store(self, outcomes: list[Outcome]) -> None:
+        for sink, group in _by_sink(outcomes, key=lambda o: o.delivery.sink):
+            stored = self._retry(lambda: sink.finish(group), "store results")
+            self.last_progress = time.monotonic()
+            for outcome, fresh in zip(group, stored):
+                self._log_outcome(outcome, fresh)
+                self.events.finished(outcome, fresh)
+            self._forget(o.delivery for o in group)
+
+    def _log_outcome(self, outcome: Outcome, fresh: bool) -> None:
+        delivery = outcome.delivery
+        fields: dict[str, Any] = {"job_id": delivery.job_id, "task": delivery.task, "items": delivery.item_count}
+        if outcome.error is not None:
+            fields.update(code=outcome.error.code, error=str(outcome.error))
+        if outcome.results is not None:
+            fields["failed_items"] = sum(1 for result in outcome.results if "error" in result)
+        if delivery.submitted_at is not None:
+            fields["elapsed_ms"] = round((time.time() - delivery.submitted_at) * 1000, 1)
+        event = f"job {outcome.status.value}" if fresh else f"job {outcome.status.value}, record already final"
+        log.info(event, **fields)
+
+
+def _by_sink(things: Iterable[Any], key: Callable[[Any], Any] = lambda d: d.sink) -> list[tuple[Any, list[Any]]]:
+    groups: dict[int, tuple[Any, list[Any]]] = {}
+    for thing in things:
+        sink = key(thing)
+        groups.setdefault(id(sink), (sink, []))[1].append(thing)
+    return list(groups.values())

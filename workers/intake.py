@@ -1,76 +1,214 @@
-"""Intake: how a bertq worker's Celery consumer receives job messages.
+"""Intake from the job queues: fetch Celery task messages into this worker's in-flight hash, read each
+one on its own into a typed ``Delivery``, and hand them to the engine.
 
-Celery's default strategy runs one task per message. Ours decodes the message and hands it to the
-engine, returning at once, so the consumer thread keeps fetching while the model runs and jobs can
-be batched together. Acknowledgements come back from the engine's threads through the event
-loop's thread-safe ``call_soon``. The consumer stops taking messages while the engine holds more
-than ``max_held_items`` items, so no message waits in a worker for longer than it can finish."""
+Each message is decoded alone, before it meets any other, so a bad one harms nobody: a message whose
+job id can be read but whose content cannot (not base64, not JSON, not UTF-8, pickle or yaml, a wrong
+shape, eta or chains) becomes a ``Delivery`` with a ``refusal`` that names the cause, and its job is
+stored as failed. A message without a usable id goes to the dead-letter stream with the reason.
+Celery's own consumer never sees these messages, so its decode path cannot end the worker.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import threading
+import time
+from datetime import datetime
 from typing import Any
 
+from bertq.connection import GiveUp, retry
+from bertq.errors import BertqError, InvalidMessage, Unsupported
 from bertq.log import get_logger
-from bertq.workers.engine import Delivery, Engine
+from bertq.schemas import TaskName
+from bertq.settings import Settings
+from bertq.workers.delivery import Fetched, Inbox
+from bertq.workers.engine import Engine
+from bertq.workers.sink import Delivery, Sink
 
 log = get_logger(__name__)
 
-_engine: Engine | None = None
-_max_held_items = 0
+TASK_PREFIX = "bertq."
+FETCH_MOST = 64  # messages per fetch round trip
+FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
+KWARGS = {"items", "model", "options"}
+KNOWN_TASKS = [task.value for task in TaskName]
+RECONCILE_EVERY_S = 10.0
 
 
-def attach(engine: Engine, max_held_items: int) -> None:
-    global _engine, _max_held_items
-    _engine, _max_held_items = engine, max_held_items
+class Undeliverable(Exception):
+    """A message with no usable job id: it can only be dead-lettered."""
 
 
-def intake_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
-    if _engine is None:
-        raise RuntimeError("bertq tasks need a bertq worker: start one with `bertq worker`")
-    engine = _engine
-    hub = consumer.hub
-    prefetch = app.conf.worker_prefetch_multiplier  # solo pool: a concurrency of one
-    throttled = False
-    held_messages = 0
-    eventer = consumer.event_dispatcher
+def decode(fetched: Fetched, sink: Sink) -> Delivery:
+    """One Celery protocol 2 message (kombu's Redis envelope) as a Delivery. Raises ``Undeliverable``
+    when it has no usable job id."""
+    try:
+        envelope = json.loads(fetched.raw)
+    except UnicodeDecodeError:
+        raise Undeliverable("the message is not valid UTF-8") from None
+    except ValueError as error:
+        raise Undeliverable(f"the message is not valid JSON: {error}") from None
+    if not isinstance(envelope, dict):
+        raise Undeliverable("the message is not a JSON object (kombu's envelope)")
+    headers = envelope.get("headers")
+    if not isinstance(headers, dict):
+        raise Undeliverable("the message has no headers object")
+    job_id = headers.get("id")
+    if not isinstance(job_id, str) or not job_id.strip():
+        what = "missing" if job_id is None else f"not a non-empty string ({type(job_id).__name__})"
+        raise Undeliverable(f"headers.id is {what}: the job cannot be named")
+    properties = envelope.get("properties") if isinstance(envelope.get("properties"), dict) else {}
+    task = headers.get("task")
+    delivery = Delivery(
+        job_id=job_id,
+        task=task.removeprefix(TASK_PREFIX) if isinstance(task, str) else "",
+        items=None,
+        size=len(fetched.raw),
+        sink=sink,
+        ref=fetched,
+        priority=_priority(properties.get("priority")),
+        submitted_at=_number(headers.get("bertq_submitted_at")),
+    )
+    try:
+        if not isinstance(task, str) or task.removeprefix(TASK_PREFIX) not in KNOWN_TASKS or not task.startswith(TASK_PREFIX):
+            known = ", ".join(TASK_PREFIX + name for name in KNOWN_TASKS)
+            raise InvalidMessage(f"unknown task {task!r}; bertq workers run {known}", field="headers.task")
+        delivery.expires_at = _expires(headers.get("expires"))
+        if headers.get("eta") is not None:
+            raise Unsupported("eta/countdown is not supported: send the job when it should run", field="headers.eta")
+        kwargs = _kwargs(envelope, properties)
+        delivery.items, delivery.model, delivery.options = kwargs.get("items"), kwargs.get("model"), kwargs.get("options")
+    except BertqError as error:
+        delivery.refusal = error
+    return delivery
 
-    def throttle() -> None:
-        """Runs in the consumer thread: pause or resume fetching by the prefetch window."""
-        nonlocal throttled
-        qos = consumer.qos
-        if engine.held_items >= _max_held_items and not throttled:
-            throttled = True
-            qos.value = max(1, held_messages)
-            qos.update()
-        elif engine.held_items < _max_held_items and throttled:
-            throttled = False
-            qos.value = prefetch
-            qos.update()
 
-    def handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **__: Any) -> None:
-        nonlocal held_messages
-        held_messages += 1
-        headers = message.headers or {}
-        job_id = headers.get("id")
+def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
+    content_type = envelope.get("content-type")
+    if content_type != "application/json":
+        raise InvalidMessage(f"content type {content_type} is refused: JSON only (application/json)", field="content-type")
+    encoding = envelope.get("content-encoding", "utf-8")
+    if str(encoding).lower().replace("-", "") != "utf8":
+        raise InvalidMessage(f"content encoding {encoding} is refused: utf-8 only", field="content-encoding")
+    body = envelope.get("body")
+    if not isinstance(body, str):
+        raise InvalidMessage("body must be a string", field="body")
+    if properties.get("body_encoding", "base64") == "base64":
         try:
-            _, kwargs, _ = message.decode() if body is None else (body.get("args"), body.get("kwargs"), None)
-        except Exception as error:  # wrong shape: still a job with an id, so it gets an error record
-            kwargs = error
-        if eventer and eventer.enabled:
-            eventer.send("task-received", uuid=job_id, name=task.name, args="()", kwargs=str(kwargs)[:200])
+            raw_body = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidMessage("body is not valid base64", field="body") from None
+        try:
+            body = raw_body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})", field="body") from None
+    try:
+        decoded = json.loads(body)
+    except ValueError as error:
+        raise InvalidMessage(f"body is not valid JSON: {error}", field="body") from None
+    if not (isinstance(decoded, list) and len(decoded) == 3):
+        raise InvalidMessage("body must be [args, kwargs, embed] (Celery task protocol 2)", field="body")
+    args, kwargs, embed = decoded
+    if args:
+        raise InvalidMessage("positional arguments are refused: send items, model, options as keyword arguments", field="args")
+    if not isinstance(kwargs, dict):
+        raise InvalidMessage("the task takes keyword arguments: items, model, options", field="kwargs")
+    unknown = sorted(set(kwargs) - KWARGS)
+    if unknown:
+        raise InvalidMessage("unknown argument; expected items, model, options", field=f"kwargs.{unknown[0]}")
+    if isinstance(embed, dict):
+        linked = [name for name in ("callbacks", "errbacks", "chain", "chord") if embed.get(name)]
+        if linked:
+            raise Unsupported(f"{'/'.join(linked)} are not supported: bertq jobs cannot be linked or chained", field=linked[0])
+    return kwargs
 
-        def acknowledge() -> None:
-            def in_consumer_thread() -> None:
-                nonlocal held_messages
-                held_messages -= 1
-                message.ack_log_error(log, consumer.connection_errors)
-                if eventer and eventer.enabled:
-                    eventer.send("task-succeeded", uuid=job_id, result="stored")
-                throttle()
 
-            hub.call_soon(in_consumer_thread)
+def _expires(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        raise InvalidMessage(f"expires is not an ISO 8601 time: {value!r}", field="headers.expires") from None
 
-        engine.submit(Delivery(job_id, task.name, kwargs, len(message.body or b""), acknowledge))
-        throttle()
 
-    return handler
+def _priority(value: Any) -> int:
+    return min(9, max(0, value)) if isinstance(value, int) else 0
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+class QueueIntake:
+    """The thread that fetches from the queues while the engine has room. It also adopts orphans:
+    messages in this worker's in-flight hash that it never received, because the reply of a fetch
+    was lost in a Redis fault after the server had moved them."""
+
+    def __init__(self, inbox: Inbox, sink: Sink, engine: Engine, settings: Settings) -> None:
+        self.inbox = inbox
+        self.sink = sink
+        self.engine = engine
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.last_fetch = time.monotonic()
+        self._suspect = True  # look for orphans first: a previous life may have left some
+        self._reconciled = 0.0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self._step()
+        except GiveUp:
+            return
+
+    def _step(self) -> None:
+        room = self.engine.room()
+        if room == 0:
+            self.engine.wait_for_room(0.5)
+            return
+        if self._suspect or time.monotonic() - self._reconciled > RECONCILE_EVERY_S:
+            self._adopt_orphans()
+        fetched = self._retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES), "fetch")
+        self.last_fetch = time.monotonic()
+        if fetched:
+            self._hand_over(fetched)
+        else:
+            self._retry(self.inbox.wait, "wait for jobs")
+
+    def _retry(self, operation: Any, what: str) -> Any:
+        def suspect(_: BaseException) -> None:
+            self._suspect = True
+
+        return retry(operation, what, self.stopping, on_error=suspect)
+
+    def _adopt_orphans(self) -> None:
+        # what the engine holds first: a message it acknowledges meanwhile is gone from the hash too
+        known = {delivery.ref.tag for delivery in self.engine.held() if isinstance(delivery.ref, Fetched)}
+        self._reconciled = time.monotonic()
+        if not self._suspect and self._retry(self.inbox.count, "count in-flight messages") <= len(known):
+            return
+        held = self._retry(self.inbox.held, "list in-flight messages")
+        orphans = [fetched for tag, fetched in held.items() if tag not in known]
+        self._suspect = False
+        if orphans:
+            log.warning("adopting in-flight messages this worker never received", messages=len(orphans))
+            self._hand_over(sorted(orphans, key=lambda f: int(f.tag)))
+
+    def _hand_over(self, fetched: list[Fetched]) -> None:
+        deliveries = []
+        for message in fetched:
+            try:
+                deliveries.append(decode(message, self.sink))
+            except Undeliverable as error:
+                reason = str(error)
+                log.warning("message dead-lettered", reason=reason, source=message.source, bytes=len(message.raw))
+                self._retry(lambda: self.inbox.dead_letter(message, reason), "dead-letter")
+        self.engine.submit(deliveries)

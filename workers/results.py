@@ -1,90 +1,135 @@
-"""Job records on the worker side: one Redis round trip to claim a group of jobs, one to store a
-batch's finished jobs. Both are idempotent: a finished record is never overwritten, so a job
-redelivered after a worker died is neither recomputed nor stored twice."""
+"""Job records for queue jobs: the engine's sink for deliveries from the Celery queues.
+
+One Redis round trip claims a group of jobs, one stores every outcome a batch completed. Storing and
+acknowledging are one Lua script per job, so a job is never stored without leaving its worker's
+in-flight hash, nor the other way round. Both are idempotent: a final record is never overwritten,
+so a job delivered twice is neither stored twice nor changed once final.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from bertq.records import RESULTS_STREAM, meta_key
+from bertq.records import (
+    RECORD_STATE,
+    RESULTS_STREAM,
+    done_record,
+    failed_record,
+    meta_key,
+    queued_record,
+    revoked_record,
+    running_record,
+)
+from bertq.schemas import JobStatus
+from bertq.workers.delivery import DELIVERIES, RELEASE, Fetched, identity
+from bertq.workers.sink import Claim, Delivery, Outcome
 
-# A record is finished when it starts with a SUCCESS or FAILURE status (see bertq.records).
-_IS_FINISHED = """
-local head = redis.call('GETRANGE', KEYS[1], 0, 31)
-if string.find(head, '"status": "SUCCESS"', 1, true) or string.find(head, '"status": "FAILURE"', 1, true) then
-  return 1
-end
-return 0
-"""
-
+# KEYS: record, in-flight hash, deliveries. ARGV: running record, ttl, tag, delivery key.
 _CLAIM = (
-    "local function finished()" + _IS_FINISHED + "end\n"
-    """
-if finished() == 1 then return 0 end
+    RECORD_STATE
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {'lost', 0} end
+local failed = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
+if is_final(KEYS[1]) then return {'final', failed} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
+return {'run', failed}
 """
 )
 
+# KEYS: record, results stream, in-flight hash, deliveries. ARGV: record ('' to only acknowledge),
+# ttl, stream maxlen, job id, status, tag, delivery key.
 _FINISH = (
-    "local function finished()" + _IS_FINISHED + "end\n"
-    """
-if finished() == 1 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[4], 'status', ARGV[5])
-return 1
+    RECORD_STATE
+    + """
+local stored = 0
+if ARGV[1] ~= '' and not is_final(KEYS[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[4], 'status', ARGV[5])
+  stored = 1
+end
+redis.call('HDEL', KEYS[3], ARGV[6])
+redis.call('HDEL', KEYS[4], ARGV[7])
+return stored
 """
 )
 
 
-@dataclass
-class Finished:
-    job_id: str
-    record: str  # a done or failed record from bertq.records
-    status: str  # "done" or "failed", for the completion stream
+class JobRecords:
+    """The sink of one worker's queue deliveries: records in ``celery-task-meta-<id>``, acknowledged
+    by removing the message from the worker's in-flight hash (``ref`` is a ``Fetched``)."""
 
-
-class ResultStore:
-    def __init__(self, client: redis.Redis, ttl_s: int, stream_maxlen: int) -> None:
+    def __init__(self, client: redis.Redis, inflight: str, worker: str, ttl_s: int, stream_maxlen: int) -> None:
         self.client = client
+        self.inflight = inflight
+        self.worker = worker
         self.ttl_s = ttl_s
         self.stream_maxlen = stream_maxlen
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._release = client.register_script(RELEASE)
 
-    def claim(self, jobs: list[tuple[str, str]]) -> list[bool]:
-        """Mark (job id, running record) pairs running. False where the job already finished."""
-        if not jobs:
-            return []
+    def claim(self, deliveries: list[Delivery]) -> list[Claim]:
         pipe = self.client.pipeline(transaction=False)
-        for job_id, record in jobs:
-            self._claim(keys=[meta_key(job_id)], args=[record, self.ttl_s], client=pipe)
-        return [bool(flag) for flag in pipe.execute()]
-
-    def finish(self, finished: list[Finished]) -> list[bool]:
-        """Store finished jobs, publish them to Celery's waiters and append them to the completion
-        stream. False where a record was already finished (then nothing is written)."""
-        if not finished:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for job in finished:
-            self._finish(
-                keys=[meta_key(job.job_id), RESULTS_STREAM],
-                args=[job.record, self.ttl_s, self.stream_maxlen, job.job_id, job.status],
+        for delivery in deliveries:
+            record = running_record(delivery.job_id, delivery.task, delivery.item_count, self.worker)
+            self._claim(
+                keys=[meta_key(delivery.job_id), self.inflight, DELIVERIES],
+                args=[record, self.ttl_s, _tag(delivery), _delivery_key(delivery)],
                 client=pipe,
             )
+        claims = []
+        for delivery, (claim, failed) in zip(deliveries, pipe.execute()):
+            delivery.deliveries = int(failed) + 1
+            claims.append(Claim(claim.decode() if isinstance(claim, bytes) else claim))
+        return claims
+
+    def finish(self, outcomes: list[Outcome]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for outcome in outcomes:
+            self._store(outcome.delivery, _record(outcome), outcome.status.value, pipe)
         return [bool(flag) for flag in pipe.execute()]
 
+    def acknowledge(self, deliveries: list[Delivery]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for delivery in deliveries:
+            self._store(delivery, "", "", pipe)
+        pipe.execute()
 
-def result_dicts(results: list[Any]) -> list[dict[str, Any]]:
-    """Per-item results as JSON-ready dicts; an item error becomes ``{"error": {...}}``."""
-    from bertq.errors import BertqError
+    def release(self, deliveries: list[Delivery]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        # newest first: each goes to the front of its queue, so the oldest ends up served first
+        for delivery in reversed(deliveries):
+            record = queued_record(delivery.job_id, delivery.task, delivery.item_count)
+            self._release(keys=[self.inflight, meta_key(delivery.job_id)], args=[_tag(delivery), record, self.ttl_s], client=pipe)
+        pipe.execute()
 
-    return [
-        {"error": result.to_record()} if isinstance(result, BertqError) else result.model_dump(mode="json")
-        for result in results
-    ]
+    def _store(self, delivery: Delivery, record: str, status: str, pipe: Any) -> None:
+        self._finish(
+            keys=[meta_key(delivery.job_id), RESULTS_STREAM, self.inflight, DELIVERIES],
+            args=[record, self.ttl_s, self.stream_maxlen, delivery.job_id, status, _tag(delivery), _delivery_key(delivery)],
+            client=pipe,
+        )
+
+
+def _record(outcome: Outcome) -> str:
+    delivery = outcome.delivery
+    info = {"deliveries": delivery.deliveries, **outcome.info}
+    if outcome.status is JobStatus.done:
+        return done_record(delivery.job_id, delivery.task, outcome.results or [], info)
+    if outcome.status is JobStatus.expired:
+        return revoked_record(delivery.job_id, JobStatus.expired, "expired before it ran", {"task": delivery.task, **info})
+    assert outcome.error is not None
+    return failed_record(delivery.job_id, delivery.task, outcome.error, info)
+
+
+def _tag(delivery: Delivery) -> str:
+    fetched: Fetched = delivery.ref
+    return fetched.tag
+
+
+def _delivery_key(delivery: Delivery) -> str:
+    fetched: Fetched = delivery.ref
+    return identity(fetched.raw)[0]

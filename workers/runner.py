@@ -4,6 +4,7 @@ in-process, and the worker's engine uses the same pieces between intake and resu
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +58,32 @@ def load_model(task: Task, model_id: str, device: str = "cpu", dtype: str = "aut
 
 
 class ModelCache:
-    """Loaded models by (task, model id), loaded on first use. Thread-safe."""
+    """Loaded models by (task, model id), loaded on first use, at most ``most`` of them: the least
+    recently used goes first (jobs already holding it keep it until they finish). Thread-safe."""
 
-    def __init__(self, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "auto", most: int = 8) -> None:
         self.device = device
         self.dtype = dtype
-        self._models: dict[tuple[TaskName, str], Loaded] = {}
+        self.most = most
+        self._models: OrderedDict[tuple[TaskName, str], Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, task: TaskName, model_id: str) -> Loaded:
         key = (task, model_id)
         with self._lock:
-            if key not in self._models:
-                self._models[key] = load_model(get_task(task), model_id, self.device, self.dtype)
-            return self._models[key]
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            loaded = load_model(get_task(task), model_id, self.device, self.dtype)
+            self._models[key] = loaded
+            while len(self._models) > self.most:
+                (old_task, old_model), _ = self._models.popitem(last=False)
+                log.info("model unloaded (least recently used)", task=old_task.value, model=old_model, most=self.most)
+            return loaded
+
+    def loaded(self) -> list[tuple[TaskName, str]]:
+        with self._lock:
+            return list(self._models)
 
 
 def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
@@ -175,3 +188,11 @@ def run_items(
             finish_item(task, loaded, items[i], options, [rows[j] for j in indices], [outputs[j] for j in indices])
         )
     return results
+
+
+def result_dicts(results: list[Any]) -> list[dict[str, Any]]:
+    """Per-item results as JSON-ready dicts; an item error becomes ``{"error": {...}}``."""
+    return [
+        {"error": result.to_record()} if isinstance(result, BertqError) else result.model_dump(mode="json")
+        for result in results
+    ]

@@ -1,59 +1,180 @@
-"""The worker entry point: one Celery worker process per device, solo pool, models loaded after
-start. ``--gpus`` starts and supervises one pinned process per GPU."""
+"""The worker entry point: one process per device, its stages supervised, a graceful drain on SIGTERM.
+``--gpus`` starts and supervises one pinned process per GPU.
+
+Threads of a worker process:
+  - main: Celery's worker, for what Celery tools expect of a worker (``inspect``, ``control``,
+    ``revoke``, events for Flower). It consumes no queue itself;
+  - intake: fetches job messages into this worker's in-flight hash (workers/intake.py);
+  - prepare, forward, finish: the engine (workers/engine.py);
+  - heartbeat: liveness, reclaiming dead workers' jobs (workers/health.py).
+A thread that dies for an unexpected reason ends the process with exit code 70, and an engine that
+holds work without progress for BERTQ_STALL_TIMEOUT_S ends it with 71, so that a supervisor (systemd,
+``--gpus``, Kubernetes) restarts it: a live worker that does no work must not exist. What it held is
+reclaimed by the others once its heartbeat stops.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-import redis
-
+from bertq.connection import connect, retry
 from bertq.log import configure_logging, get_logger
 from bertq.settings import Settings
 from bertq.workers.app import configure
+from bertq.workers.delivery import Inbox, Reaper
 from bertq.workers.engine import Engine
-from bertq.workers.intake import attach
-from bertq.workers.results import ResultStore
+from bertq.workers.health import Heartbeat
+from bertq.workers.intake import QueueIntake
+from bertq.workers.results import JobRecords
 from bertq.workers.runner import ModelCache
 
 log = get_logger(__name__)
+
+EXIT_STAGE_DIED = 70
+EXIT_WEDGED = 71
+EXIT_UNEXPECTED_STOP = 72
 
 
 def node_name(device: str) -> str:
     return f"bertq-{device.replace(':', '')}@{socket.gethostname()}"
 
 
-def run_worker(
-    settings: Settings, queues: list[str] | None = None, name: str | None = None, events: bool = False
-) -> None:
-    """Run one worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+def die(code: int, reason: str) -> None:
+    """End the process now, without running anything else: its state is not to be trusted."""
+    log.critical("worker exiting", exit_code=code, reason=reason)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def supervised(name: str, target: Callable[[], None]) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        except BaseException as error:
+            die(EXIT_STAGE_DIED, f"the {name} thread died: {type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=run, name=f"bertq-{name}", daemon=True)
+    thread.start()
+    return thread
+
+
+class Worker:
+    """The parts of one worker process, wired together."""
+
+    def __init__(self, settings: Settings, queues: list[str], node: str) -> None:
+        assert settings.redis_url
+        self.settings = settings
+        self.node = node
+        self.consumer = f"{node}:{os.getpid()}:{secrets.token_hex(3)}"
+        client = connect(settings.redis_url, name=f"bertq-worker:{node}")
+        self.inbox = Inbox(client, self.consumer, queues)
+        self.records = JobRecords(client, self.inbox.inflight, node, settings.result_ttl_s, settings.results_stream_maxlen)
+        self.engine = Engine(
+            settings,
+            ModelCache(settings.device, settings.dtype, settings.max_loaded_models),
+            node,
+            on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),
+        )
+        self.intake = QueueIntake(self.inbox, self.records, self.engine, settings)
+        reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
+        self.heartbeat = Heartbeat(settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why))
+
+    def start(self) -> None:
+        self.engine.start()
+        self._intake_thread = supervised("intake", self.intake.run)
+        self.heartbeat.beat()
+        supervised("heartbeat", self.heartbeat.run)
+
+    def stop_fetching(self) -> None:
+        self.intake.stop()
+
+    def drain(self) -> int:
+        """Stop fetching, finish what is in a batch, give the rest back; a second SIGTERM or SIGINT
+        hurries it. Returns how many jobs went back to the queue."""
+        hurry = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: hurry.set())
+        self.intake.stop()
+        self._intake_thread.join(self.inbox.block_s + 15)
+        log.info("draining", jobs=self.engine.held_messages, timeout_s=self.settings.shutdown_timeout_s)
+        released = self.engine.drain(self.settings.shutdown_timeout_s, hurry)
+        self.heartbeat.stop()
+        if self.engine.held_messages == 0:
+            gone = threading.Event()
+            threading.Timer(5.0, gone.set).start()
+            try:
+                retry(self.inbox.unregister, "unregister", gone)
+            except Exception:
+                log.warning("could not unregister; the heartbeat entry expires by itself")
+        return released
+
+
+def run_worker(settings: Settings, queues: list[str] | None = None, name: str | None = None, events: bool = False) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT (or ``celery control shutdown``); drain and
+    return 0. Returns non-zero when Celery's worker stopped without being asked to."""
     configure_logging(settings.log_format, settings.log_level)
     app = configure(settings)
-    hostname = name or node_name(settings.device)
-    store = ResultStore(
-        redis.Redis.from_url(str(settings.redis_url)), settings.result_ttl_s, settings.results_stream_maxlen
+    node = name or node_name(settings.device)
+    queues = queues or [settings.queue]
+    worker = Worker(settings, queues, node)
+    install_control_commands(worker)
+    from celery import signals
+
+    asked = threading.Event()
+
+    def shutting_down(**_: Any) -> None:
+        asked.set()
+        worker.stop_fetching()
+
+    signals.worker_shutting_down.connect(shutting_down, weak=False)
+    worker.start()
+    log.info("worker started", node=node, consumer=worker.consumer, device=settings.device, queues=queues)
+    celery_worker = app.Worker(
+        pool="solo",
+        queues=queues,
+        exclude_queues=queues,  # Celery consumes nothing: the intake thread fetches
+        hostname=node,
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        task_events=events,
     )
-    engine = Engine(settings, store, ModelCache(settings.device, settings.dtype), hostname)
-    attach(engine, settings.max_held_items)
-    engine.start()
-    log.info("worker starting", node=hostname, device=settings.device, queues=queues or [settings.queue])
     try:
-        worker = app.Worker(
-            pool="solo",
-            queues=queues or [settings.queue],
-            hostname=hostname,
-            loglevel=settings.log_level,
-            without_gossip=True,
-            without_mingle=True,
-            task_events=events,  # task-received / task-succeeded for Flower
-        )
-        worker.start()
+        celery_worker.start()
     finally:
-        engine.stop()
+        released = worker.drain()
+        log.info("worker stopped", node=node, released=released)
+    if not (asked.is_set() or celery_worker.exitcode == 0):
+        log.error("Celery's worker stopped without being asked to", node=node, exit_code=celery_worker.exitcode)
+        return EXIT_UNEXPECTED_STOP
+    return 0
+
+
+def install_control_commands(worker: Worker) -> None:
+    """``revoke`` (``AsyncResult.revoke()``, ``celery control revoke``) cancels queued jobs in their
+    records, where every worker and client sees it. Celery's own handler would overwrite any record,
+    finished ones included, with REVOKED."""
+    from celery.worker import state as worker_state
+    from celery.worker.control import Panel, ok
+
+    from bertq.records import cancel_jobs
+
+    def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any) -> dict[str, Any]:
+        ids = [task_id] if isinstance(task_id, str) else list(task_id or [])
+        worker_state.revoked.update(ids)
+        outcomes = retry(lambda: cancel_jobs(worker.inbox.client, ids, worker.settings.result_ttl_s, allow_unknown=True), "revoke")
+        return ok({job_id: outcome for job_id, outcome in zip(ids, outcomes)})
+
+    Panel.register(type="control", name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
 
 
 def gpu_commands(gpus: list[str], queues: list[str] | None) -> list[tuple[list[str], dict[str, str], str]]:

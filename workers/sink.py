@@ -1,0 +1,95 @@
+"""What the engine takes in and gives out, whatever the source: a ``Delivery`` per job, an ``Outcome``
+per finished job, and the ``Sink`` a source provides to claim, store, acknowledge and release its
+deliveries. Celery queue jobs, Redis Stream entries and file rows all meet the engine here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from bertq.errors import BertqError
+from bertq.schemas import JobStatus
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One job as a source hands it to the engine. ``refusal`` is set when the source could read the
+    job's id but not the job: it is stored as failed without running."""
+
+    job_id: str
+    task: str  # as sent, e.g. "sentiment" (validated by the engine)
+    items: Any
+    model: Any = None
+    options: Any = None
+    size: int = 0  # bytes of the message
+    sink: Sink = field(default=None, repr=False)  # type: ignore[assignment]
+    ref: Any = field(default=None, repr=False)  # the sink's handle on it (e.g. an in-flight tag)
+    priority: int = 0  # 0-9, 0 first (kombu's Redis convention)
+    expires_at: float | None = None  # unix time
+    submitted_at: float | None = None  # unix time, when the producer said
+    refusal: BertqError | None = None
+    deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
+
+    @property
+    def item_count(self) -> int:
+        return len(self.items) if isinstance(self.items, list) else 1
+
+
+@dataclass
+class Outcome:
+    """A delivery's final state, for its sink to store."""
+
+    delivery: Delivery
+    status: JobStatus  # done, failed or expired
+    results: list[dict[str, Any]] | None = None
+    error: BertqError | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Claim(str, Enum):
+    run = "run"  # claimed for this worker: compute it
+    final = "final"  # its record is already final (done, failed, cancelled, expired): acknowledge only
+    lost = "lost"  # no longer this worker's (reclaimed while it was unreachable): drop it
+
+
+class Sink(Protocol):
+    """Where a source's outcomes go. Every method may raise a transient Redis error; the engine retries."""
+
+    def claim(self, deliveries: list[Delivery]) -> list[Claim]:
+        """Mark the jobs running; set each delivery's ``deliveries``."""
+        ...
+
+    def finish(self, outcomes: list[Outcome]) -> list[bool]:
+        """Store outcomes and acknowledge their deliveries, idempotently: a final record is never
+        overwritten. True where this call stored it."""
+        ...
+
+    def acknowledge(self, deliveries: list[Delivery]) -> None:
+        """Done with these without storing anything (their records are already final)."""
+        ...
+
+    def release(self, deliveries: list[Delivery]) -> None:
+        """Give back to the source, not counted as a delivery: the next worker takes them."""
+        ...
+
+
+class Events(Protocol):
+    """Job state changes, for Celery events and metrics. Called from the engine's threads."""
+
+    def received(self, delivery: Delivery) -> None: ...
+
+    def started(self, delivery: Delivery) -> None: ...
+
+    def finished(self, outcome: Outcome, stored: bool) -> None: ...
+
+
+class NoEvents:
+    def received(self, delivery: Delivery) -> None:
+        pass
+
+    def started(self, delivery: Delivery) -> None:
+        pass
+
+    def finished(self, outcome: Outcome, stored: bool) -> None:
+        pass
