@@ -57,9 +57,10 @@ def is_transient(error: BaseException) -> bool:
 
 
 class Backoff:
-    """Capped exponential delays with full jitter: 0.1 s doubling up to ``cap`` seconds."""
+    """Capped exponential delays with jitter: 0.1 s doubling up to ``cap`` seconds, so work resumes within
+    about ``cap`` seconds of Redis coming back."""
 
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first = first
         self.cap = cap
         self.attempts = 0

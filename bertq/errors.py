@@ -96,3 +96,10 @@ class SubmitIncomplete(BrokerUnavailable):
         super().__init__(message)
         self.queued_ids = list(queued_ids or [])
         self.unconfirmed_ids = list(unconfirmed_ids or [])
+
+
+class ResultTooLarge(BertqError):
+    """The job's results are bigger than a record may be (BERTQ_MAX_RESULT_BYTES): split the job, or
+    ask for less (for example no per-token vectors)."""
+
+    code = "result_too_large"

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     max_items_per_job: int = Field(4096, ge=1, description="Most items in one job.")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
+    max_result_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest job record a worker stores; a job whose results are bigger fails with code "
+        "`result_too_large`.",
+    )
 
     visibility_timeout_s: int = Field(
         30,

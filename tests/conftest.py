@@ -34,3 +34,19 @@ def redis_url() -> Iterator[str]:
 
     with redis_url_or_embedded(os.environ.get("BERTQ_TEST_REDIS_URL")) as url:
         yield url
+
+
+@pytest.fixture
+def redis_db(redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis URL on the test server whose database is empty, for tests of Redis-side logic that
+    must not see other tests' workers (they all share database 0)."""
+    import redis
+
+    base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    db = 1 + (abs(hash(request.node.nodeid)) % 15)
+    url = f"{base}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

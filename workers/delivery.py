@@ -16,6 +16,11 @@ worker reclaims its hash: each message goes back to the front of its queue, and 
 count goes up by one; a job whose count reaches ``max_deliveries`` goes to the dead-letter stream and
 its record is failed with code ``dead_lettered``. A live worker's messages are never redelivered,
 however long its batches take.
+
+A job whose next delivery is its last goes to a quarantine list instead of its queue. A worker takes a
+quarantined job only when it holds nothing else, and holds nothing else until it is done: if the job
+is what kills workers, it dies alone, and the healthy jobs that happened to share its worker's
+in-flight hash twice are not dead-lettered with it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ SEQUENCE = "bertq:seq"  # in-flight tags
 DELIVERIES = "bertq:deliveries"  # hash: job id -> deliveries that ended with the worker gone
 DEAD = "bertq:dead"  # stream of dead-lettered messages
 DEAD_MAXLEN = 100_000
+QUARANTINE_PREFIX = "bertq:quarantine:"  # + a queue list: jobs on their last delivery, run one at a time
 
 
 def inflight_key(consumer: str) -> str:
@@ -69,7 +75,7 @@ def queue_lists(queues: list[str]) -> list[str]:
 
 
 def queue_of(source: str) -> str:
-    return source.split(PRIORITY_SEP, 1)[0]
+    return source.removeprefix(QUARANTINE_PREFIX).split(PRIORITY_SEP, 1)[0]
 
 
 def identity(raw: bytes) -> tuple[str, str | None]:
@@ -140,7 +146,8 @@ return 1
 
 _SILENT_CONSUMERS = """
 local now = redis.call('TIME')
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(now[1]) - tonumber(ARGV[1])))
+local cutoff = tonumber(now[1]) + tonumber(now[2]) / 1e6 - tonumber(ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', cutoff))
 """
 
 # One message of a dead consumer. KEYS: in-flight hash, deliveries, dead stream, record, results stream.
@@ -154,14 +161,20 @@ local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local source, raw = split(value)
+local prefix = ARGV[11]
+local queue_list = source
+if string.sub(source, 1, #prefix) == prefix then queue_list = string.sub(source, #prefix + 1) end
 local count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if count < tonumber(ARGV[3]) then
-  redis.call('RPUSH', source, raw)
+if count + 1 == tonumber(ARGV[3]) then
+  redis.call('RPUSH', prefix .. queue_list, raw)  -- its last delivery: it will run alone
+  return 3
+elseif count < tonumber(ARGV[3]) then
+  redis.call('RPUSH', queue_list, raw)
   return 1
 end
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[9], 'task', ARGV[10], 'reason', ARGV[6],
-  'deliveries', count, 'source', source, 'worker', ARGV[7], 'message', raw)
+  'deliveries', count, 'source', queue_list, 'worker', ARGV[7], 'message', raw)
 if ARGV[9] ~= '' and not is_final(KEYS[4]) then
   redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
   redis.call('PUBLISH', KEYS[4], ARGV[4])
@@ -260,6 +273,18 @@ class Inbox:
         )
         return [Fetched(_text(reply[i]), _text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
 
+    def fetch_quarantined(self) -> Fetched | None:
+        """One quarantined job of this worker's queues, moved into the in-flight hash."""
+        lists = [QUARANTINE_PREFIX + source for source in self._lists]
+        reply = self._fetch(keys=[self.inflight, SEQUENCE, *lists], args=[1, 1, 0])
+        return Fetched(_text(reply[0]), _text(reply[1]), reply[2]) if reply else None
+
+    def quarantined(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for source in self._lists:
+            pipe.llen(QUARANTINE_PREFIX + source)
+        return sum(pipe.execute())
+
     def wait(self) -> bool:
         """Block up to ``block_s`` for a message on the next queue's main list, moving it atomically
         into this worker's landing list. True when one arrived (``fetch`` picks it up)."""
@@ -301,6 +326,7 @@ class Inbox:
 class Reclaimed:
     consumer: str
     requeued: int = 0
+    quarantined: int = 0  # of the requeued: on their last delivery, so they run alone
     dead_lettered: int = 0
     landed: int = 0  # messages a worker had landed but not fetched: requeued, not counted
 
@@ -335,9 +361,13 @@ class Reaper:
             record = failed_record(job_id, _task_name(task), DeadLettered(reason), {"deliveries": self.max_deliveries}) if job_id else ""
             outcome = self._reclaim(
                 keys=[inflight, DELIVERIES, DEAD, meta_key(job_id), RESULTS_STREAM],
-                args=[tag, key, self.max_deliveries, record, self.record_ttl_s, reason, consumer, DEAD_MAXLEN, job_id, task or ""],
+                args=[
+                    tag, key, self.max_deliveries, record, self.record_ttl_s, reason, consumer, DEAD_MAXLEN, job_id,
+                    task or "", QUARANTINE_PREFIX,
+                ],
             )
-            report.requeued += outcome == 1
+            report.requeued += outcome in (1, 3)
+            report.quarantined += outcome == 3
             report.dead_lettered += outcome == 2
         sources = json.loads(self.client.hget(CONSUMER_LISTS, consumer) or "[]")
         report.landed = self._forget(

@@ -346,9 +346,6 @@ class Engine:
         finally:
             self.loading_since = None
             self.last_progress = time.monotonic()
-        log.info(
-            "job running", job_id=delivery.job_id, task=task_name.value, items=len(items), deliveries=delivery.deliveries
-        )
         return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
 
     def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError]) -> None:
@@ -385,6 +382,7 @@ class Engine:
                 return
             task, loaded, batch, first = picked
             for job in first:
+                self._log_started(job.delivery)
                 self.events.started(job.delivery)
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
             self.last_progress = time.monotonic()
@@ -498,6 +496,12 @@ class Engine:
                 self.events.finished(outcome, fresh)
             self._forget(o.delivery for o in group)
 
+    def _log_started(self, delivery: Delivery) -> None:
+        fields: dict[str, Any] = {"job_id": delivery.job_id, "task": delivery.task, "items": delivery.item_count}
+        if delivery.submitted_at is not None:
+            fields["queued_ms"] = round((time.time() - delivery.submitted_at) * 1000, 1)
+        log.info("job started", deliveries=delivery.deliveries, worker=self.worker_name, **fields)
+
     def _log_outcome(self, outcome: Outcome, fresh: bool) -> None:
         delivery = outcome.delivery
         fields: dict[str, Any] = {"job_id": delivery.job_id, "task": delivery.task, "items": delivery.item_count}
@@ -508,7 +512,7 @@ class Engine:
         if delivery.submitted_at is not None:
             fields["elapsed_ms"] = round((time.time() - delivery.submitted_at) * 1000, 1)
         event = f"job {outcome.status.value}" if fresh else f"job {outcome.status.value}, record already final"
-        log.info(event, **fields)
+        log.info(event, worker=self.worker_name, **fields)
 
 
 def _by_sink(things: Iterable[Any], key: Callable[[Any], Any] = lambda d: d.sink) -> list[tuple[Any, list[Any]]]:

@@ -66,6 +66,7 @@ class Heartbeat:
         self.started_at = time.time()
         self.redis_ok_at: float | None = None
         self.healthy_since: float | None = None
+        self.outages = 0
         self.last_sweep = 0.0
         self.stopping = threading.Event()
         self.file = health_dir() / f"{os.getpid()}.json"
@@ -87,9 +88,14 @@ class Heartbeat:
                 raise
             if self.healthy_since is not None:
                 log.warning("heartbeat failed: Redis unreachable", error=f"{type(error).__name__}: {error}")
+            self.outages += 1
             self.healthy_since = None
         else:
             now = time.monotonic()
+            if self.redis_ok_at is not None and time.time() - self.redis_ok_at > 2 * self.interval + 1:
+                # a beat that took long means Redis was paused or slow: everyone's heartbeat is late
+                self.healthy_since = now
+                self.outages += 1
             self.redis_ok_at = time.time()
             if self.healthy_since is None:
                 self.healthy_since = now
@@ -102,7 +108,9 @@ class Heartbeat:
             self.sweep()
 
     def sweep(self) -> None:
-        if time.monotonic() - (self.healthy_since or time.monotonic()) < self.settings.visibility_timeout_s:
+        # after an outage, wait a whole visibility timeout: every heartbeat is late, not every worker dead
+        grace = self.settings.visibility_timeout_s if self.outages else min(self.settings.visibility_timeout_s, 2 * self.interval + 2)
+        if time.monotonic() - (self.healthy_since or time.monotonic()) < grace:
             return
         try:
             for consumer in self.reaper.silent_consumers():

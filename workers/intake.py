@@ -35,6 +35,7 @@ FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
 KWARGS = {"items", "model", "options"}
 KNOWN_TASKS = [task.value for task in TaskName]
 RECONCILE_EVERY_S = 10.0
+QUARANTINE_CHECK_S = 1.0
 
 
 class Undeliverable(Exception):
@@ -45,9 +46,9 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
     """One Celery protocol 2 message (kombu's Redis envelope) as a Delivery. Raises ``Undeliverable``
     when it has no usable job id."""
     try:
-        envelope = json.loads(fetched.raw)
-    except UnicodeDecodeError:
-        raise Undeliverable("the message is not valid UTF-8") from None
+        envelope = json.loads(fetched.raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise Undeliverable(f"the message is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     except ValueError as error:
         raise Undeliverable(f"the message is not valid JSON: {error}") from None
     if not isinstance(envelope, dict):
@@ -145,9 +146,12 @@ def _number(value: Any) -> float | None:
 
 
 class QueueIntake:
-    """The thread that fetches from the queues while the engine has room. It also adopts orphans:
-    messages in this worker's in-flight hash that it never received, because the reply of a fetch
-    was lost in a Redis fault after the server had moved them."""
+    """The thread that fetches from the queues while the engine has room.
+
+    It also runs quarantined jobs (on their last delivery, see workers/delivery.py) one at a time:
+    when one waits, it lets the engine empty, takes that job alone, and takes nothing else until it
+    is done. And it adopts orphans: messages in this worker's in-flight hash that it never received,
+    because the reply of a fetch was lost in a Redis fault after the server had moved them."""
 
     def __init__(self, inbox: Inbox, sink: Sink, engine: Engine, settings: Settings) -> None:
         self.inbox = inbox
@@ -158,6 +162,9 @@ class QueueIntake:
         self.last_fetch = time.monotonic()
         self._suspect = True  # look for orphans first: a previous life may have left some
         self._reconciled = 0.0
+        self._isolating: Delivery | None = None
+        self._quarantine_waiting = False
+        self._quarantine_checked = 0.0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -170,6 +177,17 @@ class QueueIntake:
             return
 
     def _step(self) -> None:
+        if self._isolating is not None:
+            if any(held is self._isolating for held in self.engine.held()):
+                self.engine.wait_for_room(0.05)
+                return
+            self._isolating = None
+        if time.monotonic() - self._quarantine_checked > QUARANTINE_CHECK_S:
+            self._quarantine_checked = time.monotonic()
+            self._quarantine_waiting = self._retry(self.inbox.quarantined, "look at the quarantine") > 0
+        if self._quarantine_waiting:
+            self._take_quarantined()
+            return
         room = self.engine.room()
         if room == 0:
             self.engine.wait_for_room(0.5)
@@ -182,6 +200,18 @@ class QueueIntake:
             self._hand_over(fetched)
         else:
             self._retry(self.inbox.wait, "wait for jobs")
+
+    def _take_quarantined(self) -> None:
+        if self.engine.held_messages:  # let the engine empty first
+            time.sleep(0.05)
+            return
+        fetched = self._retry(self.inbox.fetch_quarantined, "fetch a quarantined job")
+        if fetched is None:
+            self._quarantine_waiting = False
+            return
+        log.warning("running a job on its last delivery alone", source=fetched.source)
+        delivered = self._hand_over([fetched])
+        self._isolating = delivered[0] if delivered else None
 
     def _retry(self, operation: Any, what: str) -> Any:
         def suspect(_: BaseException) -> None:
@@ -202,7 +232,7 @@ class QueueIntake:
             log.warning("adopting in-flight messages this worker never received", messages=len(orphans))
             self._hand_over(sorted(orphans, key=lambda f: int(f.tag)))
 
-    def _hand_over(self, fetched: list[Fetched]) -> None:
+    def _hand_over(self, fetched: list[Fetched]) -> list[Delivery]:
         deliveries = []
         for message in fetched:
             try:
@@ -212,3 +242,4 @@ class QueueIntake:
                 log.warning("message dead-lettered", reason=reason, source=message.source, bytes=len(message.raw))
                 self._retry(lambda: self.inbox.dead_letter(message, reason), "dead-letter")
         self.engine.submit(deliveries)
+        return deliveries

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from bertq.errors import ResultTooLarge
 from bertq.records import (
     RECORD_STATE,
     RESULTS_STREAM,
@@ -61,12 +62,15 @@ class JobRecords:
     """The sink of one worker's queue deliveries: records in ``celery-task-meta-<id>``, acknowledged
     by removing the message from the worker's in-flight hash (``ref`` is a ``Fetched``)."""
 
-    def __init__(self, client: redis.Redis, inflight: str, worker: str, ttl_s: int, stream_maxlen: int) -> None:
+    def __init__(
+        self, client: redis.Redis, inflight: str, worker: str, ttl_s: int, stream_maxlen: int, max_record_bytes: int
+    ) -> None:
         self.client = client
         self.inflight = inflight
         self.worker = worker
         self.ttl_s = ttl_s
         self.stream_maxlen = stream_maxlen
+        self.max_record_bytes = max_record_bytes
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(RELEASE)
@@ -89,7 +93,16 @@ class JobRecords:
     def finish(self, outcomes: list[Outcome]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for outcome in outcomes:
-            self._store(outcome.delivery, _record(outcome), outcome.status.value, pipe)
+            record = _record(outcome)
+            if len(record) > self.max_record_bytes:
+                outcome.status, outcome.results = JobStatus.failed, None
+                outcome.error = ResultTooLarge(
+                    f"{len(record)} bytes of results is over the limit of {self.max_record_bytes} "
+                    "(BERTQ_MAX_RESULT_BYTES): send fewer items per job or ask for less",
+                    field="results",
+                )
+                record = _record(outcome)
+            self._store(outcome.delivery, record, outcome.status.value, pipe)
         return [bool(flag) for flag in pipe.execute()]
 
     def acknowledge(self, deliveries: list[Delivery]) -> None:

@@ -77,7 +77,9 @@ class Worker:
         self.consumer = f"{node}:{os.getpid()}:{secrets.token_hex(3)}"
         client = connect(settings.redis_url, name=f"bertq-worker:{node}")
         self.inbox = Inbox(client, self.consumer, queues)
-        self.records = JobRecords(client, self.inbox.inflight, node, settings.result_ttl_s, settings.results_stream_maxlen)
+        self.records = JobRecords(
+            client, self.inbox.inflight, node, settings.result_ttl_s, settings.results_stream_maxlen, settings.max_result_bytes
+        )
         self.engine = Engine(
             settings,
             ModelCache(settings.device, settings.dtype, settings.max_loaded_models),

@@ -1,0 +1,282 @@
+"""Faults of the workers themselves: a stage that dies, SIGTERM mid-batch, SIGKILL at random moments
+(also right after a fetch, and for jobs from a foreign producer), a job that kills its worker every
+time, and batches that outlast the visibility timeout."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
+from bertq.tasks import get_task
+from bertq.workers.delivery import DeadLetters
+from bertq.workers.runner import load_model, result_dicts, run_items
+from tests.faults.conftest import FULL, record
+from tests.faults.harness import (
+    Fleet,
+    Server,
+    WorkerProcess,
+    audit,
+    client_for,
+    count_final,
+    log_lines,
+    memory_cgroup,
+    raw_message,
+    texts,
+    views,
+    wait_final,
+    wait_until,
+    worker_env,
+)
+
+QUEUE = "faults"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    server = Server(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> Path:
+    return tmp_path / "logs"
+
+
+def expected_results(model: str, task: TaskName, batch: list[str], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    loaded = load_model(get_task(task), model)
+    items = validate_items(task, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
+    return result_dicts(run_items(get_task(task), loaded, items, validate_options(task, options or {}), 1024, 64))
+
+
+def test_a_stage_that_dies_ends_the_process_non_zero_and_nothing_is_lost(
+    server: Server, fleet_dir: Path, tiny_models: dict[str, Path], fault_table: list[dict[str, Any]]
+) -> None:
+    sentiment = str(tiny_models["sentiment"])
+    fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, {"sentiment": sentiment}))
+    try:
+        client = client_for(server.url, QUEUE)
+        batch = texts(600)
+        ids = client.submit_many("sentiment", batch, items_per_message=1)
+        first = fleet.start()
+        assert wait_until(lambda: count_final(client, ids) >= 60, 120)
+        # a real fault the finish stage cannot ride out: the completion stream replaced by a hash
+        redis_client = server.client()
+        redis_client.delete("bertq:results")
+        redis_client.hset("bertq:results", "not", "a stream")
+        broken = time.monotonic()
+        code = first.wait(30)
+        exited_s = time.monotonic() - broken
+        died = [line for line in first.lines() if line.get("event") == "engine stage died"]
+        assert code == 70, code
+        assert died and died[0]["stage"] == "finish" and "WRONGTYPE" in died[0]["error"]
+        assert exited_s < 10
+        redis_client.delete("bertq:results")
+        fleet.start()
+        final = wait_final(client, ids, timeout=120)
+        expected = dict(zip(ids, ([r] for r in expected_results(sentiment, TaskName.sentiment, batch))))
+        result = record(fault_table, audit("finish stage raises (WRONGTYPE)", final, expected, fleet.computations(), exited_s))
+        assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
+    finally:
+        fleet.close()
+
+
+def test_sigterm_finishes_what_is_in_a_batch_returns_the_rest_and_exits_zero(
+    server: Server, fleet_dir: Path, minilm: Path, fault_table: list[dict[str, Any]]
+) -> None:
+    # more held rows than a batch is chosen from (8 batches' worth): the newest jobs are not started
+    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_PREFETCH="48")
+    fleet = Fleet(fleet_dir, env)
+    try:
+        client = client_for(server.url, QUEUE)
+        batch = texts(16 * 48, seed=3, most_words=25)
+        chunks = [batch[i : i + 16] for i in range(0, len(batch), 16)]
+        ids = [client.submit("embedding", chunk) for chunk in chunks]
+        first = fleet.start()
+        assert wait_until(lambda: count_final(client, ids) >= 2, 120)
+        done_at_term = count_final(client, ids)
+        assert done_at_term < len(ids), "SIGTERM must come mid-run"
+        first.signal(signal.SIGTERM)
+        code = first.wait(60)
+        lines = first.lines()
+        released = sum(line.get("jobs", 0) for line in lines if line.get("event") == "released to the queue")
+        assert code == 0
+        assert released > 0, "jobs not started yet go back to the queue"
+        second = fleet.start()
+        final = wait_final(client, ids, timeout=240)
+        expected = {}
+        for job_id, chunk in zip(ids, chunks):
+            expected[job_id] = expected_results(str(minilm), TaskName.embedding, chunk)
+        result = record(fault_table, audit("SIGTERM mid-batch, then a new worker", final, expected, fleet.computations()))
+        result.notes["released"] = released
+        assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
+        assert result.computed_twice == 0, "a graceful stop computes no job twice"
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        fleet.close()
+
+
+def inflight_jobs(server: Server, worker: WorkerProcess) -> list[str]:
+    client = server.client()
+    job_ids = []
+    for key in client.scan_iter(f"bertq:inflight:{worker.name}:{worker.pid}:*"):
+        for value in client.hvals(key):
+            job_ids.append(json.loads(value.split(b"\n", 1)[1])["headers"]["id"])
+    return job_ids
+
+
+KILLS = 50 if FULL else 6
+PRODUCE_PER_S = 150
+
+
+class Producer(threading.Thread):
+    """Submits jobs at a steady rate while the workers are killed: one-text jobs from the client and
+    from a raw LPUSH producer (and, in the full run, 64-text jobs), so there is always work to fetch."""
+
+    def __init__(self, server: Server, rate: float, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.client = client_for(server.url, QUEUE)
+        self.redis = server.client()
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.jobs: dict[str, list[str]] = {}
+
+    def run(self) -> None:
+        started, sent = time.monotonic(), 0
+        while not self.stop.is_set():
+            if sent > (time.monotonic() - started) * self.rate:
+                time.sleep(0.005)
+                continue
+            kind = self.rng.random()
+            batch = texts(64 if FULL and kind < 0.1 else 1, seed=self.rng.randrange(1 << 30))
+            if kind < 0.5:
+                job_id = self.client.submit("sentiment", batch)
+            else:
+                job_id = str(uuid.uuid4())
+                self.redis.lpush(QUEUE, raw_message(job_id, "sentiment", [{"text": t} for t in batch], QUEUE))
+            self.jobs[job_id] = batch
+            sent += len(batch)
+
+
+def test_sigkill_at_random_moments_loses_nothing(
+    server: Server, fleet_dir: Path, tiny_models: dict[str, Path], fault_table: list[dict[str, Any]]
+) -> None:
+    sentiment = str(tiny_models["sentiment"])
+    fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, {"sentiment": sentiment}, OMP_NUM_THREADS="1"))
+    rng = random.Random(7)
+    producer = Producer(server, PRODUCE_PER_S, seed=5)
+    try:
+        client = client_for(server.url, QUEUE)
+        workers = [fleet.start(), fleet.start()]
+        producer.start()
+        assert wait_until(lambda: count_final(client, list(producer.jobs)[:20]) == 20, 120)
+        recoveries = []
+        for kill in range(KILLS):
+            if kill % 3 == 0:  # right after a fetch: a fresh worker killed as soon as it holds messages
+                fresh = fleet.start()
+                workers.append(fresh)
+                assert wait_until(lambda: bool(inflight_jobs(server, fresh)), 60, every=0.002)
+                target = fresh
+            else:
+                time.sleep(rng.uniform(0.2, 2.0))
+                target = rng.choice([w for w in workers if w.alive()])
+            target.signal(signal.SIGKILL)
+            target.wait(30)
+            killed_at = time.monotonic()
+            held = inflight_jobs(server, target)
+            workers = [w for w in workers if w.alive()]
+            while len(workers) < 2:
+                workers.append(fleet.start())
+            if held:
+                wait_until(lambda: count_final(client, held) == len(held), 120, every=0.1)
+                recoveries.append(time.monotonic() - killed_at)
+        producer.stop.set()
+        producer.join(30)
+        ids = list(producer.jobs)
+        final = wait_final(client, ids, timeout=300)
+        every_text = [text for batch in producer.jobs.values() for text in batch]
+        results = iter(expected_results(sentiment, TaskName.sentiment, every_text))
+        expected = {job_id: [next(results) for _ in batch] for job_id, batch in producer.jobs.items()}
+        scenario = f"SIGKILL x{KILLS} (1 in 3 right after a fetch), 2 workers, client and raw LPUSH jobs"
+        result = record(fault_table, audit(scenario, final, expected, fleet.computations(), max(recoveries, default=0.0)))
+        assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
+        assert result.most_computations <= 2
+        assert len(recoveries) >= KILLS // 2, "most kills must hit a worker holding jobs"
+    finally:
+        producer.stop.set()
+        fleet.close()
+
+
+def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_jobs_flow(
+    server: Server, fleet_dir: Path, tiny_models: dict[str, Path], fault_table: list[dict[str, Any]]
+) -> None:
+    models = {"sentiment": str(tiny_models["sentiment"]), "embedding": str(tiny_models["base"])}
+    with memory_cgroup(900 * 2**20) as enter:
+        if enter is None:
+            pytest.skip("no memory cgroup can be made here (needs root): the out-of-memory kill cannot be injected")
+        fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1"))
+        try:
+            client = client_for(server.url, QUEUE)
+            # per-token vectors of 2048 long texts: gigabytes of results, far over the cgroup's memory
+            poison = client.submit("embedding", [{"text": f"w{i} " * 430} for i in range(2048)], options={"return_tokens": True})
+            healthy = client.submit_many("sentiment", texts(50, seed=9), items_per_message=1)
+            started = time.monotonic()
+            worker = fleet.start(preexec=enter)
+            exits = []
+            while time.monotonic() - started < 300:
+                if count_final(client, [poison, *healthy]) == 51:
+                    break
+                if not worker.alive():
+                    exits.append(worker.process.returncode)
+                    worker = fleet.start(preexec=enter)
+                time.sleep(0.2)
+            final = views(client, [poison, *healthy])
+            poisoned = final[poison]
+            assert poisoned.status is JobStatus.failed and poisoned.error is not None, poisoned
+            assert poisoned.error["code"] == "dead_lettered" and "delivered 3 times" in poisoned.error["message"]
+            assert all(code == -signal.SIGKILL for code in exits) and len(exits) == 3, exits
+            letter = DeadLetters(server.client(), 60).find(poison)
+            assert letter is not None and letter.deliveries == 3
+            statuses = [final[job_id].status for job_id in healthy]
+            assert statuses == [JobStatus.done] * 50, statuses
+            result = audit("a job that OOM-kills its worker, 50 healthy jobs behind it", final, {}, fleet.computations(), time.monotonic() - started)
+            result.failed -= 1  # the poison itself, dead-lettered as it should be
+            record(fault_table, result)
+            assert result.lost == 0 and result.failed == 0
+        finally:
+            fleet.close()
+
+
+def test_batches_longer_than_the_visibility_timeout_are_computed_once(
+    server: Server, fleet_dir: Path, minilm: Path, fault_table: list[dict[str, Any]]
+) -> None:
+    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_VISIBILITY_TIMEOUT_S="2", OMP_NUM_THREADS="1")
+    fleet = Fleet(fleet_dir, env)
+    try:
+        client = client_for(server.url, QUEUE)
+        long_texts = [" ".join(["the delivery was quick and the screen is great"] * 25) + f" {i}" for i in range(48 * 6)]
+        chunks = [long_texts[i : i + 48] for i in range(0, len(long_texts), 48)]
+        ids = [client.submit("embedding", chunk) for chunk in chunks]
+        fleet.start()
+        fleet.start()
+        final = wait_final(client, ids, timeout=300)
+        elapsed = [line["elapsed_ms"] for line in log_lines(fleet.logs()) if line.get("event") == "job done"]
+        expected = {job_id: expected_results(str(minilm), TaskName.embedding, chunk) for job_id, chunk in zip(ids, chunks)}
+        result = record(fault_table, audit("two workers, jobs longer than the visibility timeout (2 s)", final, expected, fleet.computations()))
+        assert max(elapsed) > 2000, "jobs must outlast the visibility timeout"
+        assert (result.lost, result.failed, result.wrong, result.computed_twice) == (0, 0, 0, 0), result.notes
+        assert not [line for line in log_lines(fleet.logs()) if line.get("event") == "reclaimed the jobs of a silent worker"]
+    finally:
+        fleet.close()
