@@ -169,7 +169,9 @@ def test_worker_images_are_multi_stage_and_copy_only_the_virtualenv(dockerfile: 
         assert copies and all(value.startswith("--from=build-") for value in copies), copies
         assert all(value.endswith("/opt/bertq /opt/bertq") for value in copies), copies
         assert not any(stage.startswith("build-") or stage == "venv" for stage in built_from), built_from
-        assert not any(key == "RUN" and "pip install" in value for s in chain(stages, target) for key, value in s.instructions)
+        assert not any(
+            key == "RUN" and "pip install" in value for s in chain(stages, target) for key, value in s.instructions
+        )
 
 
 def test_images_install_torch_and_the_project_from_the_pinned_constraints(dockerfile: Any) -> None:
@@ -189,7 +191,9 @@ def test_images_install_torch_and_the_project_from_the_pinned_constraints(docker
         assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in torch_step
         assert '--constraint constraints.txt ".[worker]"' in project_step
     assert installs["build-flower"] == ['pip install --no-cache-dir --constraint constraints.txt ".[flower]"']
-    assert not [name for name, runs in installs.items() if runs and name not in ("build-cpu", "build-cuda", "build-flower")]
+    assert not [
+        name for name, runs in installs.items() if runs and name not in ("build-cpu", "build-cuda", "build-flower")
+    ]
 
 
 def test_dockerignore_lets_in_exactly_what_the_images_copy(dockerfile: Any) -> None:
@@ -223,7 +227,8 @@ def stack() -> dict[str, Any]:
     """compose.yaml as Docker Compose resolves it with the example env file, every profile on."""
     rendered = compose("--env-file", str(ENV_EXAMPLE), "--profile", "*", "config", "--format", "json")
     assert rendered.returncode == 0, rendered.stderr
-    return json.loads(rendered.stdout)
+    resolved: dict[str, Any] = json.loads(rendered.stdout)
+    return resolved
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +271,15 @@ def test_compose_redis_is_pinned_persistent_capped_and_protected(stack: dict[str
     (data,) = [v for v in redis_service["volumes"] if v["target"] == "/data"]
     assert data["type"] == "volume" and data["source"] in stack["volumes"], "AOF on a named volume"
     assert redis_service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
-    assert redis_service["environment"]["REDISCLI_AUTH"] == example_env["REDIS_PASSWORD"], "the healthcheck authenticates"
+    assert redis_service["environment"]["REDISCLI_AUTH"] == example_env["REDIS_PASSWORD"], (
+        "the healthcheck authenticates"
+    )
     assert {p["host_ip"] for p in redis_service["ports"]} == {"127.0.0.1"}
 
 
-def test_compose_workers_wait_for_redis_and_drain_before_they_are_killed(stack: dict[str, Any], example_env: Any) -> None:
+def test_compose_workers_wait_for_redis_and_drain_before_they_are_killed(
+    stack: dict[str, Any], example_env: Any
+) -> None:
     workers = worker_services(stack)
     assert set(workers) == {"worker-gpu0", "worker-gpu1", "worker-cpu"}
     for name, worker in workers.items():
@@ -347,7 +356,7 @@ def server_flags(command: list[str]) -> dict[str, str]:
     assert command[0] == "valkey-server"
     names, values = command[1::2], command[2::2]
     assert all(name.startswith("--") for name in names) and len(names) == len(values), command
-    return {name[2:]: value for name, value in zip(names, values)}
+    return {name[2:]: value for name, value in zip(names, values, strict=True)}
 
 
 def server_binary() -> str:
@@ -372,7 +381,9 @@ def redis_command(source: str, request: pytest.FixtureRequest, password: str) ->
     """The server command line of compose.yaml or of the k8s StatefulSet, with ``password`` filled in."""
     if source == "compose":
         return list(request.getfixturevalue("stack")["services"]["redis"]["command"])
-    (container,) = find(request.getfixturevalue("base"), "StatefulSet", "bertq-redis")["spec"]["template"]["spec"]["containers"]
+    (container,) = find(request.getfixturevalue("base"), "StatefulSet", "bertq-redis")["spec"]["template"]["spec"][
+        "containers"
+    ]
     return [arg.replace("$(REDIS_PASSWORD)", password) for arg in container["args"]]
 
 
@@ -401,7 +412,8 @@ def test_the_redis_command_line_starts_a_real_server_with_aof_noeviction_and_aut
                 time.sleep(0.05)
         config = {key: client.config_get(key)[key] for key in ("appendonly", "appendfsync", "maxmemory-policy")}
         assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
-        assert int(client.config_get("maxmemory")["maxmemory"]) >= 1 << 30
+        maxmemory = client.config_get("maxmemory")["maxmemory"]
+        assert maxmemory is not None and int(maxmemory) == quantity(server_flags(command)["maxmemory"])
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=5, retry=Retry(NoBackoff(), 0)).ping()
     finally:
@@ -439,13 +451,17 @@ def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def worker_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = find(docs, "Deployment", "bertq-worker")["spec"]["template"]["spec"]["containers"]
+    pod = find(docs, "Deployment", "bertq-worker")["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = pod["containers"]
+    (container,) = containers
     return container
 
 
 def worker_config(docs: list[dict[str, Any]]) -> dict[str, str]:
     (source,) = worker_container(docs)["envFrom"]
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == source["configMapRef"]["name"])
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == source["configMapRef"]["name"]
+    )
     return dict(config["data"])
 
 
@@ -460,7 +476,9 @@ NO_SCHEMA = {"ScaledObject", "TriggerAuthentication"}
 
 
 @pytest.mark.parametrize("overlay", ["base", "cpu"])
-def test_rendered_manifests_validate_against_the_kubernetes_schemas(overlay: str, request: pytest.FixtureRequest) -> None:
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(
+    overlay: str, request: pytest.FixtureRequest
+) -> None:
     import kubernetes_validate
 
     docs = request.getfixturevalue(overlay)
@@ -488,12 +506,18 @@ def test_the_validator_rejects_a_broken_deployment(base: list[dict[str, Any]]) -
 
 
 @pytest.mark.parametrize("overlay", ["base", "cpu"])
-def test_keda_scales_the_worker_deployment_on_the_queue_it_consumes(overlay: str, request: pytest.FixtureRequest) -> None:
+def test_keda_scales_the_worker_deployment_on_the_queue_it_consumes(
+    overlay: str, request: pytest.FixtureRequest
+) -> None:
     docs = request.getfixturevalue(overlay)
     scaled = find(docs, "ScaledObject", "bertq-worker")
     deployment = find(docs, "Deployment", "bertq-worker")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count; `kubectl apply` must not reset it"
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
 
@@ -506,14 +530,18 @@ def test_keda_scales_the_worker_deployment_on_the_queue_it_consumes(overlay: str
     host, port = metadata["address"].rsplit(":", 1)
     redis_service = find(docs, "Service", "bertq-redis")
     namespace = redis_service["metadata"]["namespace"]
-    assert host == f"{redis_service['metadata']['name']}.{namespace}.svc", "KEDA's operator resolves it from its own namespace"
+    assert host == f"{redis_service['metadata']['name']}.{namespace}.svc", (
+        "KEDA's operator resolves it from its own namespace"
+    )
     assert int(port) in [p["port"] for p in redis_service["spec"]["ports"]]
 
     auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     assert auth["apiVersion"] == "keda.sh/v1alpha1"
     (password,) = auth["spec"]["secretTargetRef"]
     (redis_container,) = find(docs, "StatefulSet", "bertq-redis")["spec"]["template"]["spec"]["containers"]
-    server_password = next(e for e in redis_container["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
+    server_password = next(e for e in redis_container["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"][
+        "secretKeyRef"
+    ]
     assert password == {"parameter": "password", **server_password}, "KEDA uses the password the server requires"
     assert "$(REDIS_PASSWORD)" in redis_container["args"]
 
@@ -540,7 +568,9 @@ def test_worker_pods_probe_with_the_check_and_outlive_their_drain(overlay: str, 
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "one model cache for every worker pod"
 
 
-def test_base_workers_take_one_gpu_each_and_the_cpu_overlay_none(base: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> None:
+def test_base_workers_take_one_gpu_each_and_the_cpu_overlay_none(
+    base: list[dict[str, Any]], cpu: list[dict[str, Any]]
+) -> None:
     gpu_worker, cpu_worker = worker_container(base), worker_container(cpu)
     assert gpu_worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert gpu_worker["resources"]["requests"]["memory"] == gpu_worker["resources"]["limits"]["memory"]
@@ -615,7 +645,7 @@ def quantity(text: str) -> int:
     assert match, text
     number, prefix, binary = match.groups()
     power = " kmg".index(prefix) if prefix else 0
-    return int(number) * (1024 if binary else 1000) ** power
+    return int(number) * int((1024 if binary else 1000) ** power)
 
 
 def test_compose_and_kubernetes_agree_on_the_worker_settings(stack: dict[str, Any], base: list[dict[str, Any]]) -> None:
