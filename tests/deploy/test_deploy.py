@@ -555,7 +555,7 @@ def test_worker_pods_probe_with_the_check_and_outlive_their_drain(overlay: str, 
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"] == CHECK_COMMAND, probe
     config = worker_config(docs)
-    assert pod["terminationGracePeriodSeconds"] > int(config["BERTQ_SHUTDOWN_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > float(config["BERTQ_SHUTDOWN_TIMEOUT_S"])
     assert container["command"] == ["bertq", "worker"] and "--events" in container["args"]
 
     (url,) = [e for e in container["env"] if e["name"] == "BERTQ_REDIS_URL"]
