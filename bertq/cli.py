@@ -1,24 +1,79 @@
-"""The `bertq` command: run, submit, status, result, worker, demo, schema."""
+"""The `bertq` command."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bertq.errors import BertqError
+from bertq.errors import BertqError, BrokerUnavailable
 from bertq.settings import Settings
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  the job failed, was cancelled or expired, or is not finished (submit --wait, result);
+     the worker is not healthy (worker --check)
+  2  invalid input or usage: a bad option, file, line or setting (the message names it)
+  3  Redis unavailable: unreachable, read-only, out of memory or refusing the password
+Errors are one line on stderr."""
+
+EXIT_JOB_NOT_DONE = 1
+EXIT_INVALID = 2
+EXIT_BROKER = 3
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called: one line, exit code 2."""
 
 
 def _read_jsonl(path: str) -> list[Any]:
-    lines = (sys.stdin if path == "-" else open(path, encoding="utf-8")).read().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    if path.lower().endswith((".csv", ".tsv")):
+        raise UsageError(f"{path}: --input takes JSONL (one JSON item per line)")
+    try:
+        source = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    items = []
+    with source:
+        for number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except ValueError as error:
+                raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return items
 
 
 def _options(raw: str | None) -> dict[str, Any]:
-    return json.loads(raw) if raw else {}
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise UsageError(f"--options: not valid JSON ({error.msg})") from None
+    if not isinstance(options, dict):
+        raise UsageError("--options: must be a JSON object")
+    return options
+
+
+def _client(settings: Settings) -> Any:
+    from bertq.client import Client
+
+    if not settings.redis_url:
+        raise UsageError("BERTQ_REDIS_URL is not set: point it at the Redis of your bertq workers")
+    try:
+        return Client(settings=settings)
+    except ValueError as error:
+        raise UsageError(f"BERTQ_REDIS_URL: {error}") from None
+
+
+def _print_view(view: Any) -> int:
+    print(json.dumps(view.to_dict(), ensure_ascii=False))
+    return 0 if view.status.value == "done" else EXIT_JOB_NOT_DONE
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,35 +93,112 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from bertq.client import Client
-
-    client = Client(settings=settings)
+    client = _client(settings)
     items: list[Any] = [{"text": text} for text in args.text] if args.text else _read_jsonl(args.input)
-    job_id = client.submit(args.task, items, model=args.model, options=_options(args.options))
+    job_id = client.submit(args.task, items, model=args.model, options=_options(args.options), priority=args.priority)
     if not args.wait:
         print(job_id)
         return 0
-    view = client.wait([job_id], timeout=args.timeout)[job_id]
-    print(json.dumps(view.to_dict(), ensure_ascii=False))
-    return 0 if view.finished else 1
+    return _print_view(client.wait([job_id], timeout=args.timeout)[job_id])
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from bertq.client import Client
-
-    print(Client(settings=settings).get(args.job_id).status.value)
+    client = _client(settings)
+    if args.job_id:
+        print(client.get(args.job_id).status.value)
+        return 0
+    print(json.dumps(_overview(client, settings), indent=2, ensure_ascii=False))
     return 0
 
 
-def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
-    from bertq.client import Client
+def _overview(client: Any, settings: Settings) -> dict[str, Any]:
+    """Queues and their depth, live workers, dead letters."""
+    import redis
 
-    view = Client(settings=settings).get(args.job_id)
-    print(json.dumps(view.to_dict(), ensure_ascii=False))
-    return 0 if view.finished else 1
+    from bertq.workers.delivery import QUARANTINE_PREFIX, DeadLetters, priority_list
+    from bertq.workers.health import live_workers
+
+    try:
+        workers = live_workers(client.redis)
+        queues = sorted({settings.queue, *(q for w in workers for q in w.get("queues", []))})
+        depths = {}
+        for queue in queues:
+            lists = {step: priority_list(queue, step) for step in (0, 3, 6, 9)}
+            by_priority = {str(step): int(client.redis.llen(key)) for step, key in lists.items()}
+            quarantined = sum(int(client.redis.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
+            depths[queue] = {"queued": sum(by_priority.values()), "by_priority": by_priority, "quarantined": quarantined}
+        dead = DeadLetters(client.redis, settings.result_ttl_s).count()
+    except redis.RedisError as error:
+        from bertq.connection import broker_error
+
+        raise broker_error(error, client.url) from error
+    shown = [
+        {key: worker.get(key) for key in ("node", "consumer", "host", "pid", "queues", "device", "held_jobs", "held_items",
+                                          "progress_s_ago", "heartbeat_s_ago", "alive")}
+        for worker in workers
+    ]
+    return {"queues": depths, "workers": shown, "dead_letters": dead}
+
+
+def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
+    return _print_view(_client(settings).get(args.job_id))
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    outcomes = _client(settings).cancel(args.job_ids)
+    failed = 0
+    for job_id, (cancelled, status) in outcomes.items():
+        if cancelled:
+            print(f"{job_id}: cancelled")
+        else:
+            failed += 1
+            print(f"{job_id}: not cancelled, {'unknown job' if status == 'unknown' else 'already ' + status}")
+    return EXIT_JOB_NOT_DONE if failed else 0
+
+
+def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
+    from bertq.workers.delivery import DeadLetters
+
+    client = _client(settings)
+    letters = DeadLetters(client.redis, settings.result_ttl_s)
+    if args.action == "list":
+        for letter in letters.list(args.limit):
+            print(json.dumps(letter.summary(), ensure_ascii=False))
+        return 0
+    if args.action == "purge":
+        print(f"purged {letters.purge()} dead letters")
+        return 0
+    if args.action == "requeue" and args.all:
+        chosen = letters.list()
+    else:
+        if not args.ids:
+            raise UsageError(f"dead {args.action}: give a job id or entry id" + (" (or --all)" if args.action == "requeue" else ""))
+        chosen = []
+        for key in args.ids:
+            letter = letters.find(key)
+            if letter is None:
+                raise UsageError(f"dead {args.action}: no dead letter {key!r}")
+            chosen.append(letter)
+    if args.action == "show":
+        for letter in chosen:
+            message = letter.message.decode("utf-8", "replace")
+            print(json.dumps({**letter.summary(), "message": message}, ensure_ascii=False))
+        return 0
+    requeued = sum(letters.requeue(letter) for letter in chosen)
+    print(f"requeued {requeued} of {len(chosen)} dead letters")
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if args.check:
+        from bertq.workers.health import check_local
+
+        verdicts = check_local(args.name)
+        for verdict in verdicts:
+            print(f"{verdict.node} (pid {verdict.pid}): {'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}")
+        if not verdicts:
+            print("no bertq worker is running here", file=sys.stderr)
+        return 0 if verdicts and all(v.healthy for v in verdicts) else EXIT_JOB_NOT_DONE
     queues = args.queues.split(",") if args.queues else None
     if args.gpus:
         from bertq.workers.worker import supervise
@@ -75,7 +207,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.device:
         settings = settings.model_copy(update={"device": args.device})
     if not settings.redis_url:
-        raise SystemExit("bertq worker: set BERTQ_REDIS_URL")
+        raise UsageError("BERTQ_REDIS_URL is not set: point it at the Redis the producers use")
     from bertq.workers.worker import run_worker
 
     return run_worker(settings, queues, args.name, args.events)
@@ -99,7 +231,13 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="bertq", description=__doc__)
+    root = argparse.ArgumentParser(
+        prog="bertq",
+        description="BERT tasks over Redis: producers submit jobs, workers batch them across jobs.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    root.add_argument("--version", action="version", version=f"bertq {version('bertq')}")
     commands = root.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a task in-process on a JSONL file (no Redis)")
@@ -109,21 +247,36 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--options", help="JSON object of task options")
     run.set_defaults(handler=cmd_run)
 
-    submit = commands.add_parser("submit", help="queue a job")
+    submit = commands.add_parser("submit", help="queue a job; prints its id (or its result with --wait)")
     submit.add_argument("task")
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text item (repeat for more)")
     source.add_argument("--input", help="JSONL of items, or - for stdin")
     submit.add_argument("--model")
     submit.add_argument("--options", help="JSON object of task options")
-    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
+    submit.add_argument("--wait", action="store_true", help="wait and print the result (exit 1 unless done)")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(handler=cmd_submit)
 
-    for name, handler in (("status", cmd_status), ("result", cmd_result)):
-        sub = commands.add_parser(name, help=f"print a job's {name}")
-        sub.add_argument("job_id")
-        sub.set_defaults(handler=handler)
+    status = commands.add_parser("status", help="a job's status; without an id: queues, workers, dead letters")
+    status.add_argument("job_id", nargs="?")
+    status.set_defaults(handler=cmd_status)
+
+    result = commands.add_parser("result", help="print a job's record (exit 1 unless done)")
+    result.add_argument("job_id")
+    result.set_defaults(handler=cmd_result)
+
+    cancel = commands.add_parser("cancel", help="cancel queued jobs (exit 1 if any was not queued)")
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    dead = commands.add_parser("dead", help="dead-lettered jobs: list, show, requeue, purge")
+    dead.add_argument("action", choices=["list", "show", "requeue", "purge"])
+    dead.add_argument("ids", nargs="*", metavar="ID", help="job ids or dead-letter entry ids")
+    dead.add_argument("--all", action="store_true", help="requeue every dead letter")
+    dead.add_argument("--limit", type=int, help="list at most this many")
+    dead.set_defaults(handler=cmd_dead)
 
     worker = commands.add_parser("worker", help="run a worker (one process per device)")
     worker.add_argument("--device", help="cpu, cuda or cuda:N (default: BERTQ_DEVICE)")
@@ -131,6 +284,9 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", help="comma-separated queues (default: BERTQ_QUEUE)")
     worker.add_argument("--name", help="Celery node name (default: bertq-<device>@<host>)")
     worker.add_argument("--events", action="store_true", help="send task events (for Flower), like celery -E")
+    worker.add_argument(
+        "--check", action="store_true", help="exit 0 if the worker processes on this machine are live and progressing"
+    )
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="embedded Redis + a worker + one job per task")
@@ -145,7 +301,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return int(args.handler(args, Settings()))
-    except BertqError as error:
+        settings = Settings()
+    except ValueError as error:  # pydantic's ValidationError: name the variable
+        first = error.errors()[0] if hasattr(error, "errors") else {"loc": ("?",), "msg": str(error)}
+        name = "BERTQ_" + str(first["loc"][0]).upper()
+        print(f"bertq: {name}: {first['msg']}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return int(args.handler(args, settings))
+    except BrokerUnavailable as error:
         print(f"bertq: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BROKER
+    except (BertqError, UsageError) as error:
+        print(f"bertq: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+

@@ -185,6 +185,12 @@ class Client:
     def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, JobView]:
         """Poll until every job is done or failed, or ``timeout`` seconds pass; then unfinished jobs
         come back with their current status. One pipelined MGET per poll, over unfinished jobs only."""
+        try:
+            return self._wait(job_ids, timeout)
+        except redis.RedisError as error:
+            raise broker_error(error, self.url) from error
+
+    def _wait(self, job_ids: Sequence[str], timeout: float | None) -> dict[str, JobView]:
         deadline = None if timeout is None else time.monotonic() + timeout
         views: dict[str, JobView] = {}
         pending = list(dict.fromkeys(job_ids))

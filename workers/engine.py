@@ -99,6 +99,7 @@ class Engine:
         self._stop = threading.Event()  # stage loops end; retries give up
         self._draining = False
         self.last_progress = time.monotonic()
+        self.redis_trouble_at = 0.0  # last failed Redis call of a stage
         self.loading_since: float | None = None
         self._threads = [
             threading.Thread(target=self._guard(name, loop), name=f"bertq-{name}", daemon=True)
@@ -150,11 +151,11 @@ class Engine:
         return {thread.name.removeprefix("bertq-"): "running" if thread.is_alive() else "stopped" for thread in self._threads}
 
     def stalled_for(self) -> float:
-        """Seconds the engine has held work without finishing a batch or a job (0 while it holds none
-        or is loading a model)."""
+        """Seconds the engine has held work without finishing a batch or a job, nor waiting on Redis
+        (0 while it holds none or is loading a model). Redis outages are judged on their own."""
         if not self._held or self.loading_since is not None:
             return 0.0
-        return time.monotonic() - self.last_progress
+        return time.monotonic() - max(self.last_progress, self.redis_trouble_at)
 
     def drain(self, timeout: float, hurry: threading.Event) -> int:
         """Graceful stop. The source must have stopped submitting. Jobs with rows already in a batch
@@ -220,7 +221,10 @@ class Engine:
             self._held_lock.notify_all()
 
     def _retry(self, operation: Callable[[], Any], what: str) -> Any:
-        return retry(operation, what, self._stop)
+        return retry(operation, what, self._stop, on_error=self._redis_trouble)
+
+    def _redis_trouble(self, _: BaseException) -> None:
+        self.redis_trouble_at = time.monotonic()
 
     def _release(self, deliveries: list[Delivery], give_up: threading.Event | None = None) -> int:
         """Back to their sources; with Redis away until ``give_up``, they stay in flight (and are

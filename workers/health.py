@@ -187,8 +187,9 @@ def _verdict(info: dict[str, Any], now: float) -> Verdict:
     silent = now - float(info["heartbeat_at"])
     stopped = [stage for stage, state in info["stages"].items() if state != "running"]
     redis_ok_at = info.get("redis_ok_at")
-    redis_down = now - float(redis_ok_at if redis_ok_at is not None else info["started_at"])
-    if silent > 3 * float(info["interval_s"]) + 10:
+    # as the process itself saw it at its last beat: a frozen process is wedged, not cut off from Redis
+    redis_down = float(info["heartbeat_at"]) - float(redis_ok_at if redis_ok_at is not None else info["started_at"])
+    if silent > 3 * float(info["interval_s"]) + 2:
         return Verdict(pid, node, False, f"no heartbeat for {silent:.0f} s: the process is wedged")
     if stopped:
         return Verdict(pid, node, False, f"engine stages stopped: {', '.join(stopped)}")

@@ -1,11 +1,12 @@
 """A worker rides out Redis faults: restart (graceful and kill -9, with AOF), pause, freeze, killed
-connections. For each: every job ends final with the fault-free results, none is lost, none fails
-because of Redis, and the same worker process serves new jobs afterwards."""
+connections. One worker process takes every fault in turn, never restarted. For each: every job ends
+final with the fault-free results, none is lost, none fails because of Redis, and the same worker
+process serves new jobs afterwards."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.faults.conftest import FULL, record
 from tests.faults.harness import (
     Fleet,
     Server,
+    WorkerProcess,
     audit,
     client_for,
     count_final,
@@ -29,7 +31,7 @@ from tests.faults.harness import (
 )
 
 JOBS = 3000 if FULL else 600
-PAUSE_S = 15 if FULL else 8
+PAUSE_S = 15 if FULL else 6
 QUEUE = "faults"
 
 
@@ -43,46 +45,49 @@ def expected(sentiment: str) -> list[dict[str, Any]]:
     """The fault-free in-process results of every text, in order."""
     task = get_task(TaskName.sentiment)
     loaded = load_model(task, sentiment)
-    items = validate_items(TaskName.sentiment, [{"text": t} for t in texts(JOBS)], Limits())
+    items = validate_items(TaskName.sentiment, [{"text": t} for t in texts(JOBS)], Limits(max_items_per_job=JOBS))
     return result_dicts(run_items(task, loaded, items, validate_options(TaskName.sentiment, {}), 1024, 64))
 
 
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, sentiment: str) -> Iterator[tuple[Server, Fleet, WorkerProcess]]:
+    """One server and one worker process that must ride out every scenario in turn, never restarted."""
+    directory = tmp_path_factory.mktemp("redis-faults")
+    server = Server(directory / "redis")
+    server.start()
+    fleet = Fleet(directory / "logs", worker_env(server.url, QUEUE, {"sentiment": sentiment}))
+    worker = fleet.start()
+    yield server, fleet, worker
+    fleet.close()
+    server.close()
+
+
 def run_with_fault(
-    tmp_path: Path,
-    sentiment: str,
+    rig: tuple[Server, Fleet, WorkerProcess],
     expected: list[dict[str, Any]],
     table: list[dict[str, Any]],
     scenario: str,
     fault: Callable[[Server], None],
 ) -> None:
-    """Submit JOBS one-text jobs, start a worker, apply ``fault`` once some are done, then judge."""
-    server = Server(tmp_path / "redis")
-    server.start()
-    fleet = Fleet(tmp_path / "logs", worker_env(server.url, QUEUE, {"sentiment": sentiment}))
-    try:
-        client = client_for(server.url, QUEUE)
-        ids = client.submit_many("sentiment", texts(JOBS), items_per_message=1)
-        worker = fleet.start()
-        assert wait_until(lambda: count_final(client, ids) >= JOBS // 10, 120), "the worker did not start"
-        done_before = count_final(client, ids)
-        assert done_before < JOBS, "the fault must come mid-run"
-        fault(server)
-        ended = time.monotonic()
-        done_at_end = count_final(client, ids)
-        recover_s = first_final_after(client, ids, ended, done_at_end, timeout=120) if done_at_end < JOBS else 0.0
-        final = wait_final(client, ids, timeout=240)
-        probe = client.submit("sentiment", ["after the fault"])
-        probe_view = wait_final(client, [probe], timeout=60)[probe]
-        result = record(
-            table,
-            audit(scenario, final, {job_id: [expected[i]] for i, job_id in enumerate(ids)}, fleet.computations(), recover_s),
-        )
-        assert worker.alive(), f"the worker exited ({worker.process.returncode})"
-        assert probe_view.status is JobStatus.done, "the worker must serve new jobs without a restart"
-        assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
-    finally:
-        fleet.close()
-        server.close()
+    """Submit JOBS one-text jobs, apply ``fault`` once some are done, then judge every job."""
+    server, fleet, worker = rig
+    assert worker.alive(), "the worker died in an earlier scenario"
+    client = client_for(server.url, QUEUE)
+    ids = client.submit_many("sentiment", texts(JOBS), items_per_message=1)
+    assert wait_until(lambda: count_final(client, ids) >= JOBS // 10, 120), "the worker is not serving"
+    assert count_final(client, ids) < JOBS, "the fault must come mid-run"
+    fault(server)
+    ended = time.monotonic()
+    done_at_end = count_final(client, ids)
+    recover_s = first_final_after(client, ids, ended, done_at_end, timeout=120) if done_at_end < JOBS else 0.0
+    final = wait_final(client, ids, timeout=240)
+    probe = client.submit("sentiment", ["after the fault"])
+    probe_view = wait_final(client, [probe], timeout=60)[probe]
+    computations = fleet.computations()
+    result = record(table, audit(scenario, final, {job_id: [expected[i]] for i, job_id in enumerate(ids)}, computations, recover_s))
+    assert worker.alive(), f"the worker exited ({worker.process.returncode})"
+    assert probe_view.status is JobStatus.done, "the worker must serve new jobs without a restart"
+    assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
 
 
 def restart(kill: bool, down_s: float) -> Callable[[Server], None]:
@@ -133,7 +138,7 @@ if FULL:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_worker_rides_out(
-    scenario: str, tmp_path: Path, sentiment: str, expected: list[dict[str, Any]], fault_table: list[dict[str, Any]]
+def test_one_worker_rides_out(
+    scenario: str, rig: tuple[Server, Fleet, WorkerProcess], expected: list[dict[str, Any]], fault_table: list[dict[str, Any]]
 ) -> None:
-    run_with_fault(tmp_path, sentiment, expected, fault_table, scenario, SCENARIOS[scenario])
+    run_with_fault(rig, expected, fault_table, scenario, SCENARIOS[scenario])

@@ -94,12 +94,12 @@ def test_a_stage_that_dies_ends_the_process_non_zero_and_nothing_is_lost(
 def test_sigterm_finishes_what_is_in_a_batch_returns_the_rest_and_exits_zero(
     server: Server, fleet_dir: Path, minilm: Path, fault_table: list[dict[str, Any]]
 ) -> None:
-    # more held rows than a batch is chosen from (8 batches' worth): the newest jobs are not started
-    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_PREFETCH="48")
+    # more held rows than a batch is chosen from (8 batches of 16 rows): the newest jobs are not started
+    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_PREFETCH="32", BERTQ_MAX_BATCH_ROWS="16")
     fleet = Fleet(fleet_dir, env)
     try:
         client = client_for(server.url, QUEUE)
-        batch = texts(16 * 48, seed=3, most_words=25)
+        batch = texts(16 * 32, seed=3, most_words=12)
         chunks = [batch[i : i + 16] for i in range(0, len(batch), 16)]
         ids = [client.submit("embedding", chunk) for chunk in chunks]
         first = fleet.start()
@@ -226,7 +226,7 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_job
     with memory_cgroup(900 * 2**20) as enter:
         if enter is None:
             pytest.skip("no memory cgroup can be made here (needs root): the out-of-memory kill cannot be injected")
-        fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1"))
+        fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1", BERTQ_VISIBILITY_TIMEOUT_S="2"))
         try:
             client = client_for(server.url, QUEUE)
             # per-token vectors of 2048 long texts: gigabytes of results, far over the cgroup's memory
@@ -266,8 +266,8 @@ def test_batches_longer_than_the_visibility_timeout_are_computed_once(
     fleet = Fleet(fleet_dir, env)
     try:
         client = client_for(server.url, QUEUE)
-        long_texts = [" ".join(["the delivery was quick and the screen is great"] * 25) + f" {i}" for i in range(48 * 6)]
-        chunks = [long_texts[i : i + 48] for i in range(0, len(long_texts), 48)]
+        long_texts = [" ".join(["the delivery was quick and the screen is great"] * 25) + f" {i}" for i in range(40 * 4)]
+        chunks = [long_texts[i : i + 40] for i in range(0, len(long_texts), 40)]
         ids = [client.submit("embedding", chunk) for chunk in chunks]
         fleet.start()
         fleet.start()

@@ -37,7 +37,7 @@ def test_job_envelope_errors_and_status(schemas: dict[str, Any]) -> None:
     assert set(task_enum) == {task.value for task in TaskName}
     assert set(job["ErrorRecord"]["required"]) == {"code", "message"}
     assert schemas["job_status"] == [status.value for status in JobStatus]
-    assert set(schemas["job_status"]) == {"queued", "running", "done", "failed", "unknown"}
+    assert set(schemas["job_status"]) == {"queued", "running", "done", "failed", "cancelled", "expired", "unknown"}
 
 
 def test_json_round_trip(schemas: dict[str, Any]) -> None:

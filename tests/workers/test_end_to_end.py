@@ -178,42 +178,6 @@ def test_a_redelivered_finished_job_is_not_run_or_stored_again(main_worker: str,
     assert len(entries) == 1
 
 
-def test_killed_worker_jobs_are_redelivered_and_stored_exactly_once(redis_url: str, tiny_models: dict[str, Path]) -> None:
-    queue = f"kill-{uuid.uuid4().hex[:6]}"
-    timeouts = {"BERTQ_VISIBILITY_TIMEOUT_S": "6", "BERTQ_SWEEP_INTERVAL_S": "1", "BERTQ_MAX_BATCH_ROWS": "8"}
-    env = worker_env(redis_url, queue, {"sentiment": str(tiny_models["sentiment"])}, **timeouts)
-    client = client_for(redis_url, queue)
-    texts = [("word " * (1 + i % 60)).strip() for i in range(300)]
-    job_ids = [client.submit("sentiment", [text]) for text in texts]
-    first = start_worker(env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = sum(view.finished for view in client.wait(job_ids, timeout=0).values())
-        if done >= 20:
-            break
-        time.sleep(0.02)
-    kill(first, signal.SIGKILL)
-    done_at_kill = sum(view.finished for view in client.wait(job_ids, timeout=0).values())
-    assert 20 <= done_at_kill < 300, "the worker must be killed mid-run"
-    second = start_worker(env)
-    try:
-        views = client.wait(job_ids, timeout=6 + 1 + 90)
-    finally:
-        kill(second)
-    store = redis.Redis.from_url(redis_url)
-    statuses = [view.status.value for view in views.values()]
-    assert statuses == ["done"] * 300, (
-        {status: statuses.count(status) for status in set(statuses)},
-        store.llen(queue),
-        store.hlen("unacked"),
-        store.ttl("unacked_mutex"),
-    )
-    counts: dict[bytes, int] = {}
-    for _, fields in store.xrange(RESULTS_STREAM):
-        counts[fields[b"job_id"]] = counts.get(fields[b"job_id"], 0) + 1
-    assert [counts.get(job_id.encode(), 0) for job_id in job_ids] == [1] * 300
-
-
 def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "bertq", "worker", "--gpus", "0,1"],
