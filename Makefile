@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bertq-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench faults venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) bench/out
+
+# The long fault-injection suite (tests/faults with BERTQ_FAULTS=full): real servers and workers,
+# faults injected, every job counted; rewrites the table in RELIABILITY.md.
+faults: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 BERTQ_FAULTS=full $(PY) -m pytest -q -p no:cacheprovider tests/faults

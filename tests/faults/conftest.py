@@ -47,11 +47,42 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
     if not ROWS:
         return
     terminalreporter.write_sep("=", f"fault scenarios ({'full' if FULL else 'short'} variant)")
     terminalreporter.write_line(markdown_table(ROWS))
-    out = os.environ.get("BERTQ_FAULTS_TABLE")
-    if out:
-        Path(out).write_text(markdown_table(ROWS) + "\n")
+    if FULL:
+        write_reliability(Path(__file__).parents[2] / "RELIABILITY.md", exitstatus)
+
+
+def write_reliability(path: Path, exitstatus: int) -> None:
+    """Rewrite the measured part of RELIABILITY.md (between its markers) with this run's table."""
+    import platform
+    import time
+
+    from tests.faults.harness import server_binary
+
+    begin, end = "<!-- faults:begin -->", "<!-- faults:end -->"
+    text = path.read_text()
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    version = subprocess_version(server_binary())
+    measured = "\n".join(
+        [
+            begin,
+            f"Measured by `make faults` on {time.strftime('%Y-%m-%d', time.gmtime())}: {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, server `{version}`; pytest exit status {exitstatus}.",
+            "",
+            markdown_table(ROWS),
+            end,
+        ]
+    )
+    path.write_text(head + measured + tail)
+
+
+def subprocess_version(binary: str) -> str:
+    import subprocess
+
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip().split(" sha=")[0]
