@@ -201,9 +201,10 @@ def test_sigkill_at_random_moments_loses_nothing(
             workers = [w for w in workers if w.alive()]
             while len(workers) < 2:
                 workers.append(fleet.start())
-            if held:
-                wait_until(lambda: count_final(client, held) == len(held), 120, every=0.1)
+            if held:  # seconds until the killed worker's jobs are back with the live workers
+                wait_until(lambda: not inflight_jobs(server, target), 120, every=0.05)
                 recoveries.append(time.monotonic() - killed_at)
+                wait_until(lambda: count_final(client, held) == len(held), 120, every=0.1)
             if not producer.is_alive() and count_final(client, list(producer.jobs)) == len(producer.jobs):
                 break  # nothing left to kill a worker over
         producer.stop.set()
@@ -219,6 +220,7 @@ def test_sigkill_at_random_moments_loses_nothing(
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
         assert result.most_computations <= 2
         assert len(recoveries) >= KILLS // 2, "most kills must hit a worker holding jobs"
+        assert max(recoveries) <= 2 * 3 + 2, recoveries  # two visibility timeouts (3 s), plus a sweep
     finally:
         producer.stop.set()
         fleet.close()

@@ -38,3 +38,14 @@ def test_repeated_texts_in_a_job_are_computed_once_with_equal_results(tiny_model
         by_text.setdefault(text, result.embedding)  # type: ignore[union-attr]
         assert result.embedding == by_text[text]  # type: ignore[union-attr]
     assert len({tuple(v) for v in by_text.values()}) == 7
+
+
+def test_the_model_cache_keeps_the_most_recently_used(tiny_models: dict[str, Path]) -> None:
+    from bertq.workers.runner import ModelCache
+
+    cache = ModelCache(most=2)
+    sentiment = cache.get(TaskName.sentiment, str(tiny_models["sentiment"]))
+    cache.get(TaskName.ner, str(tiny_models["ner"]))
+    assert cache.get(TaskName.sentiment, str(tiny_models["sentiment"])) is sentiment  # used again: kept
+    cache.get(TaskName.nsp, str(tiny_models["nsp"]))
+    assert cache.loaded() == [(TaskName.sentiment, str(tiny_models["sentiment"])), (TaskName.nsp, str(tiny_models["nsp"]))]
