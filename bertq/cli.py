@@ -200,10 +200,19 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             print("no bertq worker is running here", file=sys.stderr)
         return 0 if verdicts and all(v.healthy for v in verdicts) else EXIT_JOB_NOT_DONE
     queues = args.queues.split(",") if args.queues else None
+    if args.tasks:
+        if queues:
+            raise UsageError("worker: give --tasks or --queues, not both")
+        from bertq.schemas import parse_task
+
+        try:
+            queues = settings.queues_for([parse_task(task.strip()) for task in args.tasks.split(",")])
+        except ValueError as error:
+            raise UsageError(f"worker --tasks: {error}") from None
     if args.gpus:
         from bertq.workers.worker import supervise
 
-        return supervise(args.gpus.split(","), queues)
+        return supervise(args.gpus.split(","), queues, settings.metrics_port, args.events)
     if args.device:
         settings = settings.model_copy(update={"device": args.device})
     if not settings.redis_url:
@@ -282,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", help="cpu, cuda or cuda:N (default: BERTQ_DEVICE)")
     worker.add_argument("--gpus", help="comma-separated GPU ids: one pinned worker process per GPU")
     worker.add_argument("--queues", help="comma-separated queues (default: BERTQ_QUEUE)")
+    worker.add_argument("--tasks", help="serve only these tasks: consume the queues BERTQ_ROUTES sends them to")
     worker.add_argument("--name", help="Celery node name (default: bertq-<device>@<host>)")
     worker.add_argument("--events", action="store_true", help="send task events (for Flower), like celery -E")
     worker.add_argument(

@@ -128,13 +128,13 @@ class Client:
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
             raise InvalidInput("must be an integer from 0 (served first) to 9", field="priority")
         limits = self.settings.limits()
-        queue = priority_list(self.settings.queue, priority)
+        queue = priority_list(self.settings.queue_for(task), priority)
         jobs = []
         for chunk in chunks:
             items = [self._item(task, item) for item in validate_item_count(chunk, limits)]
             job_id = str(uuid.uuid4())
             kwargs = {"items": items, "model": model, "options": options or {}}
-            message = celery_message(job_id, task, kwargs, self.settings.queue, priority or 0)
+            message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0)
             jobs.append((job_id, queued_record(job_id, task.value, len(items)), message))
         queued: list[str] = []
         for start in range(0, len(jobs), 500):

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         "embedded server; other commands refuse to guess.",
     )
     queue: str = Field("bertq", description="Celery queue that producers send to and workers consume.")
+    routes: str = Field(
+        "",
+        description="Per-task queues, e.g. `embedding=gpu,ner=gpu`: producers send those tasks there and "
+        "`bertq worker --tasks` consumes them. Unlisted tasks use BERTQ_QUEUE.",
+    )
     result_ttl_s: int = Field(86_400, ge=1, description="Seconds a job record and its result are kept.")
     results_stream_maxlen: int = Field(
         100_000, ge=1, description="Approximate length cap of the `bertq:results` completion stream."
@@ -118,6 +123,14 @@ class Settings(BaseSettings):
     )
     max_loaded_models: int = Field(8, ge=1, description="Models a worker keeps loaded; the least recently used goes.")
 
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus metrics on this port (unset: off). With `--gpus`, the worker of GPU i "
+        "serves on this port + i.",
+    )
+
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("INFO", description="Log level of bertq's loggers.")
 
@@ -129,6 +142,34 @@ class Settings(BaseSettings):
 
     def model_for(self, task: TaskName) -> str:
         return str(getattr(self, f"model_{task.value}"))
+
+    def queue_for(self, task: TaskName) -> str:
+        """The queue jobs of ``task`` are sent to."""
+        return self.route_map().get(task, self.queue)
+
+    def route_map(self) -> dict[TaskName, str]:
+        routes: dict[TaskName, str] = {}
+        for entry in filter(None, (part.strip() for part in self.routes.split(","))):
+            task, sep, queue = entry.partition("=")
+            if not sep or not queue.strip():
+                raise ValueError(f"BERTQ_ROUTES: {entry!r} is not task=queue")
+            try:
+                routes[TaskName(task.strip())] = queue.strip()
+            except ValueError:
+                raise ValueError(f"BERTQ_ROUTES: unknown task {task.strip()!r}") from None
+        return routes
+
+    def queues_for(self, tasks: list[TaskName]) -> list[str]:
+        """The queues a worker serving only ``tasks`` consumes. Refuses a queue that also carries a
+        task outside ``tasks``: such a worker would take jobs it must not run."""
+        queues = list(dict.fromkeys(self.queue_for(task) for task in tasks))
+        for other in TaskName:
+            if other not in tasks and self.queue_for(other) in queues:
+                raise ValueError(
+                    f"queue {self.queue_for(other)!r} also carries {other.value} jobs: route it elsewhere with "
+                    f"BERTQ_ROUTES or add it to --tasks"
+                )
+        return queues
 
     def model_allowed(self, model_id: str) -> bool:
         listed = {model.strip() for model in self.allowed_models.split(",") if model.strip()}

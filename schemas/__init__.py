@@ -1,10 +1,12 @@
 """The public contract: requests, options, results, job status and errors. pydantic only, no torch."""
 
-from bertq.schemas.export import json_schemas
+from bertq.schemas.export import json_schemas, kwargs_model
 from bertq.schemas.jobs import (
     ErrorRecord,
     ItemError,
-    JobRequest,
+    CeleryException,
+    JobRecord,
+    RecordInfo,
     JobStatus,
     Limits,
     parse_task,
@@ -40,13 +42,16 @@ from bertq.schemas.tasks import (
 
 __all__ = [
     "CONTRACTS",
+    "kwargs_model",
     "EmbeddingOptions",
     "EmbeddingResult",
     "ErrorRecord",
     "FillMaskOptions",
     "FillMaskResult",
     "ItemError",
-    "JobRequest",
+    "CeleryException",
+    "JobRecord",
+    "RecordInfo",
     "JobStatus",
     "LabelScore",
     "Limits",

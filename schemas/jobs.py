@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,18 +35,6 @@ class Limits(BaseModel):
     max_items_per_job: int = 4096
 
 
-class JobRequest(BaseModel):
-    """What a producer sends. On the wire it is a Celery task `bertq.<task>` with these as kwargs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    job_id: str
-    task: TaskName
-    items: list[dict[str, Any]]
-    model: str | None = Field(None, description="Hub id or local path; default: the worker's for this task.")
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
 class ErrorRecord(BaseModel):
     code: str
     field: str | None = None
@@ -57,6 +45,52 @@ class ItemError(BaseModel):
     """Stands in the results list in place of an item that failed."""
 
     error: ErrorRecord
+
+
+class CeleryException(BaseModel):
+    """A failed, cancelled or expired job's ``result``, in Celery's format, so ``AsyncResult.get()``
+    raises it: the bertq error (``exc_module`` bertq.errors) or Celery's TaskRevokedError."""
+
+    exc_type: str
+    exc_message: list[Any]
+    exc_module: str
+
+
+class RecordInfo(BaseModel):
+    """bertq's part of a job record. Which fields are set depends on the status."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str | None = None
+    items: int | None = Field(None, description="Items in the job.")
+    failed_items: int | None = Field(None, description="Items of a done job that carry an error.")
+    worker: str | None = Field(None, description="Node name of the worker that ran it.")
+    model: str | None = Field(None, description="Hub id or path of the model that ran it.")
+    deliveries: int | None = Field(None, description="1 + times its worker died holding it.")
+    error: ErrorRecord | None = Field(None, description="Why a failed job failed.")
+    status: Literal["cancelled", "expired"] | None = Field(None, description="Of a REVOKED record.")
+    reason: str | None = Field(None, description="Why it was cancelled or expired.")
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobRecord(BaseModel):
+    """What a consumer reads at ``celery-task-meta-<job id>`` (JSON; Celery's result format, so
+    ``AsyncResult`` reads it too). ``status`` is always the first field."""
+
+    status: Literal["PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED"] = Field(
+        description="PENDING queued, STARTED running, SUCCESS done, FAILURE failed, REVOKED cancelled or expired."
+    )
+    result: list[dict[str, Any]] | CeleryException | None = Field(
+        description="SUCCESS: one result per item, in order (an item that failed has {error}); "
+        "FAILURE and REVOKED: the error; otherwise null."
+    )
+    traceback: None = None
+    children: list[Any] = Field(default_factory=list)
+    date_done: str | None = None
+    task_id: str
+    bertq: RecordInfo
 
 
 def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:

@@ -34,6 +34,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_default_queue": settings.queue,
+        "task_routes": {f"bertq.{task.value}": {"queue": queue} for task, queue in settings.route_map().items()},
         "result_expires": settings.result_ttl_s,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,

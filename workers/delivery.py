@@ -30,7 +30,7 @@ import hashlib
 import json
 import time
 from bisect import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -315,6 +315,18 @@ class Inbox:
         """A message with no usable job id: kept in the dead-letter stream with the reason."""
         self._dead_letter(keys=[self.inflight, DEAD], args=[fetched.tag, reason, self.consumer, DEAD_MAXLEN])
 
+    def depths(self) -> dict[str, int]:
+        """Jobs waiting in each of this worker's queues (every priority), and dead letters."""
+        pipe = self.client.pipeline(transaction=False)
+        for source in self._lists:
+            pipe.llen(source)
+        pipe.xlen(DEAD)
+        *lengths, dead = pipe.execute()
+        depths = {queue: 0 for queue in self.queues}
+        for source, length in zip(self._lists, lengths):
+            depths[queue_of(source)] += int(length)
+        return {**depths, DEAD: int(dead)}
+
     def unregister(self) -> None:
         """A worker that stops with nothing held leaves no entry to reclaim."""
         pipe = self.client.pipeline(transaction=True)
@@ -329,6 +341,7 @@ class Reclaimed:
     quarantined: int = 0  # of the requeued: on their last delivery, so they run alone
     dead_lettered: int = 0
     landed: int = 0  # messages a worker had landed but not fetched: requeued, not counted
+    dead_lettered_tasks: list[str] = field(default_factory=list)
 
 
 class Reaper:
@@ -369,6 +382,8 @@ class Reaper:
             report.requeued += outcome in (1, 3)
             report.quarantined += outcome == 3
             report.dead_lettered += outcome == 2
+            if outcome == 2:
+                report.dead_lettered_tasks.append(_task_name(task) or "unknown")
         sources = json.loads(self.client.hget(CONSUMER_LISTS, consumer) or "[]")
         report.landed = self._forget(
             keys=[CONSUMERS, CONSUMER_LISTS, heartbeat_key(consumer), *(landing_key(consumer, s) for s in sources)],

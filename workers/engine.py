@@ -14,6 +14,7 @@ or its error) and acknowledged, or released back to its source at shutdown.
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 import time
@@ -31,7 +32,7 @@ from bertq.settings import Settings
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, padded_length
 from bertq.workers.batcher import pack
-from bertq.workers.sink import Claim, Delivery, Events, NoEvents, Outcome
+from bertq.workers.sink import Claim, Delivery, Observer, Observers, Outcome
 from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
 
 log = get_logger(__name__)
@@ -65,7 +66,7 @@ class Job:
 class PendingRow:
     row: Row
     job: Job
-    arrived: float
+    rank: tuple[int, float]  # (priority, arrival): 0 first, then oldest first
     copies: list[Row] = field(default_factory=list)  # rows of the same job with the same input
 
 
@@ -81,13 +82,13 @@ class Engine:
         settings: Settings,
         models: ModelCache,
         worker_name: str,
-        events: Events | None = None,
+        observer: Observer | None = None,
         on_stage_death: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
         self.worker_name = worker_name
-        self.events = events or NoEvents()
+        self.observer: Observer = observer or Observers()
         self._on_stage_death = on_stage_death
         self._intake: queue.SimpleQueue[list[Delivery] | None] = queue.SimpleQueue()
         self._finish: queue.SimpleQueue[_Batch | list[Outcome] | tuple[str, list[Delivery]] | None] = queue.SimpleQueue()
@@ -121,7 +122,7 @@ class Engine:
                 self._held[id(delivery)] = delivery
                 self._held_items += delivery.item_count
         for delivery in deliveries:
-            self.events.received(delivery)
+            self.observer.received(delivery)
         self._intake.put(deliveries)
 
     @property
@@ -221,10 +222,18 @@ class Engine:
             self._held_lock.notify_all()
 
     def _retry(self, operation: Callable[[], Any], what: str) -> Any:
-        return retry(operation, what, self._stop, on_error=self._redis_trouble)
+        failures = 0
 
-    def _redis_trouble(self, _: BaseException) -> None:
-        self.redis_trouble_at = time.monotonic()
+        def trouble(_: BaseException) -> None:
+            nonlocal failures
+            failures += 1
+            self.redis_trouble_at = time.monotonic()
+            self.observer.redis_error(what)
+
+        result = retry(operation, what, self._stop, on_error=trouble)
+        if failures:
+            self.observer.redis_back(what)
+        return result
 
     def _release(self, deliveries: list[Delivery], give_up: threading.Event | None = None) -> int:
         """Back to their sources; with Redis away until ``give_up``, they stay in flight (and are
@@ -292,10 +301,14 @@ class Engine:
         for sink, deliveries in _by_sink(to_claim):
             claims = self._retry(lambda: sink.claim(deliveries), "claim")
             final = [d for d, c in zip(deliveries, claims) if c is Claim.final]
+            cancelled = [d for d, c in zip(deliveries, claims) if c is Claim.cancelled]
             lost = [d for d, c in zip(deliveries, claims) if c is Claim.lost]
             if final:
                 log.info("jobs already final, not run again", jobs=len(final), job_ids=[d.job_id for d in final][:5])
                 self._finish.put(("acknowledge", final))
+            if cancelled:
+                log.info("cancelled jobs skipped", jobs=len(cancelled), job_ids=[d.job_id for d in cancelled][:5])
+                self._finish.put(("cancelled", cancelled))
             if lost:
                 log.warning("jobs reclaimed by another worker, dropped", jobs=len(lost))
                 self._forget(lost)
@@ -344,10 +357,13 @@ class Engine:
                 "(BERTQ_MODEL_<TASK>) and BERTQ_ALLOWED_MODELS",
                 field="model",
             )
+        cached = self.models.has(task_name, model_id)
         self.loading_since = time.monotonic()
         try:
             loaded = self.models.get(task_name, model_id)
         finally:
+            if not cached:
+                self.observer.model_loaded(task_name.value, time.monotonic() - self.loading_since)
             self.loading_since = None
             self.last_progress = time.monotonic()
         return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
@@ -362,7 +378,8 @@ class Engine:
                 job.rows_left[index] = len(entry)
                 rows.extend(entry)
         distinct, position = distinct_rows(rows)
-        pending = [PendingRow(rows[i], job, now) for i in distinct]
+        rank = (job.delivery.priority, now)
+        pending = [PendingRow(rows[i], job, rank) for i in distinct]
         for index, row in enumerate(rows):
             if distinct[position[index]] != index:
                 pending[position[index]].copies.append(row)
@@ -372,7 +389,11 @@ class Engine:
         with self._pool_changed:
             pooled = not self._draining
             if pooled:
-                self._pool.setdefault((job.task.name, job.loaded.model_id), []).extend(pending)
+                rows_of = self._pool.setdefault((job.task.name, job.loaded.model_id), [])
+                at = len(rows_of)
+                if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
+                    at = bisect.bisect_right([p.rank for p in rows_of], rank)
+                rows_of[at:at] = pending
                 self._pool_changed.notify_all()
         if not pooled:  # stopping: give it back rather than start it
             self._release([job.delivery])
@@ -387,26 +408,31 @@ class Engine:
             task, loaded, batch, first = picked
             for job in first:
                 self._log_started(job.delivery)
-                self.events.started(job.delivery)
+                self.observer.started(job.delivery)
+            began = time.monotonic()
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
             self.last_progress = time.monotonic()
+            longest = max(len(pending.row) for pending in batch)
+            tokens = sum(len(pending.row) for pending in batch)
+            self.observer.batch(task.name.value, len(batch), tokens, len(batch) * padded_length(longest), self.last_progress - began)
             self._finish.put(_Batch(batch, outputs))
 
     def _next_batch(self) -> tuple[Task, Loaded, list[PendingRow], list[Job]] | None:
         """Wait for rows; when the device is idle and no batch is full yet, wait up to max_wait_ms
-        after the oldest row arrived for more to fill it. Also returns the jobs this batch starts."""
+        after the first row arrived for more to fill it. The first row is the one of the highest
+        priority (0 first), the oldest among equals. Also returns the jobs this batch starts."""
         max_wait = self.settings.max_wait_ms / 1000
         with self._pool_changed:
             while True:
                 if self._stop.is_set():
                     return None
-                groups = [(rows[0].arrived, key) for key, rows in self._pool.items() if rows]
+                groups = [(rows[0].rank, key) for key, rows in self._pool.items() if rows]
                 if not groups:
                     self._pool_changed.wait()
                     continue
-                oldest, key = min(groups)
+                (_, first_arrived), key = min(groups)
                 rows = self._pool[key]
-                wait = oldest + max_wait - time.monotonic()
+                wait = first_arrived + max_wait - time.monotonic()
                 if wait <= 0 or self._is_full(rows) or self._draining:
                     break
                 self._pool_changed.wait(wait)
@@ -424,14 +450,14 @@ class Engine:
         return len(rows) * padded_length(max(len(pending.row) for pending in rows)) >= self.settings.max_batch_tokens
 
     def _select(self, rows: list[PendingRow]) -> list[PendingRow]:
-        """Of the length-sorted batches the oldest rows pack into, the one holding the oldest row:
-        sorted batches for throughput, and no row waits behind newer work for long. Only the oldest
-        ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of held rows)
-        does not make every batch pay for sorting all of it."""
+        """Of the length-sorted batches the first rows pack into, the one holding the first row:
+        sorted batches for throughput, and no row waits behind newer or lower-priority work for long.
+        Only the first ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of
+        held rows) does not make every batch pay for sorting all of it."""
         window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
         batches = pack([pending.row for pending in window], self.settings.max_batch_tokens, self.settings.max_batch_rows)
-        oldest = 0  # the pool keeps arrival order
-        chosen = next(batch for batch in batches if oldest in batch)
+        first = 0  # the pool is kept in (priority, arrival) order
+        chosen = next(batch for batch in batches if first in batch)
         return [window[i] for i in chosen]
 
     # ---- finish: postprocess, store, acknowledge ------------------------------------------------
@@ -457,6 +483,9 @@ class Engine:
                     outcomes.extend(self._done(job) for job in self._collect(entry))
                 elif isinstance(entry, tuple):
                     self._acknowledge(entry[1])
+                    if entry[0] == "cancelled":
+                        for delivery in entry[1]:
+                            self.observer.finished(Outcome(delivery, JobStatus.cancelled), True)
                 else:
                     outcomes.extend(entry)
             self._store(outcomes)
@@ -497,7 +526,7 @@ class Engine:
             self.last_progress = time.monotonic()
             for outcome, fresh in zip(group, stored):
                 self._log_outcome(outcome, fresh)
-                self.events.finished(outcome, fresh)
+                self.observer.finished(outcome, fresh)
             self._forget(o.delivery for o in group)
 
     def _log_started(self, delivery: Delivery) -> None:

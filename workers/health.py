@@ -32,8 +32,9 @@ import redis
 from bertq.connection import is_transient
 from bertq.log import get_logger
 from bertq.settings import Settings
-from bertq.workers.delivery import CONSUMERS, Inbox, Reaper, heartbeat_key
+from bertq.workers.delivery import CONSUMERS, DEAD, Inbox, Reaper, heartbeat_key
 from bertq.workers.engine import Engine
+from bertq.workers.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -55,6 +56,7 @@ class Heartbeat:
         reaper: Reaper,
         node: str,
         on_wedged: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -62,6 +64,7 @@ class Heartbeat:
         self.reaper = reaper
         self.node = node
         self.on_wedged = on_wedged
+        self.metrics = metrics
         self.interval = heartbeat_interval(settings)
         self.started_at = time.time()
         self.redis_ok_at: float | None = None
@@ -91,6 +94,7 @@ class Heartbeat:
             self.outages += 1
             self.healthy_since = None
         else:
+            self.gauge_queues()
             now = time.monotonic()
             if self.redis_ok_at is not None and time.time() - self.redis_ok_at > 2 * self.interval + 1:
                 # a beat that took long means Redis was paused or slow: everyone's heartbeat is late
@@ -117,6 +121,9 @@ class Heartbeat:
                 if consumer == self.inbox.consumer:
                     continue
                 report = self.reaper.reclaim(consumer)
+                if self.metrics is not None:
+                    for task in report.dead_lettered_tasks:
+                        self.metrics.jobs.labels(task, "dead_lettered").inc()
                 log.warning(
                     "reclaimed the jobs of a silent worker",
                     worker=consumer,
@@ -128,6 +135,14 @@ class Heartbeat:
             if not is_transient(error):
                 raise
             log.warning("sweep for silent workers failed", error=f"{type(error).__name__}: {error}")
+
+    def gauge_queues(self) -> None:
+        if self.metrics is None:
+            return
+        depths = self.inbox.depths()
+        self.metrics.dead_letters.set(depths.pop(DEAD))
+        for queue, depth in depths.items():
+            self.metrics.queue_depth.labels(queue).set(depth)
 
     def info(self) -> dict[str, Any]:
         now = time.time()

@@ -33,6 +33,7 @@ _CLAIM = (
     + """
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {'lost', 0} end
 local failed = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
+if state_of(KEYS[1]) == 'REVOKED' then return {'cancelled', failed} end
 if is_final(KEYS[1]) then return {'final', failed} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {'run', failed}

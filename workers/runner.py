@@ -38,6 +38,7 @@ def load_model(task: Task, model_id: str, device: str = "cpu", dtype: str = "aut
     """Load through the same ``from_pretrained`` path for hub ids and local directories."""
     import transformers
 
+    transformers.logging.disable_progress_bar()
     torch_device, torch_dtype = resolve_device(device, dtype)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
@@ -80,6 +81,10 @@ class ModelCache:
                 (old_task, old_model), _ = self._models.popitem(last=False)
                 log.info("model unloaded (least recently used)", task=old_task.value, model=old_model, most=self.most)
             return loaded
+
+    def has(self, task: TaskName, model_id: str) -> bool:
+        with self._lock:
+            return (task, model_id) in self._models
 
     def loaded(self) -> list[tuple[TaskName, str]]:
         with self._lock:

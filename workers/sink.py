@@ -49,7 +49,8 @@ class Outcome:
 
 class Claim(str, Enum):
     run = "run"  # claimed for this worker: compute it
-    final = "final"  # its record is already final (done, failed, cancelled, expired): acknowledge only
+    final = "final"  # its record is already final (done or failed): acknowledge only
+    cancelled = "cancelled"  # cancelled (or expired) before it ran: acknowledge only
     lost = "lost"  # no longer this worker's (reclaimed while it was unreachable): drop it
 
 
@@ -74,8 +75,9 @@ class Sink(Protocol):
         ...
 
 
-class Events(Protocol):
-    """Job state changes, for Celery events and metrics. Called from the engine's threads."""
+class Observer(Protocol):
+    """What watches the engine at work (Celery events, metrics). Called from the engine's threads:
+    each call must return at once and never raise."""
 
     def received(self, delivery: Delivery) -> None: ...
 
@@ -83,13 +85,45 @@ class Events(Protocol):
 
     def finished(self, outcome: Outcome, stored: bool) -> None: ...
 
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None: ...
 
-class NoEvents:
+    def model_loaded(self, task: str, seconds: float) -> None: ...
+
+    def redis_error(self, operation: str) -> None: ...
+
+    def redis_back(self, operation: str) -> None: ...
+
+
+class Observers:
+    """Several observers as one; with none, nothing happens."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
     def received(self, delivery: Delivery) -> None:
-        pass
+        for observer in self.observers:
+            observer.received(delivery)
 
     def started(self, delivery: Delivery) -> None:
-        pass
+        for observer in self.observers:
+            observer.started(delivery)
 
     def finished(self, outcome: Outcome, stored: bool) -> None:
-        pass
+        for observer in self.observers:
+            observer.finished(outcome, stored)
+
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+        for observer in self.observers:
+            observer.batch(task, rows, tokens, padded_tokens, seconds)
+
+    def model_loaded(self, task: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.model_loaded(task, seconds)
+
+    def redis_error(self, operation: str) -> None:
+        for observer in self.observers:
+            observer.redis_error(operation)
+
+    def redis_back(self, operation: str) -> None:
+        for observer in self.observers:
+            observer.redis_back(operation)

@@ -27,15 +27,18 @@ from collections.abc import Callable
 from typing import Any
 
 from bertq.connection import connect, retry
-from bertq.log import configure_logging, get_logger
+from bertq.log import configure_logging, configure_process_logging, get_logger
 from bertq.settings import Settings
 from bertq.workers.app import configure
 from bertq.workers.delivery import Inbox, Reaper
 from bertq.workers.engine import Engine
+from bertq.workers.events import ActiveRequests, CeleryEvents
 from bertq.workers.health import Heartbeat
 from bertq.workers.intake import QueueIntake
+from bertq.workers.metrics import Metrics
 from bertq.workers.results import JobRecords
 from bertq.workers.runner import ModelCache
+from bertq.workers.sink import Observers
 
 log = get_logger(__name__)
 
@@ -70,7 +73,7 @@ def supervised(name: str, target: Callable[[], None]) -> threading.Thread:
 class Worker:
     """The parts of one worker process, wired together."""
 
-    def __init__(self, settings: Settings, queues: list[str], node: str) -> None:
+    def __init__(self, settings: Settings, queues: list[str], node: str, observers: list[Any], metrics: Metrics | None) -> None:
         assert settings.redis_url
         self.settings = settings
         self.node = node
@@ -84,11 +87,12 @@ class Worker:
             settings,
             ModelCache(settings.device, settings.dtype, settings.max_loaded_models),
             node,
+            Observers(*observers),
             on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),
         )
         self.intake = QueueIntake(self.inbox, self.records, self.engine, settings)
         reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
-        self.heartbeat = Heartbeat(settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why))
+        self.heartbeat = Heartbeat(settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why), metrics)
 
     def start(self) -> None:
         self.engine.start()
@@ -123,11 +127,22 @@ class Worker:
 def run_worker(settings: Settings, queues: list[str] | None = None, name: str | None = None, events: bool = False) -> int:
     """Run one worker in this process until SIGTERM/SIGINT (or ``celery control shutdown``); drain and
     return 0. Returns non-zero when Celery's worker stopped without being asked to."""
-    configure_logging(settings.log_format, settings.log_level)
+    configure_process_logging(settings.log_format, settings.log_level)
+    quiet_celery(settings.log_format == "json")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # progress bars are not log lines
     app = configure(settings)
     node = name or node_name(settings.device)
     queues = queues or [settings.queue]
-    worker = Worker(settings, queues, node)
+    metrics = Metrics() if settings.metrics_port else None
+    celery_events = CeleryEvents(app, node) if events else None
+    observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node)) if o is not None]
+    worker = Worker(settings, queues, node, observers, metrics)
+    if metrics is not None:
+        metrics.read_held_items(lambda: worker.engine.held_items)
+        metrics.serve(int(settings.metrics_port or 0))
+        log.info("metrics served", port=settings.metrics_port, path="/metrics")
+    if celery_events is not None:
+        celery_events.start()
     install_control_commands(worker)
     from celery import signals
 
@@ -149,16 +164,31 @@ def run_worker(settings: Settings, queues: list[str] | None = None, name: str | 
         without_gossip=True,
         without_mingle=True,
         task_events=events,
+        quiet=settings.log_format == "json",  # no banner: every line is a JSON object
     )
     try:
         celery_worker.start()
     finally:
         released = worker.drain()
+        if celery_events is not None:
+            celery_events.stop()
         log.info("worker stopped", node=node, released=released)
     if not (asked.is_set() or celery_worker.exitcode == 0):
         log.error("Celery's worker stopped without being asked to", node=node, exit_code=celery_worker.exitcode)
         return EXIT_UNEXPECTED_STOP
     return 0
+
+
+def quiet_celery(json_lines: bool) -> None:
+    """Celery's worker configures no logging of its own (ours is set up), and, for JSON logs, says its
+    shutdown lines through logging instead of printing them raw."""
+    from celery import signals
+    from celery.apps import worker as celery_worker
+
+    signals.setup_logging.connect(lambda **_: None, weak=False)
+    if json_lines:
+        say = get_logger("celery.apps.worker")
+        celery_worker.safe_say = lambda message, *_: say.info(str(message).strip())  # type: ignore[attr-defined]
 
 
 def install_control_commands(worker: Worker) -> None:
@@ -179,22 +209,30 @@ def install_control_commands(worker: Worker) -> None:
     Panel.register(type="control", name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
 
 
-def gpu_commands(gpus: list[str], queues: list[str] | None) -> list[tuple[list[str], dict[str, str], str]]:
-    """Per GPU: the worker command, its environment (pinned with CUDA_VISIBLE_DEVICES) and node name."""
+def gpu_commands(
+    gpus: list[str], queues: list[str] | None, metrics_port: int | None = None, events: bool = False
+) -> list[tuple[list[str], dict[str, str], str]]:
+    """Per GPU: the worker command, its environment (pinned with CUDA_VISIBLE_DEVICES, metrics on the
+    base port + its index) and node name."""
     commands = []
-    for gpu in gpus:
+    for index, gpu in enumerate(gpus):
         name = f"bertq-gpu{gpu}@{socket.gethostname()}"
         command = [sys.executable, "-m", "bertq", "worker", "--device", "cuda:0", "--name", name]
         if queues:
             command += ["--queues", ",".join(queues)]
-        commands.append((command, {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, name))
+        if events:
+            command.append("--events")
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        if metrics_port:
+            env["BERTQ_METRICS_PORT"] = str(metrics_port + index)
+        commands.append((command, env, name))
     return commands
 
 
-def supervise(gpus: list[str], queues: list[str] | None) -> int:
+def supervise(gpus: list[str], queues: list[str] | None, metrics_port: int | None = None, events: bool = False) -> int:
     """Start one worker per GPU and restart any that dies, until SIGTERM/SIGINT."""
     configure_logging()
-    commands = gpu_commands(gpus, queues)
+    commands = gpu_commands(gpus, queues, metrics_port, events)
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 

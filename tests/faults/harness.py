@@ -352,11 +352,11 @@ def memory_cgroup(limit_bytes: int) -> Iterator[Callable[[], None] | None]:
     yield None
 
 
-def raw_message(job_id: str, task: str, items: list[dict[str, Any]], queue: str) -> bytes:
+def raw_message(job_id: str, task: str, items: list[dict[str, Any]], queue: str, options: dict[str, Any] | None = None) -> bytes:
     """A foreign producer's message: the README's format, built without bertq's client."""
     import base64
 
-    body = json.dumps([[], {"items": items, "model": None, "options": {}}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = json.dumps([[], {"items": items, "model": None, "options": options or {}}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     return json.dumps(
         {
             "body": base64.b64encode(body.encode()).decode(),

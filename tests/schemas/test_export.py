@@ -15,7 +15,7 @@ def schemas() -> dict[str, Any]:
     return json_schemas()
 
 
-def test_every_task_has_item_options_and_result(schemas: dict[str, Any]) -> None:
+def test_every_task_has_kwargs_item_options_and_result(schemas: dict[str, Any]) -> None:
     assert set(schemas["tasks"]) == {task.value for task in TaskName}
     for task in TaskName:
         entry = schemas["tasks"][task.value]
@@ -24,17 +24,18 @@ def test_every_task_has_item_options_and_result(schemas: dict[str, Any]) -> None
         for part in ("item", "options", "result"):
             assert entry[part]["type"] == "object"
             assert entry[part]["title"] == getattr(contract, part).__name__
+        kwargs = entry["kwargs"]
+        assert set(kwargs["properties"]) == {"items", "model", "options"} and kwargs["required"] == ["items"]
+        assert kwargs["additionalProperties"] is False
+        assert kwargs["properties"]["items"]["items"]["$ref"].endswith(contract.item.__name__)
 
 
-def test_job_envelope_errors_and_status(schemas: dict[str, Any]) -> None:
+def test_job_record_errors_and_status(schemas: dict[str, Any]) -> None:
     job = schemas["job"]
-    assert set(job) >= {"JobRequest", "ErrorRecord", "ItemError"}
-    request = job["JobRequest"]
-    assert set(request["required"]) == {"job_id", "task", "items"}
-    assert set(request["properties"]) == {"job_id", "task", "items", "model", "options"}
-    assert request["additionalProperties"] is False
-    task_enum = request["$defs"]["TaskName"]["enum"]
-    assert set(task_enum) == {task.value for task in TaskName}
+    assert set(job) == {"JobRecord", "ErrorRecord", "ItemError"}
+    record = job["JobRecord"]
+    assert set(record["required"]) == {"status", "result", "task_id", "bertq"}
+    assert record["properties"]["status"]["enum"] == ["PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED"]
     assert set(job["ErrorRecord"]["required"]) == {"code", "message"}
     assert schemas["job_status"] == [status.value for status in JobStatus]
     assert set(schemas["job_status"]) == {"queued", "running", "done", "failed", "cancelled", "expired", "unknown"}
@@ -84,7 +85,7 @@ def test_exported_schemas_validate_samples(schemas: dict[str, Any]) -> None:
         return [error.message for error in validator.iter_errors(instance)]
 
     for schema in [*schemas["job"].values(), *(part for t in tasks.values() for part in
-                                                (t["item"], t["options"], t["result"]))]:
+                                                (t["kwargs"], t["item"], t["options"], t["result"]))]:
         jsonschema.Draft202012Validator.check_schema(schema)
 
     assert errors(tasks["qa"]["item"], {"question": "Where?", "context": "In Paris."}) == []
@@ -95,6 +96,8 @@ def test_exported_schemas_validate_samples(schemas: dict[str, Any]) -> None:
     result = {"label": "POSITIVE", "score": 0.9, "scores": [{"label": "POSITIVE", "score": 0.9}]}
     assert errors(tasks["sentiment"]["result"], result) == []
     assert errors(tasks["sentiment"]["result"], {**result, "scores": [{"label": "POSITIVE"}]})
-    job = {"job_id": "j1", "task": "qa", "items": [{"question": "q", "context": "c"}]}
-    assert errors(schemas["job"]["JobRequest"], job) == []
-    assert errors(schemas["job"]["JobRequest"], {**job, "task": "summarize"})
+    kwargs = {"items": [{"question": "q", "context": "c"}], "model": None, "options": {"top_k": 2}}
+    assert errors(tasks["qa"]["kwargs"], kwargs) == []
+    assert errors(tasks["qa"]["kwargs"], {**kwargs, "extra": 1})
+    assert errors(tasks["qa"]["kwargs"], {**kwargs, "items": []})
+    assert errors(tasks["qa"]["kwargs"], {**kwargs, "items": [{"text": "not a qa item"}]})

@@ -207,3 +207,17 @@ def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
     finally:
         os.killpg(supervisor.pid, signal.SIGTERM)
         supervisor.wait(30)
+
+
+def test_cli_submit_wait_and_result_exit_1_for_a_failed_job(
+    main_worker: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BERTQ_REDIS_URL", redis_url)
+    monkeypatch.setenv("BERTQ_QUEUE", main_worker)
+    assert bertq_main(["submit", "sentiment", "--text", "fine", "--wait"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "done"
+    assert bertq_main(["submit", "sentiment", "--text", "x", "--model", "/not/allowed", "--wait"]) == 1
+    failed = json.loads(capsys.readouterr().out)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "model_not_allowed"
+    assert bertq_main(["result", failed["job_id"]]) == 1
+    assert json.loads(capsys.readouterr().out)["error"]["field"] == "model"

@@ -1,0 +1,69 @@
+"""Every error path of the `bertq` command gives one line on stderr and the exit code its --help
+documents: 2 for invalid input or usage, 3 for Redis unavailable, 1 for a job that is not done."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bertq.cli import EXIT_BROKER, EXIT_INVALID, EXIT_JOB_NOT_DONE, main, parser
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("BERTQ_REDIS_URL", "BERTQ_QUEUE", "BERTQ_MAX_BATCH_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bertq: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "variables", "code", "says"),
+    [
+        (["submit", "sentiment", "--text", "x"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "Redis is unreachable"),
+        (["status", "some-id"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "BERTQ_REDIS_URL points at it"),
+        (["status"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "unreachable"),
+        (["submit", "sentiment", "--text", "x"], {}, EXIT_INVALID, "BERTQ_REDIS_URL is not set"),
+        (["result", "some-id"], {"BERTQ_REDIS_URL": "localhost:6379"}, EXIT_INVALID, "BERTQ_REDIS_URL: Redis URL must specify"),
+        (["status"], {"BERTQ_MAX_BATCH_ROWS": "0"}, EXIT_INVALID, "BERTQ_MAX_BATCH_ROWS: Input should be greater than or equal to 1"),
+        (["worker"], {}, EXIT_INVALID, "BERTQ_REDIS_URL is not set"),
+        (["worker", "--tasks", "nope"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "unknown task 'nope'"),
+        (["worker", "--tasks", "embedding"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "also carries"),
+        (["run", "sentiment", "--input", "/nonexistent.jsonl"], {}, EXIT_INVALID, "/nonexistent.jsonl: No such file"),
+        (["run", "sentiment", "--input", "reviews.csv"], {}, EXIT_INVALID, "--input takes JSONL"),
+        (["run", "sentiment", "--input", "-", "--options", "{bad"], {}, EXIT_INVALID, "--options: not valid JSON"),
+        (["run", "sentiment", "--input", "-", "--options", "[1]"], {}, EXIT_INVALID, "--options: must be a JSON object"),
+        (["run", "nope", "--input", "-"], {}, EXIT_INVALID, "unknown task 'nope'"),
+        (["dead", "show"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "give a job id or entry id"),
+    ],
+)
+def test_error_paths_give_one_line_and_the_documented_code(
+    argv: list[str], variables: dict[str, str], code: int, says: str, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in variables.items():
+        env.setenv(name, value)
+    assert main(argv) == code
+    assert says in one_line_error(capsys)
+
+
+def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "items.jsonl"
+    source.write_text(json.dumps({"text": "fine"}) + "\n\n" + "{not json\n")
+    assert main(["run", "sentiment", "--input", str(source)]) == EXIT_INVALID
+    assert f"{source}, line 3: not valid JSON" in one_line_error(capsys)
+
+
+def test_help_documents_the_exit_codes_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    help_text = parser().format_help()
+    for code in (f"  {EXIT_JOB_NOT_DONE}  the job failed", f"  {EXIT_INVALID}  invalid input", f"  {EXIT_BROKER}  Redis unavailable"):
+        assert code in help_text
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("bertq ")

@@ -1,0 +1,100 @@
+"""Prometheus metrics of a worker process, every metric defined once, here.
+
+Served on ``BERTQ_METRICS_PORT`` (unset: off) at ``/metrics``; with ``--gpus`` the process of GPU i
+serves on port + i. Labels stay low-cardinality: task, status, queue, operation, never a job id.
+Throughput, latency and batch figures come from the engine as it works (``Observer``); held items are
+read when Prometheus scrapes; queue depth and dead letters are read from Redis by the heartbeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from bertq.workers.sink import Delivery, Outcome
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+RATIO = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Metrics:
+    """The metrics, and the ``Observer`` that feeds them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.jobs = Counter("bertq_jobs", "Jobs that reached a final state, by task and status.", ["task", "status"], registry=registry)
+        self.items = Counter("bertq_items", "Items of finished jobs, by outcome (ok or error).", ["task", "outcome"], registry=registry)
+        self.batch_rows = Histogram("bertq_batch_rows", "Rows per forward batch.", ["task"], buckets=ROWS, registry=registry)
+        self.batch_padded_tokens = Histogram(
+            "bertq_batch_padded_tokens", "Padded tokens per forward batch (rows x longest row).", ["task"], buckets=TOKENS, registry=registry
+        )
+        self.batch_padding_ratio = Histogram(
+            "bertq_batch_padding_ratio", "Share of a batch's padded tokens that are padding.", ["task"], buckets=RATIO, registry=registry
+        )
+        self.forward_seconds = Histogram("bertq_forward_seconds", "Seconds per forward batch.", ["task"], buckets=SECONDS, registry=registry)
+        self.job_queued_seconds = Histogram(
+            "bertq_job_queued_seconds", "Seconds from submit to a worker starting the job.", ["task"], buckets=SECONDS, registry=registry
+        )
+        self.job_latency_seconds = Histogram(
+            "bertq_job_latency_seconds", "Seconds from submit to the job's record stored.", ["task"], buckets=SECONDS, registry=registry
+        )
+        self.held_items = Gauge("bertq_held_items", "Items the worker holds (fetched, not yet stored).", registry=registry)
+        self.model_load_seconds = Histogram(
+            "bertq_model_load_seconds", "Seconds to load a model.", ["task"], buckets=SECONDS, registry=registry
+        )
+        self.redis_errors = Counter("bertq_redis_errors", "Failed Redis calls (retried), by operation.", ["operation"], registry=registry)
+        self.redis_reconnects = Counter("bertq_redis_reconnects", "Redis calls that succeeded after failing.", registry=registry)
+        self.queue_depth = Gauge("bertq_queue_depth", "Jobs waiting in a queue (all priorities).", ["queue"], registry=registry)
+        self.dead_letters = Gauge("bertq_dead_letters", "Messages in the dead-letter stream.", registry=registry)
+        self.stream_lag = Gauge("bertq_stream_lag", "Entries of a source stream not yet read by its group.", ["stream", "group"], registry=registry)
+        self.stream_pending = Gauge(
+            "bertq_stream_pending", "Entries of a source stream read but not acknowledged.", ["stream", "group"], registry=registry
+        )
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def read_held_items(self, read: Callable[[], float]) -> None:
+        self.held_items.set_function(read)
+
+    # ---- Observer ------------------------------------------------------------------------------
+
+    def received(self, delivery: Delivery) -> None:
+        pass
+
+    def started(self, delivery: Delivery) -> None:
+        if delivery.submitted_at is not None:
+            self.job_queued_seconds.labels(delivery.task).observe(max(0.0, time.time() - delivery.submitted_at))
+
+    def finished(self, outcome: Outcome, stored: bool) -> None:
+        if not stored:
+            return
+        task = outcome.delivery.task or "unknown"
+        status = outcome.error.code if outcome.error is not None and outcome.error.code == "dead_lettered" else outcome.status.value
+        self.jobs.labels(task, status).inc()
+        if outcome.results is not None:
+            errors = sum(1 for result in outcome.results if "error" in result)
+            self.items.labels(task, "ok").inc(len(outcome.results) - errors)
+            self.items.labels(task, "error").inc(errors)
+        if outcome.delivery.submitted_at is not None:
+            self.job_latency_seconds.labels(task).observe(max(0.0, time.time() - outcome.delivery.submitted_at))
+
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+        self.batch_rows.labels(task).observe(rows)
+        self.batch_padded_tokens.labels(task).observe(padded_tokens)
+        self.batch_padding_ratio.labels(task).observe(1 - tokens / padded_tokens if padded_tokens else 0.0)
+        self.forward_seconds.labels(task).observe(seconds)
+
+    def model_loaded(self, task: str, seconds: float) -> None:
+        self.model_load_seconds.labels(task).observe(seconds)
+
+    def redis_error(self, operation: str) -> None:
+        self.redis_errors.labels(operation).inc()
+
+    def redis_back(self, operation: str) -> None:
+        self.redis_reconnects.inc()
