@@ -221,3 +221,40 @@ def test_cli_submit_wait_and_result_exit_1_for_a_failed_job(
     assert failed["status"] == "failed" and failed["error"]["code"] == "model_not_allowed"
     assert bertq_main(["result", failed["job_id"]]) == 1
     assert json.loads(capsys.readouterr().out)["error"]["field"] == "model"
+
+
+def test_real_messages_and_records_validate_against_the_exported_schema(main_worker: str, redis_url: str) -> None:
+    import base64
+
+    import jsonschema
+
+    from bertq.schemas import json_schemas
+
+    schemas = json_schemas()
+    store = redis.Redis.from_url(redis_url)
+    idle = f"schema-{uuid.uuid4().hex[:6]}"  # no worker: the messages stay to be read
+    queued_client = client_for(redis_url, idle)
+    queued = queued_client.submit("qa", [{"question": "Who?", "context": "Ada."}], options={"top_k": 2})
+    cancelled = queued_client.submit("sentiment", ["cancel"])
+    queued_client.cancel([cancelled])
+    app = plain_celery(redis_url)
+    app.send_task("bertq.fill_mask", kwargs={"items": [{"text": "A [MASK]."}], "options": {"top_k": 1}}, queue=idle)
+    for raw in store.lrange(idle, 0, -1):
+        message = json.loads(raw)
+        task = message["headers"]["task"].removeprefix("bertq.")
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        jsonschema.validate(kwargs, schemas["tasks"][task]["kwargs"])
+    client = client_for(redis_url, main_worker)
+    done = client.submit("embedding", ["fine", ""])
+    failed = client.submit("sentiment", ["x"], model="/not/allowed")
+    client.wait([done, failed], timeout=60)
+    record_schema = schemas["job"]["JobRecord"]
+    statuses = set()
+    for job_id in (queued, cancelled, done, failed):
+        record = json.loads(store.get(meta_key(job_id)))
+        jsonschema.validate(record, record_schema)
+        statuses.add(record["status"])
+    assert statuses == {"PENDING", "REVOKED", "SUCCESS", "FAILURE"}
+    done_record = json.loads(store.get(meta_key(done)))
+    jsonschema.validate(done_record["result"][0], schemas["tasks"]["embedding"]["result"])
+    jsonschema.validate(done_record["result"][1], schemas["job"]["ItemError"])

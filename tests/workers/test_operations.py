@@ -135,6 +135,51 @@ def celery_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_flower_shows_done_jobs_as_success_and_failed_ones_as_failure(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str, tmp_path: Path
+) -> None:
+    queue, _, worker, _ = operated
+    port = free_port()
+    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "--broker", redis_url, "flower", f"--port={port}", "--address=127.0.0.1",
+         f"--db={tmp_path / 'flower.db'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+    def api(path: str) -> Any:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read())
+
+    def state(job_id: str) -> str | None:
+        try:
+            return str(api(f"/api/task/info/{job_id}").get("state"))
+        except Exception:
+            return None
+
+    try:
+        assert wait_until(lambda: _answers(port), 60, every=0.5)
+        time.sleep(1.0)  # Flower subscribes to events once it runs
+        client = client_for(redis_url, queue)
+        good = client.submit("sentiment", ["fine"])
+        bad = str(uuid.uuid4())
+        redis.Redis.from_url(redis_url).lpush(queue, raw_message(bad, "sentiment", [{"text": "x"}], queue, {"top_kk": 1}))
+        client.wait([good, bad], timeout=60)
+        assert wait_until(lambda: state(good) == "SUCCESS" and state(bad) == "FAILURE", 30, every=0.5), (state(good), state(bad))
+        failure = api(f"/api/task/info/{bad}")
+        assert "options.top_kk" in failure["exception"] and failure["worker"] == worker.name
+    finally:
+        flower.terminate()
+        flower.wait(30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+        return True
+    except Exception:
+        return False
+
+
 def test_celery_inspect_and_status_answer_with_only_the_redis_url(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
     _, _, worker, _ = operated
     ping = celery_cli(redis_url, "inspect", "ping", "-d", worker.name, "-t", "5")
