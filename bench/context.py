@@ -87,9 +87,9 @@ class Context:
             env["OMP_NUM_THREADS"] = str(threads)
         return env
 
-    def bertq_worker(self, name: str, queue: str, threads: int | None = None, **settings: Any) -> Any:
-        """Context manager: a `bertq worker` process on ``queue``, stopped on exit."""
-        command = [sys.executable, "-m", "bertq", "worker", "--name", f"{name}@bench"]
+    def bertq_worker(self, name: str, queue: str, threads: int | None = None, flags: tuple[str, ...] = (), **settings: Any) -> Any:
+        """Context manager: a `bertq worker` process on ``queue`` (with command-line ``flags``), stopped on exit."""
+        command = [sys.executable, "-m", "bertq", "worker", "--name", f"{name}@bench", *flags]
         return running(command, self.worker_env(queue, threads, **settings), self.out / "logs" / f"{name}.log")
 
     def wait_jobs(self, job_ids: Sequence[str], timeout: float = 600.0, worker: Any = None) -> None:

@@ -117,6 +117,7 @@ def _overview(client: Any, settings: Settings) -> dict[str, Any]:
 
     from bertq.workers.delivery import QUARANTINE_PREFIX, DeadLetters, priority_list
     from bertq.workers.health import live_workers
+    from bertq.workers.streams import parse_sources, stream_state
 
     try:
         workers = live_workers(client.redis)
@@ -128,6 +129,9 @@ def _overview(client: Any, settings: Settings) -> dict[str, Any]:
             quarantined = sum(int(client.redis.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
             depths[queue] = {"queued": sum(by_priority.values()), "by_priority": by_priority, "quarantined": quarantined}
         dead = DeadLetters(client.redis, settings.result_ttl_s).count()
+        sources = {(s.input, s.group) for s in parse_sources(settings.stream_specs())}
+        sources |= {(s["input"], s["group"]) for w in workers for s in w.get("streams", [])}
+        streams = [stream_state(client.redis, stream, group) for stream, group in sorted(sources)]
     except redis.RedisError as error:
         from bertq.connection import broker_error
 
@@ -137,7 +141,7 @@ def _overview(client: Any, settings: Settings) -> dict[str, Any]:
                                           "progress_s_ago", "heartbeat_s_ago", "alive")}
         for worker in workers
     ]
-    return {"queues": depths, "workers": shown, "dead_letters": dead}
+    return {"queues": depths, "workers": shown, "dead_letters": dead, "streams": streams}
 
 
 def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
@@ -217,9 +221,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"device": args.device})
     if not settings.redis_url:
         raise UsageError("BERTQ_REDIS_URL is not set: point it at the Redis the producers use")
+    from bertq.workers.streams import parse_sources
     from bertq.workers.worker import run_worker
 
-    return run_worker(settings, queues, args.name, args.events)
+    try:
+        sources = parse_sources([*settings.stream_specs(), *(args.stream or [])])
+    except ValueError as error:  # pydantic's ValidationError is one
+        raise UsageError(f"worker --stream: {str(error).splitlines()[0]}") from None
+    return run_worker(settings, queues, args.name, args.events, sources)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -294,6 +303,12 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--tasks", help="serve only these tasks: consume the queues BERTQ_ROUTES sends them to")
     worker.add_argument("--name", help="Celery node name (default: bertq-<device>@<host>)")
     worker.add_argument("--events", action="store_true", help="send task events (for Flower), like celery -E")
+    worker.add_argument(
+        "--stream",
+        action="append",
+        metavar="SPEC",
+        help="enrich a Redis Stream too: INPUT=TASK[,TASK...] or a JSON object (repeat for more; see README)",
+    )
     worker.add_argument(
         "--check", action="store_true", help="exit 0 if the worker processes on this machine are live and progressing"
     )

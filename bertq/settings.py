@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="Per-task queues, e.g. `embedding=gpu,ner=gpu`: producers send those tasks there and "
         "`bertq worker --tasks` consumes them. Unlisted tasks use BERTQ_QUEUE.",
     )
+    streams: str = Field(
+        "",
+        description="Redis Streams to enrich: a JSON list of sources, or `;`-separated `INPUT=TASK[,TASK...]` "
+        "(see README, Review streams). Workers read them beside the queue.",
+    )
     result_ttl_s: int = Field(86_400, ge=1, description="Seconds a job record and its result are kept.")
     results_stream_maxlen: int = Field(
         100_000, ge=1, description="Approximate length cap of the `bertq:results` completion stream."
@@ -142,6 +147,15 @@ class Settings(BaseSettings):
 
     def model_for(self, task: TaskName) -> str:
         return str(getattr(self, f"model_{task.value}"))
+
+    def stream_specs(self) -> list[str]:
+        """``streams`` as one spec per source (see workers/streams.py: parse_sources)."""
+        text = self.streams.strip()
+        if text.startswith("["):
+            import json
+
+            return [json.dumps(source) for source in json.loads(text)]
+        return [spec for spec in (part.strip() for part in text.split(";")) if spec]
 
     def queue_for(self, task: TaskName) -> str:
         """The queue jobs of ``task`` are sent to."""

@@ -35,6 +35,7 @@ from bertq.settings import Settings
 from bertq.workers.delivery import CONSUMERS, DEAD, Inbox, Reaper, heartbeat_key
 from bertq.workers.engine import Engine
 from bertq.workers.metrics import Metrics
+from bertq.workers.streams import StreamSource, stream_state
 
 log = get_logger(__name__)
 
@@ -57,6 +58,7 @@ class Heartbeat:
         node: str,
         on_wedged: Callable[[str], None],
         metrics: Metrics | None = None,
+        sources: list[StreamSource] | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -65,6 +67,7 @@ class Heartbeat:
         self.node = node
         self.on_wedged = on_wedged
         self.metrics = metrics
+        self.sources = sources or []
         self.interval = heartbeat_interval(settings)
         self.started_at = time.time()
         self.redis_ok_at: float | None = None
@@ -143,6 +146,12 @@ class Heartbeat:
         self.metrics.dead_letters.set(depths.pop(DEAD))
         for queue, depth in depths.items():
             self.metrics.queue_depth.labels(queue).set(depth)
+        for source in self.sources:
+            state = stream_state(self.inbox.client, source.input, source.group)
+            if state["lag"] is not None:
+                self.metrics.stream_lag.labels(source.input, source.group).set(state["lag"])
+            if state["pending"] is not None:
+                self.metrics.stream_pending.labels(source.input, source.group).set(state["pending"])
 
     def info(self) -> dict[str, Any]:
         now = time.time()
@@ -152,6 +161,7 @@ class Heartbeat:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": self.inbox.queues,
+            "streams": [{"input": s.input, "group": s.group, "output": s.output} for s in self.sources],
             "device": self.settings.device,
             "started_at": self.started_at,
             "heartbeat_at": now,

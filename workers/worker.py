@@ -39,6 +39,7 @@ from bertq.workers.metrics import Metrics
 from bertq.workers.results import JobRecords
 from bertq.workers.runner import ModelCache
 from bertq.workers.sink import Observers
+from bertq.workers.streams import StreamIntake, StreamSink, StreamSource
 
 log = get_logger(__name__)
 
@@ -73,7 +74,15 @@ def supervised(name: str, target: Callable[[], None]) -> threading.Thread:
 class Worker:
     """The parts of one worker process, wired together."""
 
-    def __init__(self, settings: Settings, queues: list[str], node: str, observers: list[Any], metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queues: list[str],
+        node: str,
+        observers: list[Any],
+        metrics: Metrics | None,
+        sources: list[StreamSource],
+    ) -> None:
         assert settings.redis_url
         self.settings = settings
         self.node = node
@@ -91,17 +100,29 @@ class Worker:
             on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),
         )
         self.intake = QueueIntake(self.inbox, self.records, self.engine, settings)
+        self.streams = None
+        if sources:
+            sink = StreamSink(client, self.consumer, settings.visibility_timeout_s)
+            self.streams = StreamIntake(
+                client, sources, sink, self.engine, self.consumer,
+                settings.visibility_timeout_s, settings.sweep_interval_s, settings.max_deliveries,
+            )
         reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
-        self.heartbeat = Heartbeat(settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why), metrics)
+        self.heartbeat = Heartbeat(
+            settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why), metrics, sources
+        )
 
     def start(self) -> None:
         self.engine.start()
         self._intake_thread = supervised("intake", self.intake.run)
+        self._stream_thread = supervised("streams", self.streams.run) if self.streams else None
         self.heartbeat.beat()
         supervised("heartbeat", self.heartbeat.run)
 
     def stop_fetching(self) -> None:
         self.intake.stop()
+        if self.streams:
+            self.streams.stop()
 
     def drain(self) -> int:
         """Stop fetching, finish what is in a batch, give the rest back; a second SIGTERM or SIGINT
@@ -109,8 +130,10 @@ class Worker:
         hurry = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: hurry.set())
-        self.intake.stop()
+        self.stop_fetching()
         self._intake_thread.join(self.inbox.block_s + 15)
+        if self._stream_thread:
+            self._stream_thread.join(15)
         log.info("draining", jobs=self.engine.held_messages, timeout_s=self.settings.shutdown_timeout_s)
         released = self.engine.drain(self.settings.shutdown_timeout_s, hurry)
         self.heartbeat.stop()
@@ -124,7 +147,13 @@ class Worker:
         return released
 
 
-def run_worker(settings: Settings, queues: list[str] | None = None, name: str | None = None, events: bool = False) -> int:
+def run_worker(
+    settings: Settings,
+    queues: list[str] | None = None,
+    name: str | None = None,
+    events: bool = False,
+    sources: list[StreamSource] | None = None,
+) -> int:
     """Run one worker in this process until SIGTERM/SIGINT (or ``celery control shutdown``); drain and
     return 0. Returns non-zero when Celery's worker stopped without being asked to."""
     configure_process_logging(settings.log_format, settings.log_level)
@@ -136,7 +165,7 @@ def run_worker(settings: Settings, queues: list[str] | None = None, name: str | 
     metrics = Metrics() if settings.metrics_port else None
     celery_events = CeleryEvents(app, node) if events else None
     observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node)) if o is not None]
-    worker = Worker(settings, queues, node, observers, metrics)
+    worker = Worker(settings, queues, node, observers, metrics, sources or [])
     if metrics is not None:
         metrics.read_held_items(lambda: worker.engine.held_items)
         metrics.serve(int(settings.metrics_port or 0))
