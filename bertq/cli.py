@@ -95,7 +95,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(settings)
     items: list[Any] = [{"text": text} for text in args.text] if args.text else _read_jsonl(args.input)
-    job_id = client.submit(args.task, items, model=args.model, options=_options(args.options), priority=args.priority)
+    job_id = client.submit(
+        args.task, items, model=args.model, options=_options(args.options), priority=args.priority, callback_url=args.callback_url
+    )
     if not args.wait:
         print(job_id)
         return 0
@@ -234,7 +236,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from bertq.demo import run_demo
 
-    return run_demo(settings)
+    return run_demo(settings, stream=args.stream)
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
@@ -273,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--model")
     submit.add_argument("--options", help="JSON object of task options")
     submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
+    submit.add_argument("--callback-url", help="a worker POSTs the final record here (see README, Webhooks)")
     submit.add_argument("--wait", action="store_true", help="wait and print the result (exit 1 unless done)")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(handler=cmd_submit)
@@ -315,6 +318,7 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="embedded Redis + a worker + one job per task")
+    demo.add_argument("--stream", action="store_true", help="show review-stream enrichment instead")
     demo.set_defaults(handler=cmd_demo)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and result")

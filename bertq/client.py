@@ -85,15 +85,17 @@ class Client:
         model: str | None = None,
         options: dict[str, Any] | None = None,
         priority: int | None = None,
+        callback_url: str | None = None,
     ) -> str:
         """Queue one job; returns its id. Items are dicts of the task's item fields (a plain string
         stands for ``{"text": ...}`` where the task takes a text). Job-level mistakes raise
         InvalidInput here; an invalid item gets its own error in the job's results. ``priority``: 0-9,
-        0 (the default) served first, as Celery on Redis does.
+        0 (the default) served first, as Celery on Redis does. ``callback_url``: a worker POSTs the final
+        record there (see README, Webhooks).
 
         Raises ``SubmitIncomplete`` (a ``BrokerUnavailable``) when Redis cannot take the job; its
         ``unconfirmed_ids`` holds the id when the reply was lost and the job may be queued."""
-        return self._send(parse_task(task), [list(items)], model, options, priority)[0]
+        return self._send(parse_task(task), [list(items)], model, options, priority, callback_url)[0]
 
     def submit_many(
         self,
@@ -103,6 +105,7 @@ class Client:
         model: str | None = None,
         options: dict[str, Any] | None = None,
         priority: int | None = None,
+        callback_url: str | None = None,
     ) -> list[str]:
         """Queue a stream of items as jobs of ``items_per_message`` items each; one id per job, in order.
 
@@ -112,7 +115,7 @@ class Client:
         ``unknown`` means not queued), and the rest were not sent."""
         size = items_per_message or self.settings.items_per_message
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-        return self._send(parse_task(task), chunks, model, options, priority)
+        return self._send(parse_task(task), chunks, model, options, priority, callback_url)
 
     def _send(
         self,
@@ -121,21 +124,26 @@ class Client:
         model: str | None,
         options: dict[str, Any] | None,
         priority: int | None,
+        callback_url: str | None,
     ) -> list[str]:
         from bertq.workers.delivery import priority_list
 
         validate_options(task, options)
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
             raise InvalidInput("must be an integer from 0 (served first) to 9", field="priority")
+        if callback_url is not None and not callback_url.startswith(("http://", "https://")):
+            raise InvalidInput("must be an http:// or https:// URL", field="callback_url")
         limits = self.settings.limits()
         queue = priority_list(self.settings.queue_for(task), priority)
         jobs = []
         for chunk in chunks:
             items = [self._item(task, item) for item in validate_item_count(chunk, limits)]
             job_id = str(uuid.uuid4())
-            kwargs = {"items": items, "model": model, "options": options or {}}
+            kwargs: dict[str, Any] = {"items": items, "model": model, "options": options or {}}
+            if callback_url:
+                kwargs["callback_url"] = callback_url
             message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0)
-            jobs.append((job_id, queued_record(job_id, task.value, len(items)), message))
+            jobs.append((job_id, queued_record(job_id, task.value, len(items), callback_url), message))
         queued: list[str] = []
         for start in range(0, len(jobs), 500):
             batch = jobs[start : start + 500]

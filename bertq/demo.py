@@ -63,7 +63,8 @@ def _shown(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, stream: bool = False) -> int:
+    """One job per task through a worker; with ``stream``, review-stream enrichment instead."""
     env = dict(os.environ)
     if hub_reachable():
         print("Model hub reachable: using the default models (BERTQ_MODEL_<TASK> overrides them).")
@@ -81,26 +82,65 @@ def run_demo(settings: Settings) -> int:
         where = url if settings.redis_url else f"an embedded Valkey at {url}"
         print(f"Redis: {where}. Starting one worker process...")
         env.update(BERTQ_REDIS_URL=url, BERTQ_LOG_LEVEL=os.environ.get("BERTQ_LOG_LEVEL", "WARNING"))
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "bertq", "worker"], env=env, stdout=subprocess.DEVNULL, start_new_session=True
-        )
+        command = [sys.executable, "-m", "bertq", "worker"]
+        if stream:
+            command += ["--stream", json.dumps({"input": STREAM, "tasks": ["sentiment", "embedding"], "id_field": "review_id"})]
+        worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
         try:
-            client = Client(url, settings.model_copy(update={"redis_url": url}))
-            jobs = {task: client.submit(task.value, items, options=options) for task, (items, options) in DEMO_JOBS.items()}
-            views = client.wait(list(jobs.values()), timeout=300)
-            failures = 0
-            for task, job_id in jobs.items():
-                view = views[job_id]
-                print(f"\n== {task.value}  job {job_id}: {view.status.value}")
-                items, options = DEMO_JOBS[task]
-                for item, result in zip(items, view.results or []):
-                    print(f"  in : {json.dumps(item, ensure_ascii=False)}" + (f"  options {options}" if options else ""))
-                    print(f"  out: {json.dumps(_shown(result), ensure_ascii=False)}")
-                if view.status.value != "done":
-                    failures += 1
-                    print(f"  error: {view.error}")
-            print("\nThe empty embedding item shows a per-item error record; its batch-mate still succeeded.")
-            return 1 if failures else 0
+            if stream:
+                return _stream_demo(url)
+            return _jobs_demo(url, settings)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
+
+
+def _jobs_demo(url: str, settings: Settings) -> int:
+    client = Client(url, settings.model_copy(update={"redis_url": url}))
+    jobs = {task: client.submit(task.value, items, options=options) for task, (items, options) in DEMO_JOBS.items()}
+    views = client.wait(list(jobs.values()), timeout=300)
+    failures = 0
+    for task, job_id in jobs.items():
+        view = views[job_id]
+        print(f"\n== {task.value}  job {job_id}: {view.status.value}")
+        items, options = DEMO_JOBS[task]
+        for item, result in zip(items, view.results or []):
+            print(f"  in : {json.dumps(item, ensure_ascii=False)}" + (f"  options {options}" if options else ""))
+            print(f"  out: {json.dumps(_shown(result), ensure_ascii=False)}")
+        if view.status.value != "done":
+            failures += 1
+            print(f"  error: {view.error}")
+    print("\nThe empty embedding item shows a per-item error record; its batch-mate still succeeded.")
+    return 1 if failures else 0
+
+
+STREAM = "demo:reviews"
+REVIEWS = 300
+
+
+def _stream_demo(url: str) -> int:
+    import random
+    import time
+
+    import redis
+
+    store = redis.Redis.from_url(url)
+    rng = random.Random(0)
+    openings = ["The battery", "Delivery", "The screen", "Customer service", "The price", "Setup"]
+    verdicts = ["is excellent", "was slow", "broke after a week", "is fine for the money", "exceeded my hopes"]
+    print(f"Writing {REVIEWS} reviews to the stream {STREAM!r} (one empty one among them)...")
+    for i in range(REVIEWS):
+        text = "" if i == 7 else f"{rng.choice(openings)} {rng.choice(verdicts)}."
+        store.xadd(STREAM, {"review_id": f"r{i}", "text": text, "stars": str(rng.randint(1, 5))})
+    out = f"{STREAM}:enriched"
+    started = time.monotonic()
+    while store.xlen(out) < REVIEWS and time.monotonic() - started < 300:
+        time.sleep(0.2)
+    entries = store.xrange(out)
+    print(f"{len(entries)} enriched entries in {out!r} after {time.monotonic() - started:.1f} s; the first three and the empty one:")
+    for _, fields in [*entries[:3], *[e for e in entries if e[1].get(b"review_id") == b"r7"]]:
+        shown = {k.decode(): v.decode() for k, v in fields.items()}
+        if "embedding" in shown:
+            shown["embedding"] = json.dumps(_shown(json.loads(shown["embedding"])))
+        print("  " + json.dumps(shown, ensure_ascii=False)[:400])
+    return 0 if len(entries) == REVIEWS else 1

@@ -25,6 +25,7 @@ from bertq.errors import BertqError
 from bertq.schemas import JobStatus
 
 META_PREFIX = "celery-task-meta-"
+WEBHOOKS = "bertq:webhooks"  # zset: job id -> unix time its webhook's next call is due (workers/webhooks.py)
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 RESULTS_STREAM = "bertq:results"
 
@@ -70,8 +71,11 @@ def _record(state: str, job_id: str, result: Any, info: dict[str, Any]) -> str:
     )
 
 
-def queued_record(job_id: str, task: str, items: int) -> str:
-    return _record("PENDING", job_id, None, {"task": task, "items": items, "queued_at": time.time()})
+def queued_record(job_id: str, task: str, items: int, callback_url: str | None = None) -> str:
+    info: dict[str, Any] = {"task": task, "items": items, "queued_at": time.time()}
+    if callback_url:
+        info["callback_url"] = callback_url
+    return _record("PENDING", job_id, None, info)
 
 
 def running_record(job_id: str, task: str, items: int, worker: str) -> str:
@@ -152,16 +156,26 @@ def _error_from_celery(result: Any) -> dict[str, Any]:
     return {"code": "error", "field": None, "message": str(result)}
 
 
-# KEYS: record, results stream. ARGV: cancelled record, ttl, stream maxlen, job id, '1' to cancel a job
-# without a record (sent with plain send_task: no record until a worker claims it).
+# KEYS: record, results stream, webhooks. ARGV: cancelled record, ttl, stream maxlen, job id, '1' to
+# cancel a job without a record (sent with plain send_task: no record until a worker claims it).
 _CANCEL = (
     RECORD_STATE
     + """
 local state = state_of(KEYS[1])
 local absent = redis.call('EXISTS', KEYS[1]) == 0
 if state == 'PENDING' or state == 'RECEIVED' or (absent and ARGV[5] == '1') then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  redis.call('PUBLISH', KEYS[1], ARGV[1])
+  local record = ARGV[1]
+  if not absent then  -- a webhook asked for at submit time is called for the cancellation too
+    local url = (cjson.decode(redis.call('GET', KEYS[1]))['bertq'] or {})['callback_url']
+    if type(url) == 'string' then
+      local field = '"bertq": {"callback_url": ' .. string.gsub(cjson.encode(url), '%%', '%%%%') .. ', '
+      record = string.gsub(record, '"bertq": {', field, 1)
+      local t = redis.call('TIME')
+      redis.call('ZADD', KEYS[3], tonumber(t[1]), ARGV[4])
+    end
+  end
+  redis.call('SET', KEYS[1], record, 'EX', ARGV[2])
+  redis.call('PUBLISH', KEYS[1], record)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[4], 'status', 'cancelled')
   return {1, 'cancelled'}
 end
@@ -188,7 +202,11 @@ def cancel_jobs(
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         record = revoked_record(job_id, JobStatus.cancelled, "cancelled before it ran")
-        script(keys=[meta_key(job_id), RESULTS_STREAM], args=[record, ttl_s, stream_maxlen, job_id, "1" if allow_unknown else "0"], client=pipe)
+        script(
+            keys=[meta_key(job_id), RESULTS_STREAM, WEBHOOKS],
+            args=[record, ttl_s, stream_maxlen, job_id, "1" if allow_unknown else "0"],
+            client=pipe,
+        )
     outcomes = []
     for changed, state in pipe.execute():
         state = state.decode() if isinstance(state, bytes) else state

@@ -128,6 +128,16 @@ class Settings(BaseSettings):
     )
     max_loaded_models: int = Field(8, ge=1, description="Models a worker keeps loaded; the least recently used goes.")
 
+    webhook_secret: str | None = Field(
+        None, description="Key of the HMAC-SHA256 signature (header X-Bertq-Signature) of every webhook call."
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated hosts (or host:port) a job's `callback_url` may call; empty: none. Others "
+        "are refused, and the refusal recorded on the job.",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds a webhook call may take.")
+    webhook_max_attempts: int = Field(5, ge=1, description="Calls of a webhook before it is given up (backoff 1 s, 2 s, 4 s...).")
     metrics_port: int | None = Field(
         None,
         ge=1,

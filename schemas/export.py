@@ -20,6 +20,7 @@ def kwargs_model(task: TaskName) -> type[BaseModel]:
         items=(list[contract.item], Field(min_length=1, description="The items; see the task's item.")),  # type: ignore[name-defined]
         model=(str | None, Field(None, description="Hub id or local path; default: the worker's for this task.")),
         options=(contract.options | None, Field(None, description="The task's options; default: all defaults.")),
+        callback_url=(str | None, Field(None, description="A worker POSTs the final record here (README, Webhooks).")),
     )
 
 

@@ -70,6 +70,8 @@ class RecordInfo(BaseModel):
     error: ErrorRecord | None = Field(None, description="Why a failed job failed.")
     status: Literal["cancelled", "expired"] | None = Field(None, description="Of a REVOKED record.")
     reason: str | None = Field(None, description="Why it was cancelled or expired.")
+    callback_url: str | None = Field(None, description="The webhook the job asked for.")
+    webhook: dict[str, Any] | None = Field(None, description="The webhook's calls: url, attempts, delivered.")
     queued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from bertq.errors import DeadLettered
-from bertq.records import RECORD_STATE, RESULTS_STREAM, failed_record, meta_key, queued_record
+from bertq.records import RECORD_STATE, RESULTS_STREAM, WEBHOOKS, failed_record, meta_key, queued_record
 
 #: kombu's Redis transport keeps one list per priority step; step 0 is served first.
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -150,9 +150,9 @@ local cutoff = tonumber(now[1]) + tonumber(now[2]) / 1e6 - tonumber(ARGV[1])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', cutoff))
 """
 
-# One message of a dead consumer. KEYS: in-flight hash, deliveries, dead stream, record, results stream.
-# ARGV: tag, identity, max deliveries, dead-letter record, record ttl, reason, consumer, stream maxlen,
-# job id ('' when the message has none), task.
+# One message of a dead consumer. KEYS: in-flight hash, deliveries, dead stream, record, results stream,
+# webhooks. ARGV: tag, identity, max deliveries, dead-letter record, record ttl, reason, consumer,
+# stream maxlen, job id ('' when the message has none), task, quarantine prefix, '1' for a webhook.
 _RECLAIM = (
     _SPLIT_VALUE
     + RECORD_STATE
@@ -179,6 +179,10 @@ if ARGV[9] ~= '' and not is_final(KEYS[4]) then
   redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
   redis.call('PUBLISH', KEYS[4], ARGV[4])
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[9], 'status', 'failed')
+  if ARGV[12] == '1' then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[6], tonumber(t[1]), ARGV[9])
+  end
 end
 return 2
 """
@@ -371,12 +375,16 @@ class Reaper:
             key, task = identity(raw)
             job_id = "" if key.startswith("sha1:") else key
             reason = f"delivered {self.max_deliveries} times without finishing; each time {cause}"
-            record = failed_record(job_id, _task_name(task), DeadLettered(reason), {"deliveries": self.max_deliveries}) if job_id else ""
+            callback_url = _kwargs(raw).get("callback_url")
+            info: dict[str, Any] = {"deliveries": self.max_deliveries}
+            if isinstance(callback_url, str):
+                info["callback_url"] = callback_url
+            record = failed_record(job_id, _task_name(task), DeadLettered(reason), info) if job_id else ""
             outcome = self._reclaim(
-                keys=[inflight, DELIVERIES, DEAD, meta_key(job_id), RESULTS_STREAM],
+                keys=[inflight, DELIVERIES, DEAD, meta_key(job_id), RESULTS_STREAM, WEBHOOKS],
                 args=[
                     tag, key, self.max_deliveries, record, self.record_ttl_s, reason, consumer, DEAD_MAXLEN, job_id,
-                    task or "", QUARANTINE_PREFIX,
+                    task or "", QUARANTINE_PREFIX, "1" if "callback_url" in info else "",
                 ],
             )
             report.requeued += outcome in (1, 3)
@@ -474,13 +482,19 @@ def _task_name(task: str | None) -> str | None:
     return task.removeprefix("bertq.") if task else None
 
 
-def _item_count(raw: bytes) -> int:
-    """Items in a Celery protocol 2 message, 0 when unreadable (only for the record's display)."""
+def _kwargs(raw: bytes) -> dict[str, Any]:
+    """The kwargs of a Celery protocol 2 message, {} when unreadable."""
     try:
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        return len(body[1]["items"])
+        kwargs = json.loads(base64.b64decode(json.loads(raw)["body"]))[1]
+        return kwargs if isinstance(kwargs, dict) else {}
     except Exception:
-        return 0
+        return {}
+
+
+def _item_count(raw: bytes) -> int:
+    """Items in a message, 0 when unreadable (only for the record's display)."""
+    items = _kwargs(raw).get("items")
+    return len(items) if isinstance(items, list) else 0
 
 
 def _text(value: Any) -> str:

@@ -32,7 +32,7 @@ log = get_logger(__name__)
 TASK_PREFIX = "bertq."
 FETCH_MOST = 64  # messages per fetch round trip
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
-KWARGS = {"items", "model", "options"}
+KWARGS = {"items", "model", "options", "callback_url"}
 KNOWN_TASKS = [task.value for task in TaskName]
 RECONCILE_EVERY_S = 10.0
 QUARANTINE_CHECK_S = 1.0
@@ -81,6 +81,10 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
             raise Unsupported("eta/countdown is not supported: send the job when it should run", field="headers.eta")
         kwargs = _kwargs(envelope, properties)
         delivery.items, delivery.model, delivery.options = kwargs.get("items"), kwargs.get("model"), kwargs.get("options")
+        callback_url = kwargs.get("callback_url")
+        if callback_url is not None and not isinstance(callback_url, str):
+            raise InvalidMessage("callback_url must be a URL string", field="kwargs.callback_url")
+        delivery.callback_url = callback_url
     except BertqError as error:
         delivery.refusal = error
     return delivery
@@ -118,7 +122,7 @@ def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
         raise InvalidMessage("the task takes keyword arguments: items, model, options", field="kwargs")
     unknown = sorted(set(kwargs) - KWARGS)
     if unknown:
-        raise InvalidMessage("unknown argument; expected items, model, options", field=f"kwargs.{unknown[0]}")
+        raise InvalidMessage("unknown argument; expected items, model, options, callback_url", field=f"kwargs.{unknown[0]}")
     if isinstance(embed, dict):
         linked = [name for name in ("callbacks", "errbacks", "chain", "chord") if embed.get(name)]
         if linked:

@@ -16,6 +16,7 @@ from bertq.errors import ResultTooLarge
 from bertq.records import (
     RECORD_STATE,
     RESULTS_STREAM,
+    WEBHOOKS,
     done_record,
     failed_record,
     meta_key,
@@ -40,8 +41,8 @@ return {'run', failed}
 """
 )
 
-# KEYS: record, results stream, in-flight hash, deliveries. ARGV: record ('' to only acknowledge),
-# ttl, stream maxlen, job id, status, tag, delivery key.
+# KEYS: record, results stream, in-flight hash, deliveries, webhooks. ARGV: record ('' to only
+# acknowledge), ttl, stream maxlen, job id, status, tag, delivery key, '1' when it has a webhook.
 _FINISH = (
     RECORD_STATE
     + """
@@ -50,6 +51,10 @@ if ARGV[1] ~= '' and not is_final(KEYS[1]) then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   redis.call('PUBLISH', KEYS[1], ARGV[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[4], 'status', ARGV[5])
+  if ARGV[8] == '1' then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[5], tonumber(t[1]), ARGV[4])
+  end
   stored = 1
 end
 redis.call('HDEL', KEYS[3], ARGV[6])
@@ -121,9 +126,10 @@ class JobRecords:
         pipe.execute()
 
     def _store(self, delivery: Delivery, record: str, status: str, pipe: Any) -> None:
+        webhook = "1" if record and delivery.callback_url else ""
         self._finish(
-            keys=[meta_key(delivery.job_id), RESULTS_STREAM, self.inflight, DELIVERIES],
-            args=[record, self.ttl_s, self.stream_maxlen, delivery.job_id, status, _tag(delivery), _delivery_key(delivery)],
+            keys=[meta_key(delivery.job_id), RESULTS_STREAM, self.inflight, DELIVERIES, WEBHOOKS],
+            args=[record, self.ttl_s, self.stream_maxlen, delivery.job_id, status, _tag(delivery), _delivery_key(delivery), webhook],
             client=pipe,
         )
 
@@ -131,6 +137,8 @@ class JobRecords:
 def _record(outcome: Outcome) -> str:
     delivery = outcome.delivery
     info = {"deliveries": delivery.deliveries, **outcome.info}
+    if delivery.callback_url:
+        info["callback_url"] = delivery.callback_url
     if outcome.status is JobStatus.done:
         return done_record(delivery.job_id, delivery.task, outcome.results or [], info)
     if outcome.status is JobStatus.expired:

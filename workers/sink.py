@@ -28,6 +28,7 @@ class Delivery:
     priority: int = 0  # 0-9, 0 first (kombu's Redis convention)
     expires_at: float | None = None  # unix time
     submitted_at: float | None = None  # unix time, when the producer said
+    callback_url: str | None = None  # a webhook to call once the job is final
     refusal: BertqError | None = None
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
 

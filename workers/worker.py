@@ -40,6 +40,7 @@ from bertq.workers.results import JobRecords
 from bertq.workers.runner import ModelCache
 from bertq.workers.sink import Observers
 from bertq.workers.streams import StreamIntake, StreamSink, StreamSource
+from bertq.workers.webhooks import Webhooks
 
 log = get_logger(__name__)
 
@@ -107,6 +108,7 @@ class Worker:
                 client, sources, sink, self.engine, self.consumer,
                 settings.visibility_timeout_s, settings.sweep_interval_s, settings.max_deliveries,
             )
+        self.webhooks = Webhooks(client, settings)
         reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
         self.heartbeat = Heartbeat(
             settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why), metrics, sources
@@ -116,6 +118,7 @@ class Worker:
         self.engine.start()
         self._intake_thread = supervised("intake", self.intake.run)
         self._stream_thread = supervised("streams", self.streams.run) if self.streams else None
+        supervised("webhooks", self.webhooks.run)
         self.heartbeat.beat()
         supervised("heartbeat", self.heartbeat.run)
 
@@ -136,6 +139,7 @@ class Worker:
             self._stream_thread.join(15)
         log.info("draining", jobs=self.engine.held_messages, timeout_s=self.settings.shutdown_timeout_s)
         released = self.engine.drain(self.settings.shutdown_timeout_s, hurry)
+        self.webhooks.stop()
         self.heartbeat.stop()
         if self.engine.held_messages == 0:
             gone = threading.Event()

@@ -25,7 +25,7 @@ def test_every_task_has_kwargs_item_options_and_result(schemas: dict[str, Any]) 
             assert entry[part]["type"] == "object"
             assert entry[part]["title"] == getattr(contract, part).__name__
         kwargs = entry["kwargs"]
-        assert set(kwargs["properties"]) == {"items", "model", "options"} and kwargs["required"] == ["items"]
+        assert set(kwargs["properties"]) == {"items", "model", "options", "callback_url"} and kwargs["required"] == ["items"]
         assert kwargs["additionalProperties"] is False
         assert kwargs["properties"]["items"]["items"]["$ref"].endswith(contract.item.__name__)
 
