@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import observability
+from bench import observability, streams
 
-SECTIONS: dict[str, ModuleType] = {"observability": observability}
+SECTIONS: dict[str, ModuleType] = {"observability": observability, "streams": streams}

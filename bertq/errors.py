@@ -41,12 +41,6 @@ class ModelUnavailable(BertqError):
     code = "model_unavailable"
 
 
-class Overloaded(BertqError):
-    """The worker refuses more work than it can hold."""
-
-    code = "overloaded"
-
-
 class InferenceFailed(BertqError):
     """The model raised while running an item or a batch."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelUnavailable, Overloaded
+from bertq.errors import BertqError, DeadLettered, InferenceFailed, InvalidInput, ModelUnavailable
 from bertq.schemas import Limits, TaskName
 from bertq.settings import DEFAULT_MODELS, Settings
 
@@ -143,7 +143,7 @@ def test_error_record_has_code_field_and_message() -> None:
 
 def test_str_includes_the_field() -> None:
     assert str(InvalidInput("empty text", field="items[2].text")) == "items[2].text: empty text"
-    assert str(Overloaded("queue full")) == "queue full"
+    assert str(DeadLettered("delivered 3 times")) == "delivered 3 times"
     assert InvalidInput("x", field="items[0].text").message == "x"
 
 
@@ -152,7 +152,7 @@ def test_str_includes_the_field() -> None:
     [
         (InvalidInput, "invalid_input"),
         (ModelUnavailable, "model_unavailable"),
-        (Overloaded, "overloaded"),
+        (DeadLettered, "dead_lettered"),
         (InferenceFailed, "inference_failed"),
     ],
 )
