@@ -180,8 +180,8 @@ def test_a_redelivered_finished_job_is_not_run_or_stored_again(main_worker: str,
 
 def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "bertq", "worker", "--gpus", "0,1"],
-        env={**os.environ, "BERTQ_REDIS_URL": redis_url, "BERTQ_QUEUE": "gpus-test"},
+        [sys.executable, "-m", "bertq", "worker", "--gpus", "0,1", "--events"],
+        env={**os.environ, "BERTQ_REDIS_URL": redis_url, "BERTQ_QUEUE": "gpus-test", "BERTQ_METRICS_PORT": "19300"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -200,10 +200,12 @@ def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
             )
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             name = cmdline[cmdline.index("--name") + 1]
-            seen[environ["CUDA_VISIBLE_DEVICES"]] = (name, cmdline[cmdline.index("--device") + 1])
+            seen[environ["CUDA_VISIBLE_DEVICES"]] = (name, cmdline[cmdline.index("--device") + 1], environ["BERTQ_METRICS_PORT"], "--events" in cmdline)
         assert set(seen) == {"0", "1"}
         assert seen["0"][0].startswith("bertq-gpu0@") and seen["1"][0].startswith("bertq-gpu1@")
         assert seen["0"][1] == seen["1"][1] == "cuda:0"  # each sees only its own GPU
+        assert (seen["0"][2], seen["1"][2]) == ("19300", "19301")  # a metrics port each
+        assert seen["0"][3] and seen["1"][3]
     finally:
         os.killpg(supervisor.pid, signal.SIGTERM)
         supervisor.wait(30)
