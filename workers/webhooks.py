@@ -86,7 +86,13 @@ class Webhooks:
                 self.stopping.wait(1.0)
                 continue
             for job_id in due:
-                self.deliver(job_id)
+                try:
+                    self.deliver(job_id)
+                except Exception as error:  # a webhook never ends a worker
+                    if is_transient(error):
+                        continue  # its lease runs out and a worker tries again
+                    log.exception("webhook dropped: its record cannot be read", job_id=job_id)
+                    self.client.zrem(WEBHOOKS, job_id)
             if not due:
                 self.stopping.wait(0.5)
 
@@ -96,7 +102,8 @@ class Webhooks:
             self.client.zrem(WEBHOOKS, job_id)
             return
         record = json.loads(raw)
-        hook = record["bertq"].get("webhook") or {"url": record["bertq"].get("callback_url"), "attempts": []}
+        ours = record.get("bertq") or {}
+        hook = ours.get("webhook") or {"url": ours.get("callback_url"), "attempts": []}
         url = hook["url"]
         attempt: dict[str, Any] = {"at": time.time()}
         if not url or not host_allowed(url, self.allowed):
