@@ -114,14 +114,18 @@ class Group:
     """A primary, one replica and three sentinels (quorum 2)."""
 
     def __init__(self, directory: Path) -> None:
-        self.primary = AuthServer(directory / "primary", None, "--requirepass", PASSWORD, "--masterauth", PASSWORD)
-        self.primary.start()
+        self.directory = directory
+        auth = ("--requirepass", PASSWORD, "--masterauth", PASSWORD)
+        self.primary = AuthServer(directory / "primary", None, *auth)
         self.replica = AuthServer(
-            directory / "replica", None, "--requirepass", PASSWORD, "--masterauth", PASSWORD,
-            "--replicaof", "127.0.0.1", str(self.primary.port),
-        )  # fmt: skip
+            directory / "replica", None, *auth, "--replicaof", "127.0.0.1", str(self.primary.port)
+        )
+        self.sentinels: list[SentinelProcess] = []
+
+    def start(self) -> None:
+        self.primary.start()
         self.replica.start()
-        self.sentinels = [SentinelProcess(directory / f"sentinel{i}", self.primary.port) for i in range(3)]
+        self.sentinels = [SentinelProcess(self.directory / f"sentinel{i}", self.primary.port) for i in range(3)]
 
     @property
     def url(self) -> str:
@@ -154,6 +158,7 @@ class Group:
 def group(tmp_path: Path) -> Iterator[Group]:
     group = Group(tmp_path / "ha")
     try:
+        group.start()
         assert wait_until(group.ready, 30, every=0.1), "the sentinels did not discover each other and the replica"
         yield group
     finally:
