@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import observability, streams
+from bench import observability, redis_ops, streams
 
-SECTIONS: dict[str, ModuleType] = {"observability": observability, "streams": streams}
+SECTIONS: dict[str, ModuleType] = {"observability": observability, "streams": streams, "redis_ops": redis_ops}

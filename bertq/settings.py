@@ -34,8 +34,9 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
-        description="Broker and result store, e.g. redis://host:6379/0. Unset: `bertq demo` starts an "
-        "embedded server; other commands refuse to guess.",
+        description="Broker and result store, e.g. redis://host:6379/0, or a Sentinel URL "
+        "sentinel://[:password@]host:26379[,host:26379...]/master-name[/db] (see Scaling out). Unset: `bertq demo` "
+        "starts an embedded server; other commands refuse to guess.",
     )
     queue: str = Field("bertq", description="Celery queue that producers send to and workers consume.")
     routes: str = Field(

@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
+from bertq.connection import SentinelUrl, is_sentinel_url
 from bertq.schemas import TaskName
 from bertq.settings import Settings
 
@@ -26,8 +27,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if not settings.redis_url:
         raise ImproperlyConfigured("BERTQ_REDIS_URL is not set: point it at the Redis that bertq workers use")
     return {
-        "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
+        **_redis_config(settings.redis_url),
         "task_serializer": "json",
         "result_serializer": "json",
         "event_serializer": "json",
@@ -41,6 +41,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a Redis outage never ends a worker
         "broker_channel_error_retry": True,
+    }
+
+
+def _redis_config(url: str) -> dict[str, Any]:
+    """Broker and result backend on ``url``. A Sentinel URL becomes kombu's and Celery's own Sentinel
+    form, so control, events and ``AsyncResult`` follow the master through a failover as bertq does."""
+    if not is_sentinel_url(url):
+        return {"broker_url": url, "result_backend": url}
+    kombu_url, transport_options = SentinelUrl.parse(url).kombu()
+    return {
+        "broker_url": kombu_url,
+        "result_backend": kombu_url,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
     }
 
 
