@@ -229,8 +229,11 @@ class Client:
 
 
 def _maybe_sent(error: redis.RedisError) -> bool:
-    """Whether a failed transaction may have reached Redis: not when the connection could not be made,
-    nor when Redis refused it (OOM, READONLY: MULTI/EXEC then runs nothing)."""
-    if isinstance(error, redis.ResponseError):
+    """Whether a failed transaction may have reached Redis: not when the connection could not be made
+    (refused, or no master known to the sentinels), nor when Redis refused it (OOM, READONLY:
+    MULTI/EXEC then runs nothing)."""
+    from redis.sentinel import MasterNotFoundError
+
+    if isinstance(error, (redis.ResponseError, MasterNotFoundError)):
         return False
     return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))

@@ -93,11 +93,16 @@ def identity(raw: bytes) -> tuple[str, str | None]:
 
 @dataclass
 class Fetched:
-    """A message moved into this worker's in-flight hash under ``tag``, from the list ``source``."""
+    """A message moved into this worker's in-flight hash under ``tag`` (``<sequence>-<server time>``),
+    from the list ``source``."""
 
     tag: str
     source: str
     raw: bytes
+
+    @property
+    def order(self) -> int:
+        return int(self.tag.split("-", 1)[0])
 
 
 # In-flight values are "<source list>\n<message>": list names never hold a newline.
@@ -114,11 +119,14 @@ _FETCH = """
 local inflight, sequence = KEYS[1], KEYS[2]
 local most, budget, landings = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, count, bytes = {}, 0, 0
+-- the clock makes tags unique even if a failover loses writes and the sequence goes back
+local now = redis.call('TIME')
+local stamp = now[1] .. string.format('%06d', tonumber(now[2]))
 local function take(list, source)
   if count >= most or (count > 0 and bytes >= budget) then return false end
   local raw = redis.call('RPOP', list)
   if not raw then return false end
-  local tag = tostring(redis.call('INCR', sequence))
+  local tag = redis.call('INCR', sequence) .. '-' .. stamp
   redis.call('HSET', inflight, tag, source .. '\\n' .. raw)
   out[#out + 1] = tag
   out[#out + 1] = source

@@ -234,7 +234,7 @@ class QueueIntake:
         self._suspect = False
         if orphans:
             log.warning("adopting in-flight messages this worker never received", messages=len(orphans))
-            self._hand_over(sorted(orphans, key=lambda f: int(f.tag)))
+            self._hand_over(sorted(orphans, key=lambda f: f.order))
 
     def _hand_over(self, fetched: list[Fetched]) -> list[Delivery]:
         deliveries = []
