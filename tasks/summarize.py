@@ -15,7 +15,8 @@ The steps of its ``Summarizer()(text, ...)`` (version 0.10.1), which this module
 
 Where it differs: a candidate longer than the model window is embedded from its first tokens (the
 result says ``truncated``) where the reference fails, a candidate with no tokens at all is skipped,
-and a text without candidates is an item error rather than an empty summary.
+a text without candidates is an item error rather than an empty summary, and candidates equally near
+a centroid (within ``TIE``) go to the earlier one where the reference follows float rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
 RANDOM_STATE = 12345
 #: its default embedding layer: hidden_states[-2], the output of all layers but the last
 HIDDEN_LAYER = -2
+#: distances to a centroid this close count as equal (see nearest_to_centroids)
+TIE = 1e-5
 
 
 @dataclass
@@ -136,7 +139,12 @@ def choose(features: np.ndarray, options: SummarizeOptions) -> list[int]:
 
 
 def nearest_to_centroids(features: np.ndarray, clusters: int) -> list[int]:
-    """k-means, then per centroid in order the nearest row not taken by an earlier centroid; sorted."""
+    """k-means, then per centroid in order the nearest row not taken by an earlier centroid; sorted.
+
+    Distances within ``TIE`` (absolute and relative) of the nearest count as a tie, won by the earlier
+    row. A cluster of two rows, or of repeats of one sentence, is such a tie by construction (its
+    centroid is halfway, or on all of them): the reference picks by float rounding, which moves with
+    the batch a row was computed in, and so would bertq's summary of one text from run to run."""
     if clusters == 0:
         return []
     if clusters >= len(features):  # every row is its own cluster: k-means would pick them all
@@ -146,9 +154,9 @@ def nearest_to_centroids(features: np.ndarray, clusters: int) -> list[int]:
     centroids = KMeans(n_clusters=clusters, random_state=RANDOM_STATE).fit(features).cluster_centers_
     taken: list[int] = []
     for centroid in centroids:
-        distances = np.linalg.norm(features - centroid, axis=1)
+        distances = np.linalg.norm(features.astype(np.float64) - centroid, axis=1)
         distances[taken] = np.inf
-        taken.append(int(np.argmin(distances)))
+        taken.append(int(np.flatnonzero(np.isclose(distances, distances.min(), rtol=TIE, atol=TIE))[0]))
     return sorted(taken)
 
 
