@@ -11,11 +11,14 @@ from bench.peers.tf457 import run_script
 
 _SCRIPT = """
 import json, sys, time
+import torch
 from transformers import AutoModel, AutoTokenizer
 from summarizer import Summarizer
 summarizers = {}
 out = []
 for run in json.load(sys.stdin):
+    if run.get("threads"):
+        torch.set_num_threads(run["threads"])
     if run["model"] not in summarizers:
         model = AutoModel.from_pretrained(run["model"], output_hidden_states=True)
         tokenizer = AutoTokenizer.from_pretrained(run["model"])
@@ -34,7 +37,7 @@ print(json.dumps(out))
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Runs ``{"model", "documents", "options", "warmup" (optional)}`` in one subprocess, each model
-    loaded once. Per run, per document: the chosen sentences (``sentences``) and the seconds its
+    """Runs ``{"model", "documents", "options", "warmup" (optional), "threads" (optional: torch's
+    intra-op threads)}`` in one subprocess, each model loaded once. Per run, per document: the chosen sentences (``sentences``) and the seconds its
     summarize call took (``seconds``); ``warmup`` documents are summarized first, untimed."""
     return run_script(_SCRIPT, runs)  # type: ignore[no-any-return]
