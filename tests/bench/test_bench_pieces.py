@@ -72,3 +72,11 @@ def test_documents_are_deterministic_with_the_documented_sentence_counts() -> No
 def test_a_self_timed_system_is_rated_by_the_seconds_it_reports() -> None:
     (row,) = measure([System("peer", lambda: 0.5, 10, warmup=lambda: None, self_timed=True)], 2, log=lambda _: None)
     assert row.rates == [20.0, 20.0]
+
+
+def test_a_missing_side_directory_is_a_clear_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bench.peers import tf457
+
+    monkeypatch.setattr(tf457, "SIDE_DIR", tmp_path / "side-tf457")
+    with pytest.raises(RuntimeError, match=r"side-tf457 is missing.*make venv"):
+        tf457.run_script("print(1)", {})
