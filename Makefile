@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bertq-installed
+# transformers 4.57.6 beside the venv, for the parity references (see tests/side-tf457.txt)
+SIDE := $(VENV)/side-tf457
+SIDE_STAMP := $(SIDE)/.installed
 
 .PHONY: demo test bench faults venv clean
 
@@ -14,15 +17,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[worker,demo,test,bench]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(SIDE_STAMP): tests/side-tf457.txt $(STAMP)
+	rm -rf $(SIDE)
+	$(PY) -m pip install -q --no-deps --target $(SIDE) -r tests/side-tf457.txt
+	touch $(SIDE_STAMP)
+
+venv: $(STAMP) $(SIDE_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bertq demo
 
-test: $(STAMP)
+test: $(STAMP) $(SIDE_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(SIDE_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench
 
 clean:

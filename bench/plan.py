@@ -27,6 +27,7 @@ class Plan:
     item_counts: tuple[int, ...] = (1_000, 10_000, 100_000)
     poll_interval_s: float = 0.003
     gpu_texts: int = 4096
+    summarize_documents: int = 64  # bench/texts.py review_documents: median 12 sentences
 
 
 DEFAULT = Plan("default")
@@ -48,4 +49,5 @@ QUICK = Plan(
     scaling_tiny_items=256,
     item_counts=(100, 1000),
     gpu_texts=64,
+    summarize_documents=8,
 )

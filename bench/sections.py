@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import observability, redis_ops, streams
+from bench import observability, redis_ops, streams, summarize
 
-SECTIONS: dict[str, ModuleType] = {"observability": observability, "streams": streams, "redis_ops": redis_ops}
+SECTIONS: dict[str, ModuleType] = {
+    "summarize": summarize,
+    "observability": observability,
+    "streams": streams,
+    "redis_ops": redis_ops,
+}

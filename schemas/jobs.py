@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from bertq.errors import BertqError, InvalidInput
-from bertq.schemas.tasks import CONTRACTS, TaskName
+from bertq.schemas.tasks import CONTRACTS, SimilarityQuery, TaskName
 
 
 class JobStatus(str, Enum):
@@ -33,6 +34,7 @@ class Limits(BaseModel):
 
     max_text_chars: int = 50_000
     max_items_per_job: int = 4096
+    max_candidates: int = 1024
 
 
 class ErrorRecord(BaseModel):
@@ -102,9 +104,11 @@ def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return path.lstrip(".")
 
 
-def _invalid(error: ValidationError, prefix: str) -> InvalidInput:
+def _invalid(error: ValidationError, prefix: str, shapes: bool = False) -> InvalidInput:
+    """``shapes``: the model is a union of item shapes, whose errors start with the shape's tag."""
     first = error.errors()[0]
-    field = _field_path(prefix, tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    field = _field_path(prefix, loc[1:] if shapes else loc)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field"
@@ -150,25 +154,41 @@ def validate_item_count(items: Any, limits: Limits) -> list[Any]:
 
 
 def validate_item(task: TaskName, index: int, item: Any, limits: Limits) -> BaseModel:
-    """One item. The error names the field, e.g. ``items[3].text``."""
+    """One item. The error names the field, e.g. ``items[3].text``. A task with several item shapes
+    (similarity) gets the shape's own model."""
     prefix = f"items[{index}]"
     if not isinstance(item, dict):
         raise InvalidInput("must be an object", field=prefix)
+    model = CONTRACTS[task].item
     try:
-        parsed = CONTRACTS[task].item.model_validate(item)
+        parsed = model.model_validate(item)
     except ValidationError as error:
-        raise _invalid(error, prefix) from None
-    for name, value in parsed:
-        if not isinstance(value, str):
-            continue
-        if not value.strip():
-            raise InvalidInput("empty text", field=f"{prefix}.{name}")
-        if len(value) > limits.max_text_chars:
+        raise _invalid(error, prefix, shapes=issubclass(model, RootModel)) from None
+    if isinstance(parsed, RootModel):
+        parsed = parsed.root
+    if isinstance(parsed, SimilarityQuery) and len(parsed.candidates) > limits.max_candidates:
+        raise InvalidInput(
+            f"{len(parsed.candidates)} candidates is over the limit of {limits.max_candidates} (BERTQ_MAX_CANDIDATES)",
+            field=f"{prefix}.candidates",
+        )
+    for field, text in _texts(prefix, parsed):
+        if not text.strip():
+            raise InvalidInput("empty text", field=field)
+        if len(text) > limits.max_text_chars:
             raise InvalidInput(
-                f"{len(value)} characters is over the limit of {limits.max_text_chars} (BERTQ_MAX_TEXT_CHARS)",
-                field=f"{prefix}.{name}",
+                f"{len(text)} characters is over the limit of {limits.max_text_chars} (BERTQ_MAX_TEXT_CHARS)",
+                field=field,
             )
     return parsed
+
+
+def _texts(prefix: str, item: BaseModel) -> Iterator[tuple[str, str]]:
+    """Every text of an item with its field name: text fields, and each text of a list (candidates)."""
+    for name, value in item:
+        if isinstance(value, str):
+            yield f"{prefix}.{name}", value
+        elif isinstance(value, list):
+            yield from ((f"{prefix}.{name}[{i}]", text) for i, text in enumerate(value) if isinstance(text, str))
 
 
 def validate_items(task: TaskName, items: Any, limits: Limits) -> list[BaseModel | BertqError]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class TaskName(str, Enum):
@@ -15,6 +16,8 @@ class TaskName(str, Enum):
     fill_mask = "fill_mask"
     nsp = "nsp"
     embedding = "embedding"
+    similarity = "similarity"
+    summarize = "summarize"
 
 
 class _Strict(BaseModel):
@@ -25,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class TextItem(_Strict):
-    """One text: sentiment, ner, fill_mask and embedding."""
+    """One text: sentiment, ner, fill_mask, embedding and summarize."""
 
     text: str
 
@@ -40,6 +43,50 @@ class PairItem(_Strict):
 
     text: str
     text_pair: str
+
+
+class SimilarityPair(_Strict):
+    """Similarity of two texts: the cosine of their embeddings."""
+
+    text_a: str
+    text_b: str
+
+
+class SimilarityQuery(_Strict):
+    """A query and the candidates to rank by the cosine of their embeddings with the query's."""
+
+    query: str
+    candidates: list[str] = Field(min_length=1, description="At most BERTQ_MAX_CANDIDATES texts.")
+    top_k: int | None = Field(None, ge=1, description="Keep the k best candidates (default: all, ranked).")
+
+
+SIMILARITY_SHAPES = (
+    'either a pair {"text_a", "text_b"} or a query with candidates {"query", "candidates", "top_k" (optional)}'
+)
+
+
+def _similarity_shape(item: Any) -> str | None:
+    """Which shape an item means, by its fields; None (a clear error) when it mixes or lacks both."""
+    if not isinstance(item, dict):
+        return None
+    pair = "text_a" in item or "text_b" in item
+    query = "query" in item or "candidates" in item or "top_k" in item
+    return None if pair == query else "pair" if pair else "query"
+
+
+class SimilarityItem(
+    RootModel[
+        Annotated[
+            Union[Annotated[SimilarityPair, Tag("pair")], Annotated[SimilarityQuery, Tag("query")]],
+            Discriminator(
+                _similarity_shape,
+                custom_error_type="item_shape",
+                custom_error_message=f"a similarity item is {SIMILARITY_SHAPES}",
+            ),
+        ]
+    ]
+):
+    """A similarity item of either shape. Validation hands the task the shape itself (``.root``)."""
 
 
 # ---- options ---------------------------------------------------------------------------------------
@@ -75,6 +122,37 @@ class EmbeddingOptions(_Strict):
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     normalize: bool = Field(True, description="L2-normalise the pooled vector.")
     return_tokens: bool = Field(False, description="Also return each token's contextual vector.")
+
+
+class SimilarityOptions(_Strict):
+    pooling: Literal["mean", "cls", "pooler"] = Field("mean", description="As the embedding task's.")
+
+
+class SummarizeOptions(_Strict):
+    """bert-extractive-summarizer's ``Summarizer()(text, ...)`` arguments, with its defaults."""
+
+    num_sentences: int | None = Field(
+        None, ge=1, description="Sentences in the summary, the first one included when use_first; overrides ratio."
+    )
+    ratio: float = Field(
+        0.2, gt=0, le=1, description="Without num_sentences: pick max(1, int(ratio x candidate sentences)) by clustering."
+    )
+    min_length: int = Field(40, ge=0, description="Candidate sentences are longer than this, in characters.")
+    max_length: int = Field(600, ge=2, description="Candidate sentences are shorter than this, in characters.")
+    use_first: bool = Field(True, description="Always keep the first candidate sentence.")
+
+    @field_validator("max_length")
+    @classmethod
+    def _room_between_lengths(cls, max_length: int, info: Any) -> int:
+        min_length = info.data.get("min_length")
+        if min_length is not None and max_length <= min_length + 1:
+            raise PydanticCustomError(
+                "length_range",
+                "must be at least min_length + 2 ({minimum}): a candidate sentence is longer than min_length "
+                "and shorter than max_length",
+                {"minimum": min_length + 2},
+            )
+        return max_length
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -149,6 +227,42 @@ class EmbeddingResult(_Strict):
     truncated: bool = False
 
 
+class SimilarityScore(_Strict):
+    """A pair's result."""
+
+    score: float = Field(description="Cosine similarity of the two texts' embeddings, -1 to 1.")
+    truncated: bool = Field(False, description="A text was cut to the model's window.")
+
+
+class CandidateScore(_Strict):
+    index: int = Field(description="Position of the candidate in the item's `candidates`.")
+    score: float = Field(description="Cosine similarity with the query.")
+
+
+class SimilarityRanking(_Strict):
+    """A query's result."""
+
+    ranked: list[CandidateScore] = Field(description="The top_k candidates, best first (equal scores: lower index first).")
+    truncated: bool = Field(False, description="The query or a candidate was cut to the model's window.")
+
+
+class SimilarityResult(RootModel[Union[SimilarityScore, SimilarityRanking]]):
+    """A pair gives a score, a query a ranking."""
+
+
+class SummarySentence(_Strict):
+    index: int = Field(description="Position among all the text's sentences (before the length filter).")
+    text: str
+    start: int = Field(description="Character offset into the original text.")
+    end: int
+
+
+class SummarizeResult(_Strict):
+    summary: str = Field(description="The chosen sentences joined by single spaces.")
+    sentences: list[SummarySentence] = Field(description="The chosen sentences, in text order.")
+    truncated: bool = Field(False, description="A candidate sentence was cut to the model's window.")
+
+
 class TaskContract(BaseModel):
     item: type[BaseModel]
     options: type[BaseModel]
@@ -162,4 +276,6 @@ CONTRACTS: dict[TaskName, TaskContract] = {
     TaskName.fill_mask: TaskContract(item=TextItem, options=FillMaskOptions, result=FillMaskResult),
     TaskName.nsp: TaskContract(item=PairItem, options=NspOptions, result=NspResult),
     TaskName.embedding: TaskContract(item=TextItem, options=EmbeddingOptions, result=EmbeddingResult),
+    TaskName.similarity: TaskContract(item=SimilarityItem, options=SimilarityOptions, result=SimilarityResult),
+    TaskName.summarize: TaskContract(item=TextItem, options=SummarizeOptions, result=SummarizeResult),
 }

@@ -120,7 +120,8 @@ def test_limits_follow_settings(clean_env: pytest.MonkeyPatch) -> None:
     assert Settings().limits() == Limits()
     clean_env.setenv("BERTQ_MAX_TEXT_CHARS", "77")
     clean_env.setenv("BERTQ_MAX_ITEMS_PER_JOB", "5")
-    assert Settings().limits() == Limits(max_text_chars=77, max_items_per_job=5)
+    clean_env.setenv("BERTQ_MAX_CANDIDATES", "9")
+    assert Settings().limits() == Limits(max_text_chars=77, max_items_per_job=5, max_candidates=9)
 
 
 def test_every_settings_field_is_documented() -> None:

@@ -3,12 +3,14 @@ FLOP count. The benchmark itself runs with `make bench`, not here."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
 
 from bench.gpu import flops_per_sequence, long_texts, peak_tflops
-from bench.texts import length_stats, percentile, review_texts
+from bench.texts import length_stats, percentile, review_documents, review_texts, sentence_count
+from bench.timing import System, measure
 
 
 def test_texts_are_deterministic_and_differ_by_seed() -> None:
@@ -54,3 +56,27 @@ def test_gpu_texts_reach_the_sequence_length(minilm) -> None:  # type: ignore[no
     texts = long_texts(review_texts(64), 32)
     assert len(texts) == 32
     assert min(len(ids) for ids in tokenizer(texts)["input_ids"]) >= 128
+
+
+def test_documents_are_deterministic_with_the_documented_sentence_counts() -> None:
+    assert review_documents(20) == review_documents(20)
+    assert review_documents(20, seed=1) != review_documents(20)
+    rng = random.Random(0)
+    counts = [sentence_count(rng) for _ in range(5000)]
+    assert statistics.median(counts) == 12  # lognormal, median 12 sentences
+    assert min(counts) >= 2 and max(counts) <= 200
+    assert 3 <= percentile([float(c) for c in counts], 10) <= 5
+    assert 28 <= percentile([float(c) for c in counts], 90) <= 38
+
+
+def test_a_self_timed_system_is_rated_by_the_seconds_it_reports() -> None:
+    (row,) = measure([System("peer", lambda: 0.5, 10, warmup=lambda: None, self_timed=True)], 2, log=lambda _: None)
+    assert row.rates == [20.0, 20.0]
+
+
+def test_a_missing_side_directory_is_a_clear_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bench.peers import tf457
+
+    monkeypatch.setattr(tf457, "SIDE_DIR", tmp_path / "side-tf457")
+    with pytest.raises(RuntimeError, match=r"side-tf457 is missing.*make venv"):
+        tf457.run_script("print(1)", {})

@@ -14,6 +14,10 @@ from bertq.schemas import (
     QAItem,
     QAOptions,
     SentimentOptions,
+    SimilarityOptions,
+    SimilarityPair,
+    SimilarityQuery,
+    SummarizeOptions,
     TaskName,
     TextItem,
     parse_task,
@@ -167,8 +171,8 @@ def test_one_bad_item_does_not_fail_the_others() -> None:
 def test_unknown_task_names_field_and_lists_known_tasks() -> None:
     assert parse_task("qa") is TaskName.qa
     with pytest.raises(InvalidInput) as caught:
-        parse_task("summarize")
-    error = assert_names(caught.value, "task", "'summarize'")
+        parse_task("translate")
+    error = assert_names(caught.value, "task", "'translate'")
     for task in TaskName:
         assert task.value in error.message
 
@@ -234,3 +238,90 @@ def test_valid_options_parse_with_defaults() -> None:
     qa = validate_options(TaskName.qa, {"top_k": 3, "handle_impossible_answer": True})
     assert qa == QAOptions(top_k=3, handle_impossible_answer=True)
     assert qa.doc_stride == 128  # type: ignore[attr-defined]
+
+
+# ---- similarity: two item shapes, candidates -------------------------------------------------------
+
+
+def test_similarity_items_parse_to_their_shape() -> None:
+    pair = validate_item(TaskName.similarity, 0, {"text_a": "good", "text_b": "fine"}, LIMITS)
+    query = validate_item(TaskName.similarity, 1, {"query": "q", "candidates": ["a", "b"], "top_k": 1}, LIMITS)
+    assert pair == SimilarityPair(text_a="good", text_b="fine")
+    assert query == SimilarityQuery(query="q", candidates=["a", "b"], top_k=1)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [{"text": "a"}, {}, {"text_a": "a", "text_b": "b", "query": "q", "candidates": ["c"]}, {"text_a": "a", "text_b": "b", "top_k": 2}],
+    ids=["text", "nothing", "both-shapes", "pair-with-top_k"],
+)
+def test_similarity_item_of_no_or_both_shapes_says_which_shapes_exist(item: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validate_item(TaskName.similarity, 3, item, LIMITS)
+    assert_names(caught.value, "items[3]", '{"text_a", "text_b"}', '{"query", "candidates", "top_k" (optional)}')
+
+
+@pytest.mark.parametrize(
+    ("item", "field", "fragment"),
+    [
+        ({"text_a": "a"}, "items[0].text_b", "required"),
+        ({"query": "q"}, "items[0].candidates", "required"),
+        ({"query": "q", "candidates": []}, "items[0].candidates", "at least 1"),
+        ({"query": "q", "candidates": "a b"}, "items[0].candidates", "list"),
+        ({"query": "q", "candidates": ["a", 7]}, "items[0].candidates[1]", "string"),
+        ({"query": "q", "candidates": ["a"], "top_k": 0}, "items[0].top_k", "greater than or equal to 1"),
+        ({"query": "q", "candidates": ["a"], "lang": "en"}, "items[0].lang", "unknown field"),
+        ({"query": " ", "candidates": ["a"]}, "items[0].query", "empty text"),
+        ({"query": "q", "candidates": ["a", "b", "\n"]}, "items[0].candidates[2]", "empty text"),
+        ({"query": "q", "candidates": ["a", "x" * 11]}, "items[0].candidates[1]", "limit of 10 (BERTQ_MAX_TEXT_CHARS)"),
+        ({"text_a": "x" * 11, "text_b": "b"}, "items[0].text_a", "limit of 10 (BERTQ_MAX_TEXT_CHARS)"),
+    ],
+)
+def test_similarity_item_errors_name_the_field_inside_its_shape(item: dict[str, Any], field: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validate_item(TaskName.similarity, 0, item, LIMITS)
+    assert_names(caught.value, field, fragment)
+
+
+def test_too_many_candidates_names_field_limit_and_env_var() -> None:
+    limits = Limits(max_candidates=4)
+    validate_item(TaskName.similarity, 0, {"query": "q", "candidates": ["a"] * 4}, limits)  # at the limit: accepted
+    with pytest.raises(InvalidInput) as caught:
+        validate_item(TaskName.similarity, 3, {"query": "q", "candidates": ["a"] * 5000}, limits)
+    assert_names(caught.value, "items[3].candidates", "5000 candidates", "limit of 4", "BERTQ_MAX_CANDIDATES")
+
+
+def test_similarity_options() -> None:
+    assert validate_options(TaskName.similarity, {}) == SimilarityOptions(pooling="mean")
+    with pytest.raises(InvalidInput) as caught:
+        validate_options(TaskName.similarity, {"pooling": "max"})
+    assert_names(caught.value, "options.pooling", "mean")
+    with pytest.raises(InvalidInput) as caught:
+        validate_options(TaskName.similarity, {"normalize": False})
+    assert_names(caught.value, "options.normalize", "unknown option", "pooling")
+
+
+# ---- summarize options --------------------------------------------------------------------------------
+
+
+def test_summarize_options_default_to_bert_extractive_summarizers() -> None:
+    options = validate_options(TaskName.summarize, {})
+    assert options == SummarizeOptions(num_sentences=None, ratio=0.2, min_length=40, max_length=600, use_first=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "fragment"),
+    [
+        ({"num_sentences": 0}, "options.num_sentences", "greater than or equal to 1"),
+        ({"ratio": 0}, "options.ratio", "greater than 0"),
+        ({"ratio": 1.5}, "options.ratio", "less than or equal to 1"),
+        ({"min_length": -1}, "options.min_length", "greater than or equal to 0"),
+        ({"max_length": 41}, "options.max_length", "min_length + 2 (42)"),
+        ({"min_length": 100, "max_length": 80}, "options.max_length", "min_length + 2 (102)"),
+        ({"sentences": 3}, "options.sentences", "unknown option"),
+    ],
+)
+def test_summarize_option_errors_name_the_option(options: dict[str, Any], field: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validate_options(TaskName.summarize, options)
+    assert_names(caught.value, field, fragment)
