@@ -31,13 +31,28 @@ INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "fill_mask": ([{"text": "The delivery was [MASK]."}], {"top_k": 3}),
     "nsp": ([{"text": "I ordered a kettle.", "text_pair": "It arrived two days later."}], {}),
     "embedding": ([{"text": "Great value"}, {"text": "東京 café"}], {}),
+    "similarity": (
+        [
+            {"text_a": "The battery lasts all day.", "text_b": "Battery life is excellent."},
+            {"query": "Does it ship fast?", "candidates": ["Delivery took two days.", "The screen is gorgeous.", "Shipping was slow."], "top_k": 2},
+            {"text": "not a similarity item"},
+        ],
+        {},
+    ),
+    "summarize": (
+        [
+            {"text": "I bought this kettle in March after my old one started leaking from the base. It boils a full litre in a little under three minutes, which is noticeably faster than before. The handle stays cool, although the lid hinge feels flimsy and rattles when the water is boiling. After two months of daily use there is already some limescale around the spout, so I descale it every few weeks. Customer service replaced the lid within a week when the hinge finally snapped. Overall it is a decent kettle for the price, but I would not call it durable."},
+            {"text": "Too short. Works."},
+        ],
+        {"num_sentences": 3},
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models: dict[str, Path], minilm: Path) -> dict[str, str]:
     paths = {task: str(tiny_models[task]) for task in ("sentiment", "ner", "qa", "fill_mask", "nsp")}
-    return {**paths, "embedding": str(minilm)}
+    return {**paths, "embedding": str(minilm), "similarity": str(minilm), "summarize": str(minilm)}
 
 
 def worker_env(redis_url: str, queue: str, models: dict[str, str], **extra: str) -> dict[str, str]:
