@@ -15,6 +15,7 @@ import redis
 from bertq.log import configure_logging, get_logger
 from bertq.settings import Settings
 from bertq.workers.app import configure
+from bertq.workers.backends import BackendConfig
 from bertq.workers.engine import Engine
 from bertq.workers.intake import attach
 from bertq.workers.results import ResultStore
@@ -37,7 +38,7 @@ def run_worker(
     store = ResultStore(
         redis.Redis.from_url(str(settings.redis_url)), settings.result_ttl_s, settings.results_stream_maxlen
     )
-    engine = Engine(settings, store, ModelCache(settings.device, settings.dtype), hostname)
+    engine = Engine(settings, store, ModelCache(settings.device, settings.dtype, BackendConfig.from_settings(settings)), hostname)
     attach(engine, settings.max_held_items)
     engine.start()
     log.info("worker starting", node=hostname, device=settings.device, queues=queues or [settings.queue])
