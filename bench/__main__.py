@@ -122,7 +122,7 @@ def run_only(names: list[str], ctx: Context, plan: Any, out: Path) -> int:
         report[name] = SECTIONS[name].run(ctx)
         report[name]["command"] = f"python -m bench --only {name}" + (" --quick" if plan is QUICK else "")
         report[name]["elapsed_s"] = time.perf_counter() - started
-    return write_outputs(report, results, results.parent / "BENCHMARKS.md" if plan is DEFAULT else out / "BENCHMARKS.md")
+    return write_outputs(report, results, ROOT / "BENCHMARKS.md" if plan is DEFAULT else out / "BENCHMARKS.md")
 
 
 def write_outputs(report: dict[str, Any], results: Path, markdown: Path) -> int:

@@ -10,4 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-SECTIONS: dict[str, ModuleType] = {}
+from bench import backends
+
+SECTIONS: dict[str, ModuleType] = {"backends": backends}

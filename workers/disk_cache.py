@@ -101,7 +101,7 @@ class Entry:
 def entry(root: Path, model_id: str, task: str, path: str, key: dict[str, Any]) -> Entry:
     """The entry for ``key`` (which must hold everything that decides the content)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model_id).name or model_id)[-48:]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(Path(model_id).parts[-2:]))[-48:]  # org/name, parent/dir
     return Entry(root / f"{name}-{task}-{path}-{digest}", key)
 
 

@@ -146,7 +146,7 @@ def count_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def embedding_entries(root: Path, kind: str) -> list[Path]:
-    return [path for path in root.iterdir() if re.fullmatch(f"base-embedding-{kind}-[0-9a-f]{{16}}", path.name)]
+    return [path for path in root.iterdir() if re.fullmatch(f".*-base-embedding-{kind}-[0-9a-f]{{16}}", path.name)]
 
 
 def test_second_load_does_no_conversion_and_a_corrupted_file_is_rebuilt(
@@ -366,3 +366,30 @@ def test_cpu_features_are_read_from_cpuinfo() -> None:
     assert BF16_CPU.describe() == "Test CPU (AVX2, AVX512-VNNI, AVX512-BF16)"
     assert PLAIN_CPU.features() == {"AVX2": True, "AVX512-VNNI": True, "AVX512-BF16": False, "AMX-BF16": False, "AMX-INT8": False}
     assert not parse_cpuinfo("").native_bf16
+
+
+def test_bertq_run_serves_the_chosen_backend_and_keeps_stdout_to_results(
+    tiny_models: dict[str, Path], small_calibration: Path, tmp_path: Path
+) -> None:
+    """The CLI path: quantiser progress and logs go to stderr; stdout has one JSON result per item."""
+    import os
+    import subprocess
+    import sys
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"text": text}) for text in TEXTS[:5]) + "\n")
+    env = {
+        **os.environ,
+        "BERTQ_BACKEND": "openvino-int8",
+        "BERTQ_CACHE_DIR": str(tmp_path / "cache"),
+        "BERTQ_CALIBRATION_FILE": str(small_calibration),
+        "BERTQ_ACCEPT_ANY_ACCURACY": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bertq", "run", "sentiment", "--model", str(tiny_models["sentiment"]), "--input", str(items)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == 5 and all(result["label"] in ("NEGATIVE", "POSITIVE") for result in results)
+    assert "backend=openvino-int8" in done.stderr and "quantised to static int8" in done.stderr
