@@ -54,3 +54,14 @@ def test_gpu_texts_reach_the_sequence_length(minilm) -> None:  # type: ignore[no
     texts = long_texts(review_texts(64), 32)
     assert len(texts) == 32
     assert min(len(ids) for ids in tokenizer(texts)["input_ids"]) >= 128
+
+
+def test_documentation_paragraphs_are_deterministic_and_about_56_tokens(minilm) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from bench.texts import doc_paragraphs
+
+    docs = doc_paragraphs(320)
+    assert docs == doc_paragraphs(320) and docs != doc_paragraphs(320, seed=1)
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(minilm)(docs)["input_ids"]]
+    assert 50 <= statistics.mean(lengths) <= 62 and max(lengths) < 128

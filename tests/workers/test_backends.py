@@ -216,15 +216,15 @@ def test_workers_building_the_same_entry_at_once_leave_one_whole_entry(tmp_path:
 
 
 def test_cache_key_follows_the_calibration_text(
-    tiny_models: dict[str, Path], small_calibration: Path, tmp_path: Path
+    tiny_models: dict[str, Path], small_calibration: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     task, model = get_task(TaskName.embedding), str(tiny_models["base"])
-    load_model(task, model, backend=config("openvino-int8", tmp_path, small_calibration))
+    load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration))
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps({"text": t}) for t in calibration.shipped_texts(40, seed=9)) + "\n")
-    load_model(task, model, backend=config("openvino-int8", tmp_path, other))
-    assert len(embedding_entries(tmp_path, "openvino-int8")) == 2
-    assert len(embedding_entries(tmp_path, "openvino")) == 1  # the converted model is shared
+    load_model(task, model, backend=config("openvino-int8", cache_dir, other))
+    assert len(embedding_entries(cache_dir, "openvino-int8")) == 2
+    assert len(embedding_entries(cache_dir, "openvino")) == 1  # the converted model is shared
 
 
 def test_quantize_command_builds_the_cache_and_prints_the_report(
@@ -249,15 +249,15 @@ def test_gate_refuses_a_path_naming_the_figure_unless_told_to_accept(
     tiny_models: dict[str, Path], small_calibration: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task, model = get_task(TaskName.embedding), str(tiny_models["base"])
-    monkeypatch.setattr(accuracy, "MIN_COSINE", 1.01)  # no int8 path can pass this
-    fresh = cache_dir / "gate"
+    load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=False))  # passes
+    monkeypatch.setattr(accuracy, "MIN_COSINE", 1.01)  # no int8 path can pass this; the stored report is judged again
     with pytest.raises(ModelUnavailable, match=r"minimum cosine 0\.9\d+ .*threshold 1\.01: FAILED.*BERTQ_ACCEPT_ANY_ACCURACY") as refused:
-        load_model(task, model, backend=config("openvino-int8", fresh, small_calibration, accept=False))
+        load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=False))
     assert refused.value.field == "backend"
-    loaded = load_model(task, model, backend=config("openvino-int8", fresh, small_calibration, accept=True))
+    loaded = load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=True))
     assert loaded.accuracy is not None and not loaded.accuracy["passed"]
     monkeypatch.setattr(accuracy, "MIN_COSINE", 0.99)  # a stored report is judged by today's threshold
-    passed = load_model(task, model, backend=config("openvino-int8", fresh, small_calibration, accept=False))
+    passed = load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=False))
     assert passed.accuracy is not None and passed.accuracy["passed"]
 
 
