@@ -243,7 +243,13 @@ def _prebuild(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> Non
             ctx.log(f"  prebuilt {name}: {child.loaded['info']} in {child.loaded['load_s']:.0f} s")
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average: above its 2 cores, other processes competed with the rows."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def _table(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], out: Path, metric: str) -> dict[str, Any]:
+    loads = [load_average()]
     with children(ctx, specs) as running:
         systems = [
             System(name, lambda child=child: child.ask("run"), _count(specs[name][1]), kind="peer" if "sentence-transformers" in name else "in-process")
@@ -256,7 +262,8 @@ def _table(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], out: Path
             child.ask("save", path=str(path))
             outputs[name] = np.load(path)
         memory = {name: {**child.loaded, "now": child.ask("memory")} for name, child in running.items()}
-    return _figures(rows, outputs, memory, metric)
+    loads.append(load_average())
+    return {**_figures(rows, outputs, memory, metric), "load_average": loads}
 
 
 def _count(spec: dict[str, Any]) -> int:
@@ -376,7 +383,7 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         return body
 
     header = ["system", "precision", "texts/s median (min-max)", "x torch fp32 (range)", "x OpenVINO peer (range)"]
-    memory = "MiB per loaded model (process RSS)"
+    memory = "MiB per loaded model (process RSS after the runs)"
     cpu_info = figures["cpu"]
     docs = figures["docs"]
     lines = [
@@ -389,6 +396,8 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         f"{docs['min_tokens']}-{docs['max_tokens']})",
         "",
         *table([*header, "min / mean cosine vs torch fp32", memory], speed_rows(figures["embedding"]["rows"], "cosine")),
+        "",
+        _load_note(figures["embedding"]),
     ]
     if "peer_note" in figures:
         lines += ["", f"Note: {figures['peer_note']}."]
@@ -397,6 +406,8 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "### Sentiment: MiniLM's encoder with a seeded random two-label head, review texts",
         "",
         *table([*header, "label agreement with torch fp32", memory], speed_rows(figures["sentiment"]["rows"], "agreement")),
+        "",
+        _load_note(figures["sentiment"]),
         "",
         "### Accuracy gate reports (held-out slice of the calibration text, stored beside each cached model)",
         "",
@@ -431,3 +442,13 @@ def _ratio(row: dict[str, Any], key: str) -> str:
         return ""
     low, high = row[f"{key}_range"]
     return f"{row[key]:.2f}x ({low:.2f}-{high:.2f})"
+
+
+def _load_note(figures: dict[str, Any]) -> str:
+    if "load_average" not in figures:
+        return ""
+    start, end = figures["load_average"]
+    return (
+        f"Load average of the 2-core machine at the start and the end of this table: {start:.1f} and {end:.1f} "
+        "(above 2, other processes competed for the cores; the round-by-round ratios hold better than the rates)."
+    )

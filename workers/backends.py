@@ -34,8 +34,6 @@ from bertq.workers.cpu import CpuInfo, cpu_info
 log = get_logger(__name__)
 
 BACKENDS = ("torch", "openvino", "openvino-int8")
-#: Rows whose forward outputs the tracer sees when converting: two calibration items of different lengths.
-TRACE_ITEMS = 2
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ in-process, and the worker's engine uses the same pieces between intake and resu
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
