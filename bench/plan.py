@@ -28,6 +28,8 @@ class Plan:
     poll_interval_s: float = 0.003
     gpu_texts: int = 4096
     summarize_documents: int = 64  # bench/texts.py review_documents: median 12 sentences
+    backend_docs: int = 320  # documentation paragraphs of the backends section
+    backend_rounds: int = 7  # its timed rounds: more than elsewhere, its rows differ up to 6x in speed
 
 
 DEFAULT = Plan("default")
@@ -50,4 +52,6 @@ QUICK = Plan(
     item_counts=(100, 1000),
     gpu_texts=64,
     summarize_documents=8,
+    backend_docs=48,
+    backend_rounds=1,
 )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import observability, redis_ops, streams, summarize
+from bench import backends, observability, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
+    "backends": backends,
     "summarize": summarize,
     "observability": observability,
     "streams": streams,

@@ -134,3 +134,52 @@ def length_stats(texts: list[str], tokenizer: Any) -> dict[str, Any]:
         "over_512_tokens": sum(1 for n in tokens if n > 512),
         "total_tokens": sum(tokens),
     }
+
+
+# ---- documentation paragraphs (the backends section's embedding set) --------------------------------
+
+DOC_SUBJECTS = (
+    "the client|the worker|the scheduler|this function|the cache|the parser|the exporter|the connection pool|"
+    "the plugin|the command line tool|the configuration file|the migration|the index|the retry policy|the logger"
+).split("|")
+DOC_OBJECTS = (
+    "a list of records|the request body|an empty dictionary|the default timeout|a new session|the access token|"
+    "every pending task|the output directory|a read-only view|the current revision|a compressed archive|the schema"
+).split("|")
+DOC_NAMES = "load_config|max_retries|batch_size|timeout|--verbose|read_only|encoding|on_error|base_url|num_workers|--dry-run|cache_dir".split("|")
+DOC_SENTENCES = (
+    "{Subject} returns {object} when the call succeeds.",
+    "Set `{name}` to {n} to change how often {subject} checks for updates.",
+    "If `{name}` is omitted, {subject} falls back to {object}.",
+    "Raises `ValueError` when `{name}` is negative or larger than {n}.",
+    "{Subject} is thread-safe, but {subject2} must not be shared between processes.",
+    "See the section on {topic} for an example that uses `{name}`.",
+    "Since version {major}.{minor}, {subject} accepts `{name}` as a keyword argument.",
+    "Deprecated: use `{name}` instead; it will be removed in version {major}.0.",
+    "The default is {n} seconds, which suits most deployments behind a proxy.",
+    "{Subject} writes {object} to disk before it acknowledges the message.",
+    "Call `close()` when you are done, or use {subject} as a context manager.",
+    "On Windows, paths in `{name}` must use forward slashes or be escaped.",
+    "To debug a failing job, run the command with `--verbose` and read the last {n} lines of the log.",
+    "Note that {subject} does not validate {object}; callers are expected to do so.",
+    "Environment variables override values from the configuration file, which override the defaults.",
+    "Example: `client.fetch(\"{name}\", timeout={n})` returns {object}.",
+)
+DOC_TOPICS = "authentication|pagination|error handling|logging|caching|deployment|testing|migrations|rate limits|plugins".split("|")
+
+
+def _doc_sentence(rng: random.Random) -> str:
+    subject, subject2 = rng.sample(DOC_SUBJECTS, 2)
+    text = rng.choice(DOC_SENTENCES).format(
+        Subject=subject[0].upper() + subject[1:], subject=subject, subject2=subject2, object=rng.choice(DOC_OBJECTS),
+        name=rng.choice(DOC_NAMES), n=rng.choice([1, 2, 3, 5, 10, 30, 60, 100, 300, 1000]),
+        topic=rng.choice(DOC_TOPICS), major=rng.randint(1, 6), minor=rng.randint(0, 12),
+    )
+    return text
+
+
+def doc_paragraphs(count: int = 320, seed: int = 0) -> list[str]:
+    """Documentation-like paragraphs (API reference and how-to prose with identifiers, flags and
+    numbers): 1 to 5 sentences, about 56 WordPiece tokens on average. Same seed, same paragraphs."""
+    rng = random.Random(seed)
+    return [" ".join(_doc_sentence(rng) for _ in range(rng.choice((1, 2, 2, 3, 3, 3, 4, 4)))) for _ in range(count)]

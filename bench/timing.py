@@ -58,8 +58,10 @@ class Row:
         return row
 
 
-def measure(systems: list[System], repeats: int, log: Callable[[str], None] = print) -> list[Row]:
+def measure(systems: list[System], repeats: int, log: Callable[[str], None] = print, alternate: bool = False) -> list[Row]:
     """Warm every available system up once, then ``repeats`` rounds, one timed run of each per round.
+    ``alternate``: every other round runs the systems in reverse order, so load that drifts during a
+    round (neighbours on a shared machine) hits the first and the last system alike.
 
     A system that raises is reported with its error instead of a rate; the others go on."""
     rows = {s.name: Row(s.name, s.kind, s.count) for s in systems}
@@ -72,7 +74,7 @@ def measure(systems: list[System], repeats: int, log: Callable[[str], None] = pr
             log(f"  {system.name}: warm-up failed\n{traceback.format_exc(limit=3)}")
             live.remove(system)
     for round_number in range(repeats):
-        for system in list(live):
+        for system in list(live)[:: -1 if alternate and round_number % 2 else 1]:
             start = time.perf_counter()
             try:
                 returned = system.run()

@@ -85,7 +85,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     task_name = parse_task(args.task)
     options = validate_options(task_name, _options(args.options))
     items = validate_items(task_name, _read_jsonl(args.input), settings.limits())
-    loaded = ModelCache(settings.device, settings.dtype).get(task_name, args.model or settings.model_for(task_name))
+    from bertq.workers.backends import BackendConfig
+
+    cache = ModelCache(settings.device, settings.dtype, backend=BackendConfig.from_settings(settings))
+    loaded = cache.get(task_name, args.model or settings.model_for(task_name))
     results = run_items(get_task(task_name), loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows)
     for result in result_dicts(results):
         print(json.dumps(result, ensure_ascii=False))
@@ -250,6 +253,17 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the converted (and quantised) model into the cache ahead of time; print its accuracy
+    report. Exit 1 when the report fails the gate (and BERTQ_ACCEPT_ANY_ACCURACY is not set)."""
+    from bertq.workers.accuracy import summary
+    from bertq.workers.backends import prebuild
+
+    report = prebuild(settings, args.task, args.model, args.calibration)
+    print(summary(report) if "metric" in report else f"{report['backend']} ({report['precision']}): exact, no gate")
+    return 0 if report["passed"] or settings.accept_any_accuracy else 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="bertq",
@@ -320,6 +334,14 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="embedded Redis + a worker + one job per task")
     demo.add_argument("--stream", action="store_true", help="show review-stream enrichment instead")
     demo.set_defaults(handler=cmd_demo)
+
+    quantize = commands.add_parser(
+        "quantize", help="build the OpenVINO (int8) model of a task into the cache and print its accuracy report"
+    )
+    quantize.add_argument("--task", required=True)
+    quantize.add_argument("--model", help="hub id or local path (default: BERTQ_MODEL_<TASK>)")
+    quantize.add_argument("--calibration", help="text lines or JSONL with a `text` field (default: BERTQ_CALIBRATION_FILE)")
+    quantize.set_defaults(handler=cmd_quantize)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and result")
     schema.add_argument("--out", help="write to this file instead of stdout")

@@ -69,7 +69,34 @@ class Settings(BaseSettings):
 
     device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Weights and activations on GPU. `auto` is fp16 on CUDA; CPU always runs fp32."
+        "auto",
+        description="Precision. `auto`: fp16 on CUDA; on CPU fp32 with `torch`, OpenVINO's own choice with "
+        "the openvino backends (bf16 where the CPU has it natively). `bf16` on CPU needs AVX512-BF16 or AMX "
+        "(refused elsewhere: emulated bf16 is slower); `fp16` is CUDA only; `fp32` forces fp32.",
+    )
+    backend: Literal["torch", "openvino", "openvino-int8"] = Field(
+        "torch",
+        description="What runs the forward pass: `torch`; `openvino` (CPU, converted once and cached); "
+        "`openvino-int8` (CPU, static int8 quantised with calibration text, cached, accuracy-gated). "
+        "The openvino ones need `pip install 'bertq[openvino]'`.",
+    )
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads of the forward pass on CPU (torch and OpenVINO). 0: torch's default, all cores."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where converted and quantised models and their accuracy reports are kept. "
+        "Unset: `$HF_HOME/bertq` (`~/.cache/huggingface/bertq`).",
+    )
+    calibration_file: str | None = Field(
+        None,
+        description="Calibration text for `openvino-int8` (text lines, or JSONL with a `text` field). "
+        "Unset: a general-English set that ships with bertq.",
+    )
+    accept_any_accuracy: bool = Field(
+        False,
+        description="Serve a model on a path that failed its accuracy gate (embedding minimum cosine under "
+        "0.99 or a top-1 agreement under 0.98 against fp32).",
     )
 
     max_batch_tokens: int = Field(

@@ -34,7 +34,9 @@ class Row:
 
 @dataclass
 class Loaded:
-    """A model ready to run: weights on the device, its tokenizer, and task-specific extras."""
+    """A model ready to run: weights on the device (or a backend's compiled model standing in for the
+    torch module: ``model(**inputs)`` returns the same output fields), its tokenizer, and task-specific
+    extras."""
 
     model_id: str
     model: Any
@@ -42,6 +44,14 @@ class Loaded:
     device: Any
     max_length: int
     extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"  # what runs the forward pass: torch, openvino, openvino-int8
+    precision: str = "fp32"  # what it computes in: fp32, fp16, bf16, int8+bf16, int8+fp32
+    budget: Any = None  # the runner's TokenBudget (workers/budget.py): padded tokens per batch after OOMs
+    accuracy: dict[str, Any] | None = None  # the accuracy gate's report, on paths that are not exact fp32
+
+    def info(self) -> dict[str, str]:
+        """What produced a result, for the job record: a consumer can tell int8 vectors from fp32 ones."""
+        return {"model": self.model_id, "backend": self.backend, "precision": self.precision}
 
 
 @dataclass

@@ -5,67 +5,75 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelUnavailable
+from bertq.errors import BertqError, InferenceFailed, InvalidInput
 from bertq.log import get_logger
 from bertq.schemas import TaskName
 from bertq.tasks import get_task
-from bertq.tasks.base import Loaded, Row, Task, collate
+from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
+from bertq.workers.backends import (
+    BackendConfig,
+    choose_path,
+    free_memory,
+    from_pretrained,
+    is_out_of_memory,
+    load_openvino,
+    load_torch,
+)
 from bertq.workers.batcher import pack
+from bertq.workers.budget import TokenBudget
+from bertq.workers.cpu import cpu_info
 
 log = get_logger(__name__)
 
 
-def resolve_device(device: str, dtype: str) -> tuple[Any, Any]:
-    """The torch device and dtype. CPU always runs fp32; CUDA defaults to fp16."""
-    import torch
-
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailable(f"device {device!r} asked for, but torch sees no CUDA device", field="device")
-    if torch_device.type != "cuda":
-        return torch_device, torch.float32
-    return torch_device, {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        dtype, torch.float32
+def load_model(
+    task: Task, model_id: str, device: str = "cpu", dtype: str = "auto", backend: BackendConfig | None = None
+) -> Loaded:
+    """Load through the same ``from_pretrained`` path for hub ids and local directories, on the path
+    that (device, dtype, backend) choose for this CPU (workers/backends.py)."""
+    backend = backend or BackendConfig()
+    path = choose_path(device, dtype, backend.name, cpu_info())
+    threads = backend.threads()
+    tokenizer = from_pretrained(task, model_id, _auto_tokenizer)
+    if path.backend == "torch":
+        loaded = load_torch(task, model_id, tokenizer, device, path, backend)
+    else:
+        loaded = load_openvino(task, model_id, tokenizer, path, backend)
+    log.info(
+        "model loaded",
+        task=task.name.value,
+        model=model_id,
+        device=str(loaded.device),
+        backend=loaded.backend,
+        precision=loaded.precision,
+        threads=threads,
+        cpu=cpu_info().describe(),
     )
+    return loaded
 
 
-def load_model(task: Task, model_id: str, device: str = "cpu", dtype: str = "auto") -> Loaded:
-    """Load through the same ``from_pretrained`` path for hub ids and local directories."""
+def _auto_tokenizer(model_id: str) -> Any:
     import transformers
 
-    transformers.logging.disable_progress_bar()
-    torch_device, torch_dtype = resolve_device(device, dtype)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
-        model = getattr(transformers, task.model_class).from_pretrained(model_id, dtype=torch_dtype)
-    except (OSError, ValueError) as error:
-        env = f"BERTQ_MODEL_{task.name.value.upper()}"
-        raise ModelUnavailable(
-            f"cannot load model {model_id!r} for task {task.name.value}: {error}. If the model hub is out of "
-            f"reach, point {env} (or the job's `model`) at a local directory saved with save_pretrained()",
-            field="model",
-        ) from error
-    model.to(torch_device).eval()
-    max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
-    loaded = Loaded(model_id, model, tokenizer, torch_device, max_length)
-    task.on_load(loaded, Path(model_id) if Path(model_id).is_dir() else None)
-    log.info("model loaded", task=task.name.value, model=model_id, device=str(torch_device), dtype=str(torch_dtype))
-    return loaded
+    transformers.logging.disable_progress_bar()  # progress bars are not log lines
+    return transformers.AutoTokenizer.from_pretrained(model_id)
 
 
 class ModelCache:
     """Loaded models by (task, model id), loaded on first use, at most ``most`` of them: the least
     recently used goes first (jobs already holding it keep it until they finish). Thread-safe."""
 
-    def __init__(self, device: str = "cpu", dtype: str = "auto", most: int = 8) -> None:
+    def __init__(
+        self, device: str = "cpu", dtype: str = "auto", most: int = 8, backend: BackendConfig | None = None
+    ) -> None:
         self.device = device
         self.dtype = dtype
         self.most = most
+        self.backend = backend or BackendConfig()
         self._models: OrderedDict[tuple[TaskName, str], Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -75,7 +83,7 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            loaded = load_model(get_task(task), model_id, self.device, self.dtype)
+            loaded = load_model(get_task(task), model_id, self.device, self.dtype, self.backend)
             self._models[key] = loaded
             while len(self._models) > self.most:
                 (old_task, old_model), _ = self._models.popitem(last=False)
@@ -92,17 +100,47 @@ class ModelCache:
 
 
 def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
-    """Outputs per row. If the batch fails, each row is retried alone so one bad row fails alone."""
+    """Outputs per row, in order.
+
+    Out of memory (torch's or OpenVINO's): free what can be freed, lower the model's token budget to
+    half the batch, and run the halves (recursively); the halves of a batch still over the lowered
+    budget are split before they run, so the failed forwards are logarithmic in the batch, not one
+    per row. Any other error: each row is retried alone, so one bad row fails alone."""
     import torch
 
+    if loaded.budget is None:
+        loaded.budget = TokenBudget()
+    tokens = len(rows) * padded_length(max(len(row) for row in rows))
+    if len(rows) > 1 and loaded.budget.over(tokens):
+        return _halves(task, loaded, rows)
     try:
         with torch.inference_mode():
             outputs = task.forward(loaded, collate(rows, loaded.tokenizer.pad_token_id or 0, loaded.device))
     except Exception as error:  # a model error must never take the worker or the batch-mates down
+        if is_out_of_memory(error):
+            free_memory(loaded.device)
+            if len(rows) > 1:
+                loaded.budget.out_of_memory(tokens)
+                log.warning(
+                    "out of memory: batch split",
+                    model=loaded.model_id,
+                    rows=len(rows),
+                    padded_tokens=tokens,
+                    budget=loaded.budget.limit,
+                    splits=loaded.budget.splits,
+                )
+                return _halves(task, loaded, rows)
+            return [InferenceFailed(f"out of memory on a single row of {tokens} padded tokens: {error}")]
         if len(rows) == 1:
             return [InferenceFailed(f"forward pass failed: {type(error).__name__}: {error}")]
         return [output for row in rows for output in forward_rows(task, loaded, [row])]
+    loaded.budget.succeeded()
     return outputs
+
+
+def _halves(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
+    half = len(rows) // 2
+    return forward_rows(task, loaded, rows[:half]) + forward_rows(task, loaded, rows[half:])
 
 
 def finish_item(
@@ -176,7 +214,8 @@ def run_items(
     rows = [row for entry in prepared if isinstance(entry, list) for row in entry]
     distinct, position = distinct_rows(rows)
     computed: list[Any] = [None] * len(distinct)
-    for batch in pack([rows[i] for i in distinct], max_tokens, max_rows):
+    budget = loaded.budget.tokens(max_tokens) if loaded.budget is not None else max_tokens
+    for batch in pack([rows[i] for i in distinct], budget, max_rows):
         for index, output in zip(batch, forward_rows(task, loaded, [rows[distinct[i]] for i in batch])):
             computed[index] = output
     outputs = [computed[p] for p in position]

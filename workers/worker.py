@@ -30,6 +30,7 @@ from bertq.connection import connect, retry
 from bertq.log import configure_logging, configure_process_logging, get_logger
 from bertq.settings import Settings
 from bertq.workers.app import configure
+from bertq.workers.backends import BackendConfig
 from bertq.workers.delivery import Inbox, Reaper
 from bertq.workers.engine import Engine
 from bertq.workers.events import ActiveRequests, CeleryEvents
@@ -95,7 +96,7 @@ class Worker:
         )
         self.engine = Engine(
             settings,
-            ModelCache(settings.device, settings.dtype, settings.max_loaded_models),
+            ModelCache(settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)),
             node,
             Observers(*observers),
             on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),

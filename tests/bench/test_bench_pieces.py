@@ -80,3 +80,14 @@ def test_a_missing_side_directory_is_a_clear_error(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(tf457, "SIDE_DIR", tmp_path / "side-tf457")
     with pytest.raises(RuntimeError, match=r"side-tf457 is missing.*make venv"):
         tf457.run_script("print(1)", {})
+
+
+def test_documentation_paragraphs_are_deterministic_and_about_56_tokens(minilm) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from bench.texts import doc_paragraphs
+
+    docs = doc_paragraphs(320)
+    assert docs == doc_paragraphs(320) and docs != doc_paragraphs(320, seed=1)
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(minilm)(docs)["input_ids"]]
+    assert 50 <= statistics.mean(lengths) <= 62 and max(lengths) < 128

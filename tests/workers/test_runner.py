@@ -1,9 +1,12 @@
-"""The in-process runner: distinct rows of a job are computed once."""
+"""The in-process runner: distinct rows of a job are computed once; out-of-memory batches split."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pytest
 
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
@@ -49,3 +52,99 @@ def test_the_model_cache_keeps_the_most_recently_used(tiny_models: dict[str, Pat
     assert cache.get(TaskName.sentiment, str(tiny_models["sentiment"])) is sentiment  # used again: kept
     cache.get(TaskName.nsp, str(tiny_models["nsp"]))
     assert cache.loaded() == [(TaskName.sentiment, str(tiny_models["sentiment"])), (TaskName.nsp, str(tiny_models["nsp"]))]
+
+
+# ---- out of memory: split, don't crawl ------------------------------------------------------------
+
+
+class OutOfMemoryOver:
+    """The real embedding task, whose forward runs out of memory on batches over ``limit`` padded
+    tokens (torch's error, or OpenVINO's plain RuntimeError), and which counts its forwards."""
+
+    def __init__(self, limit: int, error: type[Exception] | None = None) -> None:
+        import torch
+
+        self.inner = get_task(TaskName.embedding)
+        self.limit = limit
+        self.error = error or torch.OutOfMemoryError
+        self.forwards = 0
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def forward(self, loaded: Any, batch: Any) -> list[Any]:
+        self.forwards += 1
+        if batch.input_ids.numel() > self.limit:
+            self.failed += 1
+            if self.error is RuntimeError:
+                raise RuntimeError("Exception from src/inference/src/infer_request.cpp: std::bad_alloc")
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.forward(loaded, batch)
+
+
+def embed_items(count: int) -> list[Any]:
+    texts = [f"item {i} " + "word " * (i % 5) for i in range(count)]  # 8 padded tokens each, at most
+    return validate_items(TaskName.embedding, [{"text": t} for t in texts], Limits())
+
+
+@pytest.mark.parametrize("error", ["torch", "openvino"])
+def test_out_of_memory_halves_the_batch_and_lowers_the_budget(tiny_models: dict[str, Path], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    options = validate_options(TaskName.embedding, {})
+    items = embed_items(64)  # one batch of 64 rows x 8 tokens = 512 padded tokens
+    plain = load_model(get_task(TaskName.embedding), str(tiny_models["base"]))
+    expected = run_items(get_task(TaskName.embedding), plain, items, options, 1024, 64)
+
+    task = OutOfMemoryOver(64, RuntimeError if error == "openvino" else None)  # 8 rows fit
+    loaded = load_model(task.inner, str(tiny_models["base"]))
+    results = run_items(task, loaded, items, options, 1024, 64)  # type: ignore[arg-type]
+
+    np.testing.assert_allclose([r.embedding for r in results], [r.embedding for r in expected], atol=1e-6)  # type: ignore[union-attr]
+    # 512 -> 256 -> 128 -> 64 tokens: three failed forwards, then the 8 batches that fit; the halves
+    # still over the lowered budget were split before running. Row by row would take 65.
+    assert (task.failed, task.forwards) == (3, 3 + 8)
+    assert loaded.budget.splits == 3 and loaded.budget.tokens(1024) == 64
+    assert capsys.readouterr().err.count("out of memory: batch split") == 3  # one log line per split
+
+    task.forwards = task.failed = 0
+    run_items(task, loaded, items, options, 1024, 64)  # type: ignore[arg-type]
+    assert (task.failed, task.forwards) == (0, 8)  # later batches are packed under the lowered budget
+
+
+def test_budget_rises_slowly_after_successes() -> None:
+    from bertq.workers.budget import RAISE_AFTER, TokenBudget
+
+    budget = TokenBudget()
+    assert budget.tokens(1024) == 1024 and not budget.over(10**6)
+    budget.out_of_memory(1024)
+    assert budget.tokens(1024) == 512 and budget.over(513)
+    for _ in range(RAISE_AFTER - 1):
+        budget.succeeded()
+    assert budget.tokens(1024) == 512
+    budget.succeeded()
+    assert budget.tokens(1024) == 576  # one eighth more, after a run of successes
+    budget.out_of_memory(20)
+    assert budget.tokens(1024) == 64 and budget.splits == 2  # never under one row's worth
+
+
+def test_a_row_out_of_memory_alone_fails_alone_and_other_errors_still_go_row_by_row(tiny_models: dict[str, Path]) -> None:
+    options = validate_options(TaskName.embedding, {})
+    items = validate_items(TaskName.embedding, [{"text": "short"}, {"text": "long " * 30}, {"text": "fine"}], Limits())
+    task = OutOfMemoryOver(24)  # a 3-token row fits alone, the 32-token one never does
+    loaded = load_model(task.inner, str(tiny_models["base"]))
+    results = run_items(task, loaded, items, options, 1024, 64)  # type: ignore[arg-type]
+    assert [type(r).__name__ for r in results] == ["EmbeddingResult", "InferenceFailed", "EmbeddingResult"]
+    assert "out of memory on a single row" in str(results[1])
+
+    class BadRow(OutOfMemoryOver):
+        def forward(self, loaded: Any, batch: Any) -> list[Any]:
+            self.forwards += 1
+            if any(len(row) > 20 for row in batch.rows):
+                raise ValueError("a broken row")
+            return self.inner.forward(loaded, batch)
+
+    bad = BadRow(10**6)
+    loaded = load_model(task.inner, str(tiny_models["base"]))
+    results = run_items(bad, loaded, items, options, 1024, 64)  # type: ignore[arg-type]
+    assert [type(r).__name__ for r in results] == ["EmbeddingResult", "InferenceFailed", "EmbeddingResult"]
+    assert "ValueError: a broken row" in str(results[1]) and bad.forwards == 1 + 3

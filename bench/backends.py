@@ -1,0 +1,454 @@
+"""Backends section (`python -m bench --only backends`): bertq's CPU paths against the fastest CPU
+peer, each system in a process of its own, timed round-robin in one run.
+
+Embeddings: all-MiniLM-L6-v2 on 320 documentation paragraphs (bench.texts.doc_paragraphs, about 56
+tokens each): bertq torch fp32, torch bf16 (where the CPU has native bf16), openvino, openvino-int8;
+sentence-transformers on torch; sentence-transformers with ``backend="openvino"`` and its static
+int8 export, calibrated on the same texts bertq calibrates on (bertq's shipped set). That peer needs
+transformers < 5: its venv is built from bench/peers/openvino_peer.txt on first use, and the peer is
+skipped with a note when it cannot be. Sentiment: a MiniLM-sized classifier (MiniLM's encoder, a
+seeded random two-label head) on the review texts, bertq's four paths. Then end to end through Redis
+and one `bertq worker` on the fastest path, 64-item jobs, against in-process on the same path.
+
+Reported: texts/s and ratios, minimum and mean cosine (embeddings) and label agreement (sentiment)
+against bertq torch fp32 on the measured texts, the accuracy gate's reports, resident memory per
+loaded model, the CPU and the features that decide the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from bench.context import OUT, ROOT, Context
+from bench.procs import log_tail
+from bench.timing import Row, System, measure
+from bench.texts import doc_paragraphs
+
+REQUIREMENTS = ROOT / "bench" / "peers" / "openvino_peer.txt"
+PEER_VENV = OUT / "peer-venv"
+FP32 = "bertq torch fp32"
+PEER = "sentence-transformers, OpenVINO static int8"
+#: bertq's paths: (row name, BERTQ_BACKEND, BERTQ_DTYPE). bf16 ones only where the CPU has native bf16.
+BERTQ_PATHS = [
+    (FP32, "torch", "fp32"),
+    ("bertq torch bf16 (autocast)", "torch", "bf16"),
+    ("bertq openvino (OpenVINO's precision)", "openvino", "auto"),
+    ("bertq openvino-int8", "openvino-int8", "auto"),
+]
+
+
+# ---- one system per process -----------------------------------------------------------------------
+
+
+class Child:
+    """A bench.backend_child process: loaded once, then one command at a time."""
+
+    def __init__(self, python: str, spec: dict[str, Any], log_path: Path, env: dict[str, str]) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        log: IO[bytes] = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [python, "-m", "bench.backend_child", json.dumps(spec)],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        )
+        log.close()
+        self.loaded = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.log_path.stem} exited with {self.proc.wait()}:\n{log_tail(self.log_path)}")
+        return dict(json.loads(line))
+
+    def ask(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def stop(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write('{"cmd": "exit"}\n')
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def children(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> Iterator[dict[str, Child]]:
+    """Start the systems one after the other (loading does not overlap), stop them all on exit. A
+    system that fails to start is left out with its reason logged."""
+    started: dict[str, Child] = {}
+    try:
+        for name, (python, spec) in specs.items():
+            try:
+                started[name] = Child(python, spec, ctx.out / "logs" / f"backends-{_slug(name)}.log", _env())
+            except RuntimeError as error:
+                ctx.log(f"  {name}: could not start: {error}")
+        yield started
+    finally:
+        for child in started.values():
+            child.stop()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
+
+
+# ---- the peer's venv -------------------------------------------------------------------------------
+
+
+def peer_python(ctx: Context) -> str | None:
+    """The peer venv's python, built from bench/peers/openvino_peer.txt on first use; None (with a
+    printed note) when it cannot be built, e.g. without the package registry."""
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
+    python = PEER_VENV / "bin" / "python"
+    stamp = PEER_VENV / f".installed-{digest}"
+    if stamp.exists():
+        return str(python)
+    ctx.log(f"  building the peer's venv ({PEER_VENV}) from {REQUIREMENTS.relative_to(ROOT)}: once, about two minutes")
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(PEER_VENV)],
+        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-r", str(REQUIREMENTS)],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=1200)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            ctx.log(f"  note: the OpenVINO peer is skipped: {' '.join(step[:4])} failed: {error}")
+            return None
+        if done.returncode != 0:
+            ctx.log(f"  note: the OpenVINO peer is skipped: {' '.join(step[:4])} failed:\n{done.stderr[-1500:]}")
+            return None
+    stamp.touch()
+    return str(python)
+
+
+# ---- the section -----------------------------------------------------------------------------------
+
+
+def cpu() -> dict[str, Any]:
+    from bertq.workers.cpu import cpu_info
+
+    info = cpu_info()
+    return {"model": info.model, "features": info.features(), "described": info.describe()}
+
+
+def minilm_classifier(ctx: Context) -> str:
+    """MiniLM's encoder with a seeded random two-label head: the compute of a real small classifier.
+    The head's weights are drawn wider than BERT's 0.02 so that its decisions are not near-ties."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    directory = ctx.out / "models" / "minilm-sentiment"
+    if not (directory / "config.json").exists():
+        torch.manual_seed(0)
+        labels = {0: "NEGATIVE", 1: "POSITIVE"}
+        model = BertForSequenceClassification.from_pretrained(
+            ctx.minilm, id2label=labels, label2id={v: k for k, v in labels.items()}, initializer_range=0.2
+        )
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(ctx.minilm).save_pretrained(directory)
+    return str(directory)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from bertq.workers import calibration
+
+    work = ctx.out / "backends"
+    work.mkdir(parents=True, exist_ok=True)
+    docs = doc_paragraphs(ctx.plan.backend_docs)
+    (work / "docs.json").write_text(json.dumps(docs))
+    (work / "reviews.json").write_text(json.dumps(ctx.texts))
+    calibration_file = work / "calibration.txt"  # bertq's shipped set, calibration part: the peer's too
+    calibration_file.write_text("\n".join(calibration.split(calibration.shipped_texts())[0]) + "\n")
+    cache_dir = work / "cache"
+    native_bf16 = cpu()["features"]["AVX512-BF16"] or cpu()["features"]["AMX-BF16"]
+    paths = [p for p in BERTQ_PATHS if native_bf16 or p[2] != "bf16"]
+    figures: dict[str, Any] = {"cpu": cpu(), "docs": _stats(ctx, docs), "plan_docs": len(docs)}
+    ctx.section(
+        "Backends: embedding in-process, each system in its own process (all-MiniLM-L6-v2, documentation paragraphs)",
+        "openvino-int8 >= 1.3x the sentence-transformers OpenVINO int8 peer and >= 2.2x torch fp32 at minimum "
+        "cosine >= 0.99; with native bf16: openvino >= 2.5x and torch bf16 >= 2.0x torch fp32 at >= 0.999. My "
+        "prediction: int8 about 4.5x torch fp32 and 1.3-1.4x the peer (its feed-forward output layers stay bf16 "
+        "for accuracy, about 0.85x the speed of all-int8), openvino about 3.5x, torch bf16 about 2.3x",
+    )
+    python = sys.executable
+    specs: dict[str, tuple[str, dict[str, Any]]] = {
+        name: (python, {"kind": "bertq", "task": "embedding", "backend": backend, "dtype": dtype, "model": ctx.minilm, "cache_dir": str(cache_dir), "texts": str(work / "docs.json")})
+        for name, backend, dtype in paths
+    }
+    peer = peer_python(ctx)  # next to bertq openvino-int8 in each round: the comparison that matters most
+    if peer is not None:
+        specs[PEER] = (peer, {"kind": "st-openvino-int8", "model": ctx.minilm, "work": str(work / "peer-model"), "calibration": str(calibration_file), "texts": str(work / "docs.json")})
+    else:
+        figures["peer_note"] = "the sentence-transformers + OpenVINO peer was skipped: its venv could not be built (see the log)"
+    specs["sentence-transformers, torch, batch 32"] = (python, {"kind": "st-torch", "model": ctx.minilm, "texts": str(work / "docs.json")})
+    _prebuild(ctx, specs)
+    figures["embedding"] = _table(ctx, specs, work / "embedding", "cosine")
+
+    ctx.section(
+        "Backends: sentiment in-process (MiniLM-sized classifier: MiniLM's encoder, seeded random head; review texts)",
+        "the same ratios as embeddings within about 15%; label agreement with torch fp32 >= 0.98 on every path",
+    )
+    classifier = minilm_classifier(ctx)
+    sentiment_specs = {
+        name: (python, {"kind": "bertq", "task": "sentiment", "backend": backend, "dtype": dtype, "model": classifier, "cache_dir": str(cache_dir), "texts": str(work / "reviews.json")})
+        for name, backend, dtype in paths
+    }
+    _prebuild(ctx, sentiment_specs)
+    figures["sentiment"] = _table(ctx, sentiment_specs, work / "sentiment", "agreement")
+    figures["gate_reports"] = _gate_reports(cache_dir)
+    figures["end_to_end"] = _end_to_end(ctx, specs, figures["embedding"], cache_dir)
+    return figures
+
+
+def _stats(ctx: Context, texts: list[str]) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(ctx.minilm)(texts)["input_ids"]]
+    return {"count": len(texts), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "min_tokens": min(lengths)}
+
+
+def _prebuild(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Convert, quantise and gate once before measuring, in throwaway processes, so that the measured
+    processes load from the cache as a restarted worker does (and their memory is a serving one)."""
+    building = {
+        name: spec
+        for name, spec in specs.items()
+        if spec[1].get("backend", "torch") != "torch" or spec[1].get("dtype") == "bf16" or spec[1]["kind"] == "st-openvino-int8"
+    }
+    with children(ctx, building) as built:
+        for name, child in built.items():
+            ctx.log(f"  prebuilt {name}: {child.loaded['info']} in {child.loaded['load_s']:.0f} s")
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average: above its 2 cores, other processes competed with the rows."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _table(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], out: Path, metric: str) -> dict[str, Any]:
+    loads = [load_average()]
+    with children(ctx, specs) as running:
+        systems = [
+            System(name, lambda child=child: child.ask("run"), _count(specs[name][1]), kind="peer" if "sentence-transformers" in name else "in-process")
+            for name, child in running.items()
+        ]
+        rows = measure(systems, ctx.plan.backend_rounds, ctx.log, alternate=True)
+        outputs = {}
+        for name, child in running.items():
+            path = out.parent / f"{out.name}-{_slug(name)}.npy"
+            child.ask("save", path=str(path))
+            outputs[name] = np.load(path)
+        memory = {name: {**child.loaded, "now": child.ask("memory")} for name, child in running.items()}
+    loads.append(load_average())
+    return {**_figures(rows, outputs, memory, metric), "load_average": loads}
+
+
+def _count(spec: dict[str, Any]) -> int:
+    return len(json.loads(Path(spec["texts"]).read_text()))
+
+
+def _figures(rows: list[Row], outputs: dict[str, np.ndarray], memory: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Rates, ratios and accuracy per row. Ratios are taken round by round (the systems of a round ran
+    within seconds of each other, under the same load from the machine's other users): their median,
+    and their range over the rounds."""
+    by_name = {row.name: row for row in rows if row.available}
+    reference = outputs.get(FP32)
+    table = []
+    for row in rows:
+        entry = row.to_dict()
+        for key, other in (("ratio", FP32), ("ratio_to_peer", PEER)):
+            if row.available and other in by_name:
+                ratios = [mine / theirs for mine, theirs in zip(row.rates, by_name[other].rates)]
+                entry[key], entry[f"{key}_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+        if reference is not None and row.name in outputs:
+            got = outputs[row.name]
+            if metric == "cosine":
+                cosines = np.sum(reference * got, axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
+                entry.update(min_cosine=float(cosines.min()), mean_cosine=float(cosines.mean()))
+            else:
+                entry["agreement"] = float(np.mean(reference == got))
+        info = memory.get(row.name, {})
+        if info:
+            entry.update(
+                precision=info["info"]["precision"],
+                load_s=info["load_s"],
+                rss_before_load_mib=info["before"]["rss_mib"],
+                rss_loaded_mib=info["after"]["rss_mib"],
+                rss_after_runs_mib=info["now"]["rss_mib"],
+                model_mib=info["now"]["rss_mib"] - info["before"]["rss_mib"],
+            )
+        table.append(entry)
+    return {"rows": table}
+
+
+def _gate_reports(cache_dir: Path) -> list[dict[str, Any]]:
+    """The reports of the cache's entries, the newest per (task, backend, precision): a cache kept from
+    an earlier run may hold entries of older versions beside this run's."""
+    newest: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+    for path in cache_dir.glob("*/accuracy-*.json"):
+        report = json.loads(path.read_text())
+        key = (report["task"], report["backend"], report["precision"])
+        if key not in newest or path.stat().st_mtime > newest[key][0]:
+            newest[key] = (path.stat().st_mtime, {**report, "entry": path.parent.name})
+    return [newest[key][1] for key in sorted(newest)]
+
+
+def _end_to_end(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], table: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+    """The fastest bertq path in-process against the same path through Redis and one worker, 64-item
+    jobs, round-robin."""
+    bertq_rows = [row for row in table["rows"] if row["system"].startswith("bertq") and "per_s" in row]
+    fastest = max(bertq_rows, key=lambda row: row["per_s"])
+    name = fastest["system"]
+    spec = specs[name][1]
+    ctx.section(
+        f"Backends: end to end through Redis, {name}, 64-item jobs",
+        "end to end >= 0.85x in-process on the same path (tokenizing and storing overlap the forward pass in the worker)",
+    )
+    docs = json.loads(Path(spec["texts"]).read_text())
+    settings = {"backend": spec["backend"], "dtype": spec["dtype"], "cache_dir": cache_dir}
+    from bertq.client import Client
+    from bertq.settings import Settings
+
+    client = Client(ctx.redis_url, Settings(redis_url=ctx.redis_url, queue="bench-backends"))
+    with ctx.bertq_worker("bertq-backends", "bench-backends", **settings) as worker, children(ctx, {name: specs[name]}) as running:
+        child = running[name]
+
+        def jobs() -> None:
+            ctx.wait_jobs([client.submit("embedding", docs[i : i + 64]) for i in range(0, len(docs), 64)], worker=worker)
+
+        rows = measure(
+            [
+                System(f"in-process: {name}", lambda: child.ask("run"), len(docs)),
+                System(f"end to end: {name}, 64-item jobs", jobs, len(docs), kind="end-to-end"),
+            ],
+            ctx.plan.backend_rounds,
+            ctx.log,
+            alternate=True,
+        )
+    table = [row.to_dict() for row in rows]
+    if rows[0].available and rows[1].available:
+        ratios = [e2e / local for e2e, local in zip(rows[1].rates, rows[0].rates)]
+        table[1].update(ratio=statistics.median(ratios), ratio_range=[min(ratios), max(ratios)])
+    return {"path": name, "rows": table}
+
+
+# ---- BENCHMARKS.md --------------------------------------------------------------------------------
+
+
+def markdown(figures: dict[str, Any]) -> list[str]:
+    from bench.report import table
+
+    def speed_rows(rows: list[dict[str, Any]], metric: str) -> list[list[Any]]:
+        body = []
+        for row in rows:
+            if "per_s" not in row:
+                body.append([row["system"], "failed", "", "", "", "", row.get("reason", "")])
+                continue
+            accuracy = (
+                f"{row['min_cosine']:.5f} / {row['mean_cosine']:.5f}" if metric == "cosine" and "min_cosine" in row
+                else f"{row['agreement']:.4f}" if "agreement" in row else "n/a"
+            )
+            body.append([
+                row["system"],
+                row.get("precision", ""),
+                f"{row['per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f})",
+                _ratio(row, "ratio"),
+                _ratio(row, "ratio_to_peer"),
+                accuracy,
+                f"{row['model_mib']:.0f} ({row['rss_after_runs_mib']:.0f})" if "model_mib" in row else "",
+            ])
+        return body
+
+    header = ["system", "precision", "texts/s median (min-max)", "x torch fp32 (range)", "x OpenVINO peer (range)"]
+    memory = "MiB per loaded model (process RSS after the runs)"
+    cpu_info = figures["cpu"]
+    docs = figures["docs"]
+    lines = [
+        "## CPU backends (BERTQ_BACKEND, BERTQ_DTYPE)",
+        "",
+        f"CPU: {cpu_info['described']}. Every system runs in its own process, loaded from the conversion cache as a "
+        "restarted worker would, and the systems are timed round-robin (one computes at a time).",
+        "",
+        f"### Embedding: all-MiniLM-L6-v2, {docs['count']} documentation paragraphs (mean {docs['mean_tokens']:.0f} tokens, "
+        f"{docs['min_tokens']}-{docs['max_tokens']})",
+        "",
+        *table([*header, "min / mean cosine vs torch fp32", memory], speed_rows(figures["embedding"]["rows"], "cosine")),
+        "",
+        _load_note(figures["embedding"]),
+    ]
+    if "peer_note" in figures:
+        lines += ["", f"Note: {figures['peer_note']}."]
+    lines += [
+        "",
+        "### Sentiment: MiniLM's encoder with a seeded random two-label head, review texts",
+        "",
+        *table([*header, "label agreement with torch fp32", memory], speed_rows(figures["sentiment"]["rows"], "agreement")),
+        "",
+        _load_note(figures["sentiment"]),
+        "",
+        "### Accuracy gate reports (held-out slice of the calibration text, stored beside each cached model)",
+        "",
+        *table(
+            ["task", "backend", "precision", "held-out texts", "figure", "verdict"],
+            [
+                [
+                    r["task"], r["backend"], r["precision"], r["held_out_items"],
+                    f"min cosine {r['min_cosine']:.5f} (mean {r['mean_cosine']:.5f})" if r["metric"] == "min_cosine"
+                    else f"agreement {r['agreement']:.4f} ({r['of']})",
+                    "passed" if r["passed"] else "FAILED",
+                ]
+                for r in figures["gate_reports"]
+            ],
+        ),
+    ]
+    e2e = figures["end_to_end"]
+    lines += [
+        "",
+        f"### End to end through Redis and one `bertq worker`: {e2e['path']}, 64-item jobs",
+        "",
+        *table(
+            ["system", "texts/s median (min-max)", "ratio to in-process, per round (range)"],
+            [[r["system"], f"{r['per_s']:.0f} ({r['min']:.0f}-{r['max']:.0f})", _ratio(r, "ratio")] if "per_s" in r else [r["system"], "failed", r.get("reason", "")] for r in e2e["rows"]],
+        ),
+    ]
+    return lines
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return ""
+    low, high = row[f"{key}_range"]
+    return f"{row[key]:.2f}x ({low:.2f}-{high:.2f})"
+
+
+def _load_note(figures: dict[str, Any]) -> str:
+    if "load_average" not in figures:
+        return ""
+    start, end = figures["load_average"]
+    return (
+        f"Load average of the 2-core machine at the start and the end of this table: {start:.1f} and {end:.1f} "
+        "(above 2, other processes competed for the cores; the round-by-round ratios hold better than the rates)."
+    )
