@@ -68,6 +68,8 @@ class RecordInfo(BaseModel):
     failed_items: int | None = Field(None, description="Items of a done job that carry an error.")
     worker: str | None = Field(None, description="Node name of the worker that ran it.")
     model: str | None = Field(None, description="Hub id or path of the model that ran it.")
+    backend: str | None = Field(None, description="What ran the forward pass: torch, openvino or openvino-int8.")
+    precision: str | None = Field(None, description="The precision it ran in, e.g. fp32, bf16, int8.")
     deliveries: int | None = Field(None, description="1 + times its worker died holding it.")
     error: ErrorRecord | None = Field(None, description="Why a failed job failed.")
     status: Literal["cancelled", "expired"] | None = Field(None, description="Of a REVOKED record.")

@@ -410,11 +410,15 @@ class Engine:
                 self._log_started(job.delivery)
                 self.observer.started(job.delivery)
             began = time.monotonic()
+            splits = loaded.budget.splits if loaded.budget is not None else 0
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
             self.last_progress = time.monotonic()
             longest = max(len(pending.row) for pending in batch)
             tokens = sum(len(pending.row) for pending in batch)
-            self.observer.batch(task.name.value, len(batch), tokens, len(batch) * padded_length(longest), self.last_progress - began)
+            split = (loaded.budget.splits if loaded.budget is not None else 0) - splits
+            self.observer.batch(
+                task.name.value, len(batch), tokens, len(batch) * padded_length(longest), self.last_progress - began, split
+            )
             self._finish.put(_Batch(batch, outputs))
 
     def _next_batch(self) -> tuple[Task, Loaded, list[PendingRow], list[Job]] | None:
@@ -444,10 +448,15 @@ class Engine:
                 job.started = True  # under the pool lock: drain sees it
         return batch[0].job.task, batch[0].job.loaded, batch, first
 
+    def _budget(self, rows: list[PendingRow]) -> int:
+        """Padded tokens a batch of these rows' model may hold: less after it ran out of memory."""
+        budget = rows[0].job.loaded.budget
+        return budget.tokens(self.settings.max_batch_tokens) if budget is not None else self.settings.max_batch_tokens
+
     def _is_full(self, rows: list[PendingRow]) -> bool:
         if len(rows) >= self.settings.max_batch_rows:
             return True
-        return len(rows) * padded_length(max(len(pending.row) for pending in rows)) >= self.settings.max_batch_tokens
+        return len(rows) * padded_length(max(len(pending.row) for pending in rows)) >= self._budget(rows)
 
     def _select(self, rows: list[PendingRow]) -> list[PendingRow]:
         """Of the length-sorted batches the first rows pack into, the one holding the first row:
@@ -455,7 +464,7 @@ class Engine:
         Only the first ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of
         held rows) does not make every batch pay for sorting all of it."""
         window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
-        batches = pack([pending.row for pending in window], self.settings.max_batch_tokens, self.settings.max_batch_rows)
+        batches = pack([pending.row for pending in window], self._budget(window), self.settings.max_batch_rows)
         first = 0  # the pool is kept in (priority, arrival) order
         chosen = next(batch for batch in batches if first in batch)
         return [window[i] for i in chosen]
@@ -512,7 +521,7 @@ class Engine:
         return completed
 
     def _done(self, job: Job) -> Outcome:
-        info = {"worker": self.worker_name, "model": job.loaded.model_id, "deliveries": job.delivery.deliveries}
+        info = {"worker": self.worker_name, **job.loaded.info(), "deliveries": job.delivery.deliveries}
         return Outcome(job.delivery, JobStatus.done, results=result_dicts(job.results), info=info)
 
     def _acknowledge(self, deliveries: list[Delivery]) -> None:

@@ -110,7 +110,7 @@ class CeleryEvents:
             exception = f"{type(error).__name__}({str(error)!r})" if error is not None else "unknown"
             self._put("task-failed", uuid=job_id, exception=exception, traceback="")
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         pass
 
     def model_loaded(self, task: str, seconds: float) -> None:
@@ -171,7 +171,7 @@ class ActiveRequests:
         if job is not None:
             self.active.discard(job)
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         pass
 
     def model_loaded(self, task: str, seconds: float) -> None:

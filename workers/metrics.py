@@ -36,6 +36,9 @@ class Metrics:
         self.batch_padding_ratio = Histogram(
             "bertq_batch_padding_ratio", "Share of a batch's padded tokens that are padding.", ["task"], buckets=RATIO, registry=registry
         )
+        self.batch_splits = Counter(
+            "bertq_batch_splits", "Batches halved after running out of memory (the model's budget drops).", ["task"], registry=registry
+        )
         self.forward_seconds = Histogram("bertq_forward_seconds", "Seconds per forward batch.", ["task"], buckets=SECONDS, registry=registry)
         self.job_queued_seconds = Histogram(
             "bertq_job_queued_seconds", "Seconds from submit to a worker starting the job.", ["task"], buckets=SECONDS, registry=registry
@@ -84,7 +87,9 @@ class Metrics:
         if outcome.delivery.submitted_at is not None:
             self.job_latency_seconds.labels(task).observe(max(0.0, time.time() - outcome.delivery.submitted_at))
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
+        if splits:
+            self.batch_splits.labels(task).inc(splits)
         self.batch_rows.labels(task).observe(rows)
         self.batch_padded_tokens.labels(task).observe(padded_tokens)
         self.batch_padding_ratio.labels(task).observe(1 - tokens / padded_tokens if padded_tokens else 0.0)

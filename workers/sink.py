@@ -86,7 +86,8 @@ class Observer(Protocol):
 
     def finished(self, outcome: Outcome, stored: bool) -> None: ...
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
+        """A forward batch ran; ``splits``: times it was halved after running out of memory."""
 
     def model_loaded(self, task: str, seconds: float) -> None: ...
 
@@ -113,9 +114,9 @@ class Observers:
         for observer in self.observers:
             observer.finished(outcome, stored)
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         for observer in self.observers:
-            observer.batch(task, rows, tokens, padded_tokens, seconds)
+            observer.batch(task, rows, tokens, padded_tokens, seconds, splits)
 
     def model_loaded(self, task: str, seconds: float) -> None:
         for observer in self.observers:

@@ -273,5 +273,6 @@ def test_real_messages_and_records_validate_against_the_exported_schema(main_wor
         statuses.add(record["status"])
     assert statuses == {"PENDING", "REVOKED", "SUCCESS", "FAILURE"}
     done_record = json.loads(store.get(meta_key(done)))
+    assert (done_record["bertq"]["backend"], done_record["bertq"]["precision"]) == ("torch", "fp32")
     jsonschema.validate(done_record["result"][0], schemas["tasks"]["embedding"]["result"])
     jsonschema.validate(done_record["result"][1], schemas["job"]["ItemError"])
