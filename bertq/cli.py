@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -29,23 +30,22 @@ class UsageError(Exception):
     """A mistake in how the command was called: one line, exit code 2."""
 
 
-def _read_jsonl(path: str) -> list[Any]:
+def _jsonl_items(path: str) -> Iterator[Any]:
+    """The items of a JSONL file (or - for stdin), one per non-blank line, read as they are needed."""
     if path.lower().endswith((".csv", ".tsv")):
         raise UsageError(f"{path}: --input takes JSONL (one JSON item per line)")
     try:
         source = sys.stdin if path == "-" else open(path, encoding="utf-8")
     except OSError as error:
         raise UsageError(f"{path}: {error.strerror}") from None
-    items = []
     with source:
         for number, line in enumerate(source, start=1):
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                yield json.loads(line)
             except ValueError as error:
                 raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-    return items
 
 
 def _options(raw: str | None) -> dict[str, Any]:
@@ -76,32 +76,78 @@ def _print_view(view: Any) -> int:
     return 0 if view.status.value == "done" else EXIT_JOB_NOT_DONE
 
 
+#: Items `bertq run` computes at a time: rows are length-sorted within a chunk, so bigger pads less.
+RUN_CHUNK_ITEMS = 1024
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """In-process, no Redis: one JSON result per input line, in input order."""
-    from bertq.schemas import parse_task, validate_items, validate_options
+    """In-process, no Redis: one JSON result per input line, in input order, printed chunk by chunk."""
+    from bertq.errors import InvalidInput
+    from bertq.schemas import parse_task, validate_item, validate_options
     from bertq.tasks import get_task
     from bertq.workers.runner import ModelCache, result_dicts, run_items
 
     task_name = parse_task(args.task)
     options = validate_options(task_name, _options(args.options))
-    items = validate_items(task_name, _read_jsonl(args.input), settings.limits())
-    loaded = ModelCache(settings.device, settings.dtype).get(task_name, args.model or settings.model_for(task_name))
-    results = run_items(get_task(task_name), loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows)
-    for result in result_dicts(results):
-        print(json.dumps(result, ensure_ascii=False))
+    limits = settings.limits()
+    task = get_task(task_name)
+    loaded = None
+    first = 0
+    for chunk in _batches(_jsonl_items(args.input), RUN_CHUNK_ITEMS):
+        items: list[Any] = []
+        for index, item in enumerate(chunk, start=first):
+            try:
+                items.append(validate_item(task_name, index, item, limits))
+            except InvalidInput as error:
+                items.append(error)
+        if loaded is None:  # after the first chunk is read: a bad line is reported before a model loads
+            loaded = ModelCache(settings.device, settings.dtype).get(task_name, args.model or settings.model_for(task_name))
+        results = run_items(task, loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows, first)
+        sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in result_dicts(results)))
+        sys.stdout.flush()
+        first += len(chunk)
     return 0
 
 
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    """One job, or for an --input over BERTQ_MAX_ITEMS_PER_JOB items, several: one id per line."""
+    from bertq.errors import SubmitIncomplete
+
     client = _client(settings)
-    items: list[Any] = [{"text": text} for text in args.text] if args.text else _read_jsonl(args.input)
-    job_id = client.submit(
-        args.task, items, model=args.model, options=_options(args.options), priority=args.priority, callback_url=args.callback_url
-    )
+    items: list[Any] = [{"text": text} for text in args.text] if args.text else list(_jsonl_items(args.input))
+    send: dict[str, Any] = {
+        "model": args.model,
+        "options": _options(args.options),
+        "priority": args.priority,
+        "callback_url": args.callback_url,
+    }
+    try:
+        if len(items) <= settings.max_items_per_job:
+            job_ids = [client.submit(args.task, items, **send)]
+        else:
+            job_ids = client.submit_many(args.task, items, items_per_message=settings.max_items_per_job, **send)
+    except SubmitIncomplete as error:
+        for job_id in error.queued_ids:  # those are queued: say which
+            print(job_id)
+        raise
     if not args.wait:
-        print(job_id)
+        for job_id in job_ids:
+            print(job_id)
         return 0
-    return _print_view(client.wait([job_id], timeout=args.timeout)[job_id])
+    views = client.wait(job_ids, timeout=args.timeout)
+    codes = [_print_view(views[job_id]) for job_id in job_ids]
+    return max(codes)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -260,14 +306,18 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"bertq {version('bertq')}")
     commands = root.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a task in-process on a JSONL file (no Redis)")
+    run = commands.add_parser("run", help="run a task in-process on a JSONL file (no Redis), any length")
     run.add_argument("task")
     run.add_argument("--model", help="hub id or local path (default: BERTQ_MODEL_<TASK>)")
     run.add_argument("--input", required=True, help="JSONL of items, or - for stdin")
     run.add_argument("--options", help="JSON object of task options")
     run.set_defaults(handler=cmd_run)
 
-    submit = commands.add_parser("submit", help="queue a job; prints its id (or its result with --wait)")
+    submit = commands.add_parser(
+        "submit",
+        help="queue a job; prints its id (or its result with --wait); an --input over BERTQ_MAX_ITEMS_PER_JOB "
+        "items is split into jobs, one id per line",
+    )
     submit.add_argument("task")
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text item (repeat for more)")
