@@ -33,7 +33,7 @@ class UsageError(Exception):
 def _jsonl_items(path: str) -> Iterator[Any]:
     """The items of a JSONL file (or - for stdin), one per non-blank line, read as they are needed."""
     if path.lower().endswith((".csv", ".tsv")):
-        raise UsageError(f"{path}: --input takes JSONL (one JSON item per line)")
+        raise UsageError(f"{path}: --input takes JSONL (one JSON item per line); `bertq enrich` reads CSV")
     try:
         source = sys.stdin if path == "-" else open(path, encoding="utf-8")
     except OSError as error:
@@ -48,16 +48,29 @@ def _jsonl_items(path: str) -> Iterator[Any]:
                 raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
 
 
-def _options(raw: str | None) -> dict[str, Any]:
+def _options(raw: str | None, flag: str = "--options") -> dict[str, Any]:
     if not raw:
         return {}
     try:
         options = json.loads(raw)
     except ValueError as error:
-        raise UsageError(f"--options: not valid JSON ({error.msg})") from None
+        raise UsageError(f"{flag}: not valid JSON ({error.msg})") from None
     if not isinstance(options, dict):
-        raise UsageError("--options: must be a JSON object")
+        raise UsageError(f"{flag}: must be a JSON object")
     return options
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` arguments of a repeatable flag."""
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{flag} {value!r}: expected NAME=VALUE")
+        if name.strip() in pairs:
+            raise UsageError(f"{flag}: {name.strip()} is given twice")
+        pairs[name.strip()] = rest
+    return pairs
 
 
 def _client(settings: Settings) -> Any:
@@ -148,6 +161,53 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     views = client.wait(job_ids, timeout=args.timeout)
     codes = [_print_view(views[job_id]) for job_id in job_ids]
     return max(codes)
+
+
+def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
+    from bertq.enrich import LOCAL_CHUNK_ROWS, EnrichJob, Enrichment, JobsFailed, LocalBackend, QueueBackend, task_specs
+    from bertq.files import FileFormat, format_from_extension
+
+    source = Path(args.input)
+    input_format = FileFormat(args.format) if args.format else format_from_extension(source)
+    if input_format is None:
+        raise UsageError(f"{source}: cannot tell the format from the extension; pass --format jsonl or csv")
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.enriched.{input_format.value}")
+    output_format = format_from_extension(output) or input_format
+    columns = _pairs(args.field, "--field")
+    if args.text_field:
+        columns["text"] = args.text_field
+    options = {task: _options(raw, f"--options {task}") for task, raw in _pairs(args.options, "--options").items()}
+    specs = task_specs(args.task, options, _pairs(args.model, "--model"), columns)
+    chunk_rows = max(settings.items_per_message, LOCAL_CHUNK_ROWS) if args.local else settings.items_per_message
+    job = EnrichJob(source, output, input_format, output_format, specs, chunk_rows, settings.limits(), args.overwrite)
+    enrichment = Enrichment(job)
+    enrichment.prepare()
+    if enrichment.complete:
+        print(f"{output}: already complete, {enrichment.total} rows (pass --overwrite to redo it)")
+        return 0
+    backend: Any
+    if args.local:
+        backend = LocalBackend(settings, specs)
+    else:
+        client = _client(settings)
+        backend = QueueBackend(client, specs, args.window, args.priority, enrichment.inflight_jobs())
+        for warning in backend.idle_queues():
+            print(f"bertq: {warning}", file=sys.stderr)
+    resume = "rerun the same command to resume"
+    try:
+        summary = enrichment.run(backend)
+    except JobsFailed as error:
+        print(f"bertq: {error}; the rows before it are in {output}: {resume}", file=sys.stderr)
+        return EXIT_JOB_NOT_DONE
+    except BrokerUnavailable as error:
+        raise BrokerUnavailable(f"{error}; the rows done are in {output}: {resume}") from None
+    except KeyboardInterrupt:
+        done = enrichment.state.rows if enrichment.state else 0
+        print(f"bertq: interrupted after {done} rows of {enrichment.total}; {resume}", file=sys.stderr)
+        return 130
+    resumed = f", resumed after {summary.resumed_from}" if summary.resumed_from else ""
+    print(f"{output}: {summary.rows} rows ({summary.failed_rows} with an error{resumed})")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -296,6 +356,19 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _file_formats() -> list[Any]:
+    from bertq.files import FileFormat
+
+    return list(FileFormat)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="bertq",
@@ -329,6 +402,29 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait and print the result (exit 1 unless done)")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(handler=cmd_submit)
+
+    enrich = commands.add_parser(
+        "enrich",
+        help="add result columns to every row of a JSONL or CSV file (resumable)",
+        description="Every row of INPUT gets one result column per --task (JSON text in CSV) and an `error` "
+        "column, in input order, through the queue to running workers (or in-process with --local). "
+        "Rerun the same command after an interruption to finish the file.",
+    )
+    enrich.add_argument("input", metavar="INPUT", help="a .jsonl or .csv file")
+    enrich.add_argument("-o", "--output", help="default: INPUT's name with .enriched before the extension")
+    enrich.add_argument("--task", action="append", required=True, help="a task to run on every row (repeat for more)")
+    enrich.add_argument("--text-field", help="the column that holds the text (default: text)")
+    enrich.add_argument(
+        "--field", action="append", metavar="ITEM_FIELD=COLUMN", help="read an item field from another column, e.g. context=body"
+    )
+    enrich.add_argument("--options", action="append", metavar="TASK=JSON", help='options of one task, e.g. sentiment=\'{"top_k": 1}\'')
+    enrich.add_argument("--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)")
+    enrich.add_argument("--format", choices=[f.value for f in _file_formats()], help="INPUT's format when its extension does not say")
+    enrich.add_argument("--local", action="store_true", help="run in this process (no Redis, no workers)")
+    enrich.add_argument("--window", type=_positive, default=32, help="chunks of BERTQ_ITEMS_PER_MESSAGE rows in flight (32)")
+    enrich.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
+    enrich.add_argument("--overwrite", action="store_true", help="start over, replacing OUTPUT")
+    enrich.set_defaults(handler=cmd_enrich)
 
     status = commands.add_parser("status", help="a job's status; without an id: queues, workers, dead letters")
     status.add_argument("job_id", nargs="?")
