@@ -19,6 +19,8 @@ EXIT_CODES = """exit codes:
      the worker is not healthy (worker --check)
   2  invalid input or usage: a bad option, file, line or setting (the message names it)
   3  Redis unavailable: unreachable, read-only, out of memory or refusing the password
+  130  interrupted (Ctrl-C)
+bertq enrich: after 1, 3 or 130, rerun the same command to finish the file.
 Errors are one line on stderr."""
 
 EXIT_JOB_NOT_DONE = 1

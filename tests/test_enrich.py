@@ -23,7 +23,7 @@ import pytest
 
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
 from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, LocalBackend, Summary, task_specs
-from bertq.files import FileFormat
+from bertq.files import FileFormat, RowReader
 from bertq.schemas import JobStatus, Limits
 from bertq.settings import Settings
 from tests.faults.harness import Fleet, client_for, same_results, texts, wait_until, worker_env
@@ -274,6 +274,43 @@ def test_a_killed_worker_leaves_no_row_missing_or_twice(
     finally:
         fleet.close()
     check_rows(read_csv(output), big[1][:6000], reference, ["sentiment"])
+
+
+def test_a_job_failing_for_every_chunk_stops_the_run_with_exit_1_and_keeps_the_rows(
+    worker: str, env: pytest.MonkeyPatch, tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("BERTQ_QUEUE", worker)
+    source = write_csv(tmp_path / "in.csv", texts(100, most_words=5))
+    other = str(tiny_models["multilabel"])  # a real checkpoint the worker does not serve
+    assert main(["enrich", str(source), "--task", "sentiment", "--model", f"sentiment={other}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sentiment job" in err and other in err and "rerun the same command to resume" in err
+    state = json.loads((tmp_path / f"in.enriched.csv{STATE_SUFFIX}").read_text())
+    assert state["rows"] == 0 and not state["complete"]
+
+
+def test_cancelled_jobs_give_their_rows_an_error_and_abandoning_cancels_what_is_queued(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from bertq.enrich import QueueBackend
+
+    client = client_for(redis_url, f"nobody-{uuid.uuid4().hex[:6]}")  # no worker: jobs stay queued
+    source = write_csv(tmp_path / "in.csv", texts(100, most_words=5))
+    specs = task_specs(["sentiment"])
+    job = EnrichJob(source, tmp_path / "out.csv", FileFormat.csv, FileFormat.csv, specs, 64, Limits())
+    enrichment = Enrichment(job)
+    enrichment.prepare()
+    backend = QueueBackend(client, specs, window=4, poll_s=0.05)
+    with RowReader(job.input, job.input_format) as reader:
+        chunks = list(enrichment._chunks(reader, 0))
+    for chunk in chunks:
+        backend.start(chunk)
+    backend.abandon(chunks[1:])
+    assert client.get(chunks[1].jobs[specs[0].task]).status is JobStatus.cancelled
+    assert client.get(chunks[0].jobs[specs[0].task]).status is JobStatus.queued
+    (results,) = backend.results(chunks[1]).values()
+    assert len(results) == 36 and results[0] == {"error": {"code": "cancelled", "field": None, "message": "job cancelled: cancelled before it ran"}}
+    client.cancel([chunks[0].jobs[specs[0].task]])
 
 
 # ---- in-process ----------------------------------------------------------------------------------
