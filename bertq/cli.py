@@ -116,7 +116,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             except InvalidInput as error:
                 items.append(error)
         if loaded is None:  # after the first chunk is read: a bad line is reported before a model loads
-            loaded = ModelCache(settings.device, settings.dtype).get(task_name, args.model or settings.model_for(task_name))
+            model = args.model or settings.model_for(task_name)
+            loaded = ModelCache(settings.device, settings.dtype).get(task_name, model)
         results = run_items(task, loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows, first)
         sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in result_dicts(results)))
         sys.stdout.flush()
@@ -166,7 +167,16 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
-    from bertq.enrich import LOCAL_CHUNK_ROWS, EnrichJob, Enrichment, JobsFailed, LocalBackend, QueueBackend, task_specs
+    from bertq.enrich import (
+        LOCAL_CHUNK_ROWS,
+        REDIS_PATIENCE_S,
+        EnrichJob,
+        Enrichment,
+        JobsFailed,
+        LocalBackend,
+        QueueBackend,
+        task_specs,
+    )
     from bertq.files import FileFormat, format_from_extension
 
     source = Path(args.input)
@@ -192,7 +202,14 @@ def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
         backend = LocalBackend(settings, specs)
     else:
         client = _client(settings)
-        backend = QueueBackend(client, specs, args.window, args.priority, enrichment.inflight_jobs())
+        backend = QueueBackend(
+            client,
+            specs,
+            args.window,
+            args.priority,
+            enrichment.inflight_jobs(),
+            on_fault=lambda error: print(f"bertq: {error}; waiting {REDIS_PATIENCE_S:.0f} s for it", file=sys.stderr),
+        )
         for warning in backend.idle_queues():
             print(f"bertq: {warning}", file=sys.stderr)
     resume = "rerun the same command to resume"
@@ -417,13 +434,21 @@ def parser() -> argparse.ArgumentParser:
     enrich.add_argument("--task", action="append", required=True, help="a task to run on every row (repeat for more)")
     enrich.add_argument("--text-field", help="the column that holds the text (default: text)")
     enrich.add_argument(
-        "--field", action="append", metavar="ITEM_FIELD=COLUMN", help="read an item field from another column, e.g. context=body"
+        "--field", action="append", metavar="ITEM_FIELD=COLUMN", help="read an item field from a column: context=body"
     )
-    enrich.add_argument("--options", action="append", metavar="TASK=JSON", help='options of one task, e.g. sentiment=\'{"top_k": 1}\'')
-    enrich.add_argument("--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)")
-    enrich.add_argument("--format", choices=[f.value for f in _file_formats()], help="INPUT's format when its extension does not say")
+    enrich.add_argument(
+        "--options", action="append", metavar="TASK=JSON", help='options of one task, e.g. sentiment=\'{"top_k": 1}\''
+    )
+    enrich.add_argument(
+        "--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)"
+    )
+    enrich.add_argument(
+        "--format", choices=[f.value for f in _file_formats()], help="INPUT's format when its extension does not say"
+    )
     enrich.add_argument("--local", action="store_true", help="run in this process (no Redis, no workers)")
-    enrich.add_argument("--window", type=_positive, default=32, help="chunks of BERTQ_ITEMS_PER_MESSAGE rows in flight (32)")
+    enrich.add_argument(
+        "--window", type=_positive, default=32, help="chunks of BERTQ_ITEMS_PER_MESSAGE rows in flight (32)"
+    )
     enrich.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
     enrich.add_argument("--overwrite", action="store_true", help="start over, replacing OUTPUT")
     enrich.set_defaults(handler=cmd_enrich)

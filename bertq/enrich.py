@@ -22,15 +22,16 @@ import json
 import os
 import re
 import sys
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, InvalidInput
+from bertq.errors import BertqError, BrokerUnavailable, InvalidInput
 from bertq.files import FileFormat, Row, RowReader, RowWriter
 from bertq.schemas import CONTRACTS, JobStatus, Limits, TaskName, parse_task, validate_item, validate_options
 
@@ -48,9 +49,16 @@ ERROR_COLUMN = "error"
 
 #: Job failures that would fail every chunk alike (a model that cannot be loaded or is not allowed, a
 #: worker that refuses the jobs): the run stops instead of filling the file with one error.
-STOPPING_CODES = frozenset({"model_unavailable", "model_not_allowed", "invalid_input", "invalid_message", "unsupported"})
+STOPPING_CODES = frozenset(
+    {"model_unavailable", "model_not_allowed", "invalid_input", "invalid_message", "unsupported"}
+)
+
+#: How long a run through the queue waits for Redis to come back (a restart, a failover) before it
+#: stops with exit 3 (a rerun then resumes).
+REDIS_PATIENCE_S = 120.0
 
 _ITEM_PREFIX = re.compile(r"^items\[\d+\]\.?")
+T = TypeVar("T")
 
 
 class JobsFailed(Exception):
@@ -95,7 +103,9 @@ def task_specs(
     for item_field in columns:
         if item_field not in fields_used:
             known = ", ".join(sorted(fields_used))
-            raise InvalidInput(f"no task of this run reads an item field {item_field!r} (they read: {known})", field="--field")
+            raise InvalidInput(
+                f"no task of this run reads an item field {item_field!r} (they read: {known})", field="--field"
+            )
     specs = []
     for task in names:
         task_options = options.get(task.value, {})
@@ -267,10 +277,14 @@ class Enrichment:
                 if input_columns is None:
                     input_columns = list(row.values)
                     if resumed is None:  # the file's first row: it sets the columns
-                        self._check_columns(input_columns, needed, set(), f"{job.input}, line {row.line}: the first row")
+                        self._check_columns(
+                            input_columns, needed, set(), f"{job.input}, line {row.line}: the first row"
+                        )
                 clash = reserved.intersection(row.values)
                 if clash:
-                    raise reader.bad(row.line, f"the row already has a field {sorted(clash)[0]!r}, which the results would overwrite")
+                    raise reader.bad(
+                        row.line, f"the row already has a field {sorted(clash)[0]!r}, which the results would overwrite"
+                    )
                 if job.output_format is FileFormat.csv:
                     header = known or input_columns
                     extra = [name for name in row.values if name not in header]
@@ -292,7 +306,9 @@ class Enrichment:
         missing = sorted(needed.difference(columns))
         if missing:
             shown = ", ".join(columns) or "none"
-            raise InvalidInput(f"{where} has no column {missing[0]!r} (columns: {shown}); name it with --text-field or --field")
+            raise InvalidInput(
+                f"{where} has no column {missing[0]!r} (columns: {shown}); name it with --text-field or --field"
+            )
         clash = sorted(reserved.intersection(columns))
         if clash:
             raise InvalidInput(f"{where} already has a column {clash[0]!r}, which the results would overwrite")
@@ -439,7 +455,11 @@ def describe_error(spec: TaskSpec, record: dict[str, Any]) -> str:
 def job_failure(status: JobStatus, error: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
     """The item error every row of a job that did not finish done gets."""
     if status is JobStatus.failed and error:
-        return {"code": error.get("code"), "field": None, "message": f"job failed ({error.get('code')}): {error.get('message')}"}
+        return {
+            "code": error.get("code"),
+            "field": None,
+            "message": f"job failed ({error.get('code')}): {error.get('message')}",
+        }
     return {"code": status.value, "field": None, "message": f"job {status.value}" + (f": {reason}" if reason else "")}
 
 
@@ -447,7 +467,11 @@ def job_failure(status: JobStatus, error: dict[str, Any] | None, reason: str | N
 
 
 class QueueBackend:
-    """Chunks through the queue: one job per task per chunk, submitted with ``Client.submit``."""
+    """Chunks through the queue: one job per task per chunk, submitted with ``Client.submit``.
+
+    A Redis fault that passes (a restart, a failover, dropped connections) is waited out for up to
+    ``patience_s`` seconds, calling ``on_fault`` once per outage; a longer one, or any other Redis
+    error, raises ``BrokerUnavailable``."""
 
     def __init__(
         self,
@@ -457,6 +481,8 @@ class QueueBackend:
         priority: int | None = None,
         reusable: dict[int, dict[str, Any]] | None = None,
         poll_s: float = 1.0,
+        patience_s: float = REDIS_PATIENCE_S,
+        on_fault: Callable[[BrokerUnavailable], None] | None = None,
     ) -> None:
         self.client = client
         self.tasks = tasks
@@ -464,6 +490,24 @@ class QueueBackend:
         self.priority = priority
         self.reusable = dict(reusable or {})
         self.poll_s = poll_s
+        self.patience_s = patience_s
+        self.on_fault = on_fault
+
+    def _redis(self, operation: Callable[[], T]) -> T:
+        from bertq.connection import Backoff, is_transient
+
+        backoff, deadline = Backoff(), None
+        while True:
+            try:
+                return operation()
+            except BrokerUnavailable as error:
+                now = time.monotonic()
+                deadline = deadline or now + self.patience_s
+                if error.__cause__ is None or not is_transient(error.__cause__) or now >= deadline:
+                    raise
+                if backoff.attempts == 0 and self.on_fault is not None:
+                    self.on_fault(error)
+                time.sleep(backoff.next_delay())
 
     def start(self, chunk: Chunk) -> None:
         earlier = self._reusable(chunk)
@@ -474,12 +518,11 @@ class QueueBackend:
             chunk.jobs[spec.task] = earlier.get(spec.task) or self._submit(spec, items)
 
     def _submit(self, spec: TaskSpec, items: list[tuple[int, BaseModel]]) -> str:
-        return self.client.submit(
-            spec.task.value,
-            [item.model_dump() for _, item in items],
-            model=spec.model,
-            options=spec.options,
-            priority=self.priority,
+        batch = [item.model_dump() for _, item in items]
+        return self._redis(
+            lambda: self.client.submit(
+                spec.task.value, batch, model=spec.model, options=spec.options, priority=self.priority
+            )
         )
 
     def _reusable(self, chunk: Chunk) -> dict[TaskName, str]:
@@ -488,7 +531,7 @@ class QueueBackend:
         if not entry or entry.get("rows") != len(chunk.rows):
             return {}
         earlier = {TaskName(task): job_id for task, job_id in entry.get("jobs", {}).items()}
-        views = self.client.wait(list(earlier.values()), timeout=0)
+        views = self._redis(lambda: self.client.wait(list(earlier.values()), timeout=0))
         usable = (JobStatus.queued, JobStatus.running, JobStatus.done)
         return {
             task: job_id
@@ -500,7 +543,7 @@ class QueueBackend:
         results: dict[TaskName, list[dict[str, Any]]] = {}
         pending = dict(chunk.jobs)
         while pending:
-            views = self.client.wait(list(pending.values()), timeout=self.poll_s)
+            views = self._redis(lambda: self.client.wait(list(pending.values()), timeout=self.poll_s))
             for task, job_id in list(pending.items()):
                 view = views[job_id]
                 if view.status is JobStatus.unknown:  # its record is gone (expired, or Redis lost it): again
@@ -535,7 +578,9 @@ class QueueBackend:
         for spec in self.tasks:
             queue = self.client.settings.queue_for(spec.task)
             if queue not in consumed:
-                warnings.append(f"no live worker consumes queue {queue!r} ({spec.task.value} jobs): they wait until one starts")
+                warnings.append(
+                    f"no live worker consumes queue {queue!r} ({spec.task.value} jobs): they wait until one starts"
+                )
         return warnings
 
     def abandon(self, chunks: list[Chunk]) -> None:
@@ -607,4 +652,6 @@ def _progress(total: int, done: int, stream: IO[str] | None) -> Any:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="rows", file=stream, dynamic_ncols=True, smoothing=0.1, mininterval=0.25)
+    return tqdm(
+        total=total, initial=done, unit="rows", file=stream, dynamic_ncols=True, smoothing=0.1, mininterval=0.25
+    )

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bertq.schemas import JobStatus, Limits
 
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
 from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, LocalBackend, Summary, task_specs
 from bertq.files import FileFormat, RowReader
-from bertq.schemas import JobStatus, Limits
 from bertq.settings import Settings
-from tests.faults.harness import Fleet, client_for, same_results, texts, wait_until, worker_env
+from tests.faults.harness import Fleet, Server, client_for, same_results, texts, wait_until, worker_env
 
 ROWS = 20_000
 MAX_TEXT_CHARS = 2000  # so a row can pass the limit cheaply
@@ -36,7 +36,11 @@ NOTE = 'comma, "quotes", a\nnewline and ünïcödé'
 
 @pytest.fixture(scope="module")
 def models(tiny_models: dict[str, Path]) -> dict[str, str]:
-    return {"sentiment": str(tiny_models["sentiment"]), "ner": str(tiny_models["ner"]), "embedding": str(tiny_models["base"])}
+    return {
+        "sentiment": str(tiny_models["sentiment"]),
+        "ner": str(tiny_models["ner"]),
+        "embedding": str(tiny_models["base"]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +120,9 @@ def bertq_run(task: str, model: str, rows: list[str], directory: Path) -> list[d
 
 
 @pytest.fixture(scope="module")
-def reference(big: tuple[Path, list[str]], models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+def reference(
+    big: tuple[Path, list[str]], models: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[dict[str, Any]]]:
     directory = tmp_path_factory.mktemp("reference")
     mp = pytest.MonkeyPatch()
     mp.setenv("BERTQ_MAX_TEXT_CHARS", str(MAX_TEXT_CHARS))
@@ -126,7 +132,9 @@ def reference(big: tuple[Path, list[str]], models: dict[str, str], tmp_path_fact
         mp.undo()
 
 
-def check_rows(out: list[dict[str, Any]], rows: list[str], reference: dict[str, list[dict[str, Any]]], tasks: list[str]) -> None:
+def check_rows(
+    out: list[dict[str, Any]], rows: list[str], reference: dict[str, list[dict[str, Any]]], tasks: list[str]
+) -> None:
     """Every input row once, in order, with its columns as they were, each task's result equal to
     `bertq run`'s, and an error naming the task and the cause for the bad rows."""
     assert len(out) == len(rows)
@@ -154,7 +162,10 @@ def check_rows(out: list[dict[str, Any]], rows: list[str], reference: dict[str, 
 
 
 def test_a_20k_row_csv_keeps_every_row_in_order_and_matches_bertq_run(
-    worker: str, env: pytest.MonkeyPatch, big: tuple[Path, list[str]], reference: dict[str, list[dict[str, Any]]],
+    worker: str,
+    env: pytest.MonkeyPatch,
+    big: tuple[Path, list[str]],
+    reference: dict[str, list[dict[str, Any]]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     env.setenv("BERTQ_QUEUE", worker)
@@ -176,7 +187,8 @@ def test_a_20k_row_csv_keeps_every_row_in_order_and_matches_bertq_run(
 
 def jsonl_rows(count: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
-        {"id": i, "body": text, "meta": {"stars": i % 5, "tags": ["a", "b"]}} for i, text in enumerate(texts(count, seed=5, most_words=12))
+        {"id": i, "body": text, "meta": {"stars": i % 5, "tags": ["a", "b"]}}
+        for i, text in enumerate(texts(count, seed=5, most_words=12))
     ]
     rows[10] = {"id": 10, "meta": None}  # no text field
     rows[11]["body"] = 42  # not a string
@@ -190,8 +202,21 @@ def test_jsonl_through_the_queue_equals_local(
     env.setenv("BERTQ_QUEUE", worker)
     rows = jsonl_rows(3000)
     source = tmp_path / "reviews.jsonl"
-    source.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" + ("\n" if i == 50 else "") for i, row in enumerate(rows)))
-    argv = ["enrich", str(source), "--task", "sentiment", "--task", "ner", "--text-field", "body", "--options", 'ner={"aggregation_strategy": "first"}']
+    source.write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" + ("\n" if i == 50 else "") for i, row in enumerate(rows))
+    )
+    argv = [
+        "enrich",
+        str(source),
+        "--task",
+        "sentiment",
+        "--task",
+        "ner",
+        "--text-field",
+        "body",
+        "--options",
+        'ner={"aggregation_strategy": "first"}',
+    ]
     assert main(argv) == 0
     queued = [json.loads(line) for line in (tmp_path / "reviews.enriched.jsonl").read_text().splitlines()]
     with one_torch_thread():
@@ -212,7 +237,11 @@ def test_jsonl_through_the_queue_equals_local(
 def run_enrich(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bertq", "enrich", *argv],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -253,38 +282,60 @@ def test_interrupted_by_ctrl_c_and_kill_then_rerun_gives_every_row_once(
     check_rows(read_csv(output), rows, reference, ["sentiment"])
 
 
-def test_a_killed_worker_leaves_no_row_missing_or_twice(
-    redis_url: str, models: dict[str, str], env: pytest.MonkeyPatch, tmp_path: Path,
-    big: tuple[Path, list[str]], reference: dict[str, list[dict[str, Any]]],
+def test_a_killed_worker_and_a_redis_restart_leave_no_row_missing_or_twice(
+    models: dict[str, str],
+    env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    big: tuple[Path, list[str]],
+    reference: dict[str, list[dict[str, Any]]],
 ) -> None:
-    queue = f"enrich-kill-{uuid.uuid4().hex[:6]}"
+    """No rerun needed: the run waits for the killed worker's jobs to be taken over, and for Redis."""
+    server = Server(tmp_path / "redis")  # append-only file, restarted on the same port
+    server.start()
+    queue = f"enrich-faults-{uuid.uuid4().hex[:6]}"
+    env.setenv("BERTQ_REDIS_URL", server.url)
     env.setenv("BERTQ_QUEUE", queue)
-    source = write_csv(tmp_path / "part.csv", big[1][:6000])
+    rows = big[1][:8000]
+    source = write_csv(tmp_path / "part.csv", rows)
     output = tmp_path / "part.enriched.csv"
-    fleet = Fleet(tmp_path / "fleet", worker_env(redis_url, queue, models, OMP_NUM_THREADS="1"))
+    fleet = Fleet(tmp_path / "fleet", worker_env(server.url, queue, models, OMP_NUM_THREADS="1"))
     try:
         doomed, _ = fleet.start(), fleet.start()
         enrich = run_enrich([str(source), "--task", "sentiment"], dict(os.environ))
-        assert wait_until(lambda: rows_done(output) >= 1000 and any(line.get("event") == "job started" for line in doomed.lines()), 90)
+        started = lambda: any(line.get("event") == "job started" for line in doomed.lines())  # noqa: E731
+        assert wait_until(lambda: rows_done(output) >= 1000 and started(), 90)
         doomed.signal(signal.SIGKILL)
         doomed.wait(30)
-        out, err = enrich.communicate(timeout=120)  # the survivor takes the jobs once the heartbeat is silent (3 s)
+        killed_at = rows_done(output)
+        assert wait_until(lambda: rows_done(output) >= killed_at + 1000, 60)  # the survivor took the jobs over
+        server.stop()
+        time.sleep(1)
+        server.start()
+        out, err = enrich.communicate(timeout=120)
         assert enrich.returncode == 0, err
+        assert "Redis is unreachable" in err and "waiting 120 s for it" in err
         assert max(fleet.computations().values()) == 2  # some jobs ran twice; their rows are written once
     finally:
         fleet.close()
-    check_rows(read_csv(output), big[1][:6000], reference, ["sentiment"])
+        server.close()
+    check_rows(read_csv(output), rows, reference, ["sentiment"])
 
 
 def test_a_job_failing_for_every_chunk_stops_the_run_with_exit_1_and_keeps_the_rows(
-    worker: str, env: pytest.MonkeyPatch, tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    worker: str,
+    env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     env.setenv("BERTQ_QUEUE", worker)
     source = write_csv(tmp_path / "in.csv", texts(100, most_words=5))
     other = str(tiny_models["multilabel"])  # a real checkpoint the worker does not serve
     assert main(["enrich", str(source), "--task", "sentiment", "--model", f"sentiment={other}"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sentiment job" in err and other in err and "rerun the same command to resume" in err
+    assert (
+        err.count("\n") == 1 and "sentiment job" in err and other in err and "rerun the same command to resume" in err
+    )
     state = json.loads((tmp_path / f"in.enriched.csv{STATE_SUFFIX}").read_text())
     assert state["rows"] == 0 and not state["complete"]
 
@@ -309,7 +360,9 @@ def test_cancelled_jobs_give_their_rows_an_error_and_abandoning_cancels_what_is_
     assert client.get(chunks[1].jobs[specs[0].task]).status is JobStatus.cancelled
     assert client.get(chunks[0].jobs[specs[0].task]).status is JobStatus.queued
     (results,) = backend.results(chunks[1]).values()
-    assert len(results) == 36 and results[0] == {"error": {"code": "cancelled", "field": None, "message": "job cancelled: cancelled before it ran"}}
+    assert len(results) == 36 and results[0] == {
+        "error": {"code": "cancelled", "field": None, "message": "job cancelled: cancelled before it ran"}
+    }
     client.cancel([chunks[0].jobs[specs[0].task]])
 
 
@@ -340,8 +393,16 @@ def test_the_progress_bar_shows_rows_rate_and_eta_on_a_terminal(tmp_path: Path, 
         ("bad.jsonl", '{"text": "fine"}\n\n{"text": "fine"}\n{"text": broken\n', "bad.jsonl, line 4: not valid JSON"),
         ("list.jsonl", '{"text": "fine"}\n["a list"]\n', "list.jsonl, line 2: not a JSON object (a list)"),
         ("first.jsonl", '{"body": "x"}\n', "first.jsonl, line 1: the first row has no column 'text' (columns: body)"),
-        ("clash.jsonl", '{"text": "x"}\n{"text": "y", "sentiment": 1}\n', "clash.jsonl, line 2: the row already has a field 'sentiment'"),
-        ("fields.csv", 'id,text\n1,fine\n2,"two\nlines"\n3,fine,extra\n', "fields.csv, line 5: 3 fields where the header has 2"),
+        (
+            "clash.jsonl",
+            '{"text": "x"}\n{"text": "y", "sentiment": 1}\n',
+            "clash.jsonl, line 2: the row already has a field 'sentiment'",
+        ),
+        (
+            "fields.csv",
+            'id,text\n1,fine\n2,"two\nlines"\n3,fine,extra\n',
+            "fields.csv, line 5: 3 fields where the header has 2",
+        ),
         ("quote.csv", 'id,text\n1,fine\n2,"never closed\n', "quote.csv, line 3: malformed CSV"),
         ("header.csv", "id,body\n1,fine\n", "header.csv: the header has no column 'text' (columns: id, body)"),
         ("empty.csv", "", "empty.csv: empty file; a CSV file starts with a header row"),
@@ -349,7 +410,12 @@ def test_the_progress_bar_shows_rows_rate_and_eta_on_a_terminal(tmp_path: Path, 
     ],
 )
 def test_a_bad_file_stops_before_any_work_with_one_line_naming_the_line(
-    name: str, content: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    name: str,
+    content: str,
+    says: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("BERTQ_REDIS_URL", "redis://127.0.0.1:1/0")  # never reached: the file is read first
     source = tmp_path / name
@@ -375,8 +441,14 @@ def test_invalid_utf8_is_named_by_its_line(tmp_path: Path, capsys: pytest.Captur
         (["--task", "sentiment", "--options", "ner={}"], "--options: task ner is not one of this run's tasks"),
         (["--task", "sentiment", "--options", "sentiment"], "--options 'sentiment': expected NAME=VALUE"),
         (["--task", "sentiment", "--options", "sentiment={bad"], "--options sentiment: not valid JSON"),
-        (["--task", "sentiment", "--options", 'sentiment={"top_kk": 1}'], "options.top_kk: unknown option for task sentiment"),
-        (["--task", "sentiment", "--field", "context=body"], "--field: no task of this run reads an item field 'context'"),
+        (
+            ["--task", "sentiment", "--options", 'sentiment={"top_kk": 1}'],
+            "options.top_kk: unknown option for task sentiment",
+        ),
+        (
+            ["--task", "sentiment", "--field", "context=body"],
+            "--field: no task of this run reads an item field 'context'",
+        ),
         (["--task", "sentiment", "-o", "out.txt", "--format", "tsv"], "invalid choice: 'tsv'"),
     ],
 )
@@ -410,14 +482,18 @@ def test_an_output_that_is_not_ours_or_from_another_command_is_refused(
         assert "an earlier run with another input, other tasks" in capsys.readouterr().err
 
 
-def test_enrich_without_redis_says_so_with_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enrich_without_redis_says_so_with_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("BERTQ_REDIS_URL", "redis://127.0.0.1:1/0")
     source = write_csv(tmp_path / "in.csv", ["fine"])
     assert main(["enrich", str(source), "--task", "sentiment"]) == EXIT_BROKER
     assert "unreachable" in capsys.readouterr().err
 
 
-def test_a_resumed_run_starts_at_the_next_row_even_when_it_lacks_the_text(tmp_path: Path, models: dict[str, str]) -> None:
+def test_a_resumed_run_starts_at_the_next_row_even_when_it_lacks_the_text(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
     """In-process: interrupted after the first chunk of 64 rows, resumed; the 65th row has no text."""
     from bertq.enrich import Chunk
 
@@ -448,10 +524,20 @@ def test_a_resumed_run_starts_at_the_next_row_even_when_it_lacks_the_text(tmp_pa
     assert out[64]["error"] == "sentiment: text: Field required" and out[65]["error"] is None
 
 
-def test_qa_and_nsp_read_their_item_fields_from_columns(tmp_path: Path, models: dict[str, str], tiny_models: dict[str, Path]) -> None:
+def test_qa_and_nsp_read_their_item_fields_from_columns(
+    tmp_path: Path, models: dict[str, str], tiny_models: dict[str, Path]
+) -> None:
     source = tmp_path / "pairs.jsonl"
     source.write_text(
-        json.dumps({"q": "Who met Babbage?", "body": "Ada Lovelace met Charles Babbage.", "text": "I ordered a kettle.", "text_pair": "It came."}) + "\n"
+        json.dumps(
+            {
+                "q": "Who met Babbage?",
+                "body": "Ada Lovelace met Charles Babbage.",
+                "text": "I ordered a kettle.",
+                "text_pair": "It came.",
+            }
+        )
+        + "\n"
     )
     specs = task_specs(
         ["qa", "nsp"],
@@ -471,8 +557,9 @@ def test_qa_and_nsp_read_their_item_fields_from_columns(tmp_path: Path, models: 
 def test_a_rerun_waits_for_the_jobs_an_interrupted_run_left_instead_of_queueing_them_again(
     worker: str, env: pytest.MonkeyPatch, tmp_path: Path, redis_url: str
 ) -> None:
-    from bertq.enrich import QueueBackend, TaskSpec
     from pydantic import BaseModel
+
+    from bertq.enrich import QueueBackend, TaskSpec
 
     class Counting(QueueBackend):
         submitted = 0
@@ -489,7 +576,9 @@ def test_a_rerun_waits_for_the_jobs_an_interrupted_run_left_instead_of_queueing_
     enrichment = Enrichment(job)
     enrichment.prepare()
     assert enrichment.state is not None
-    enrichment.state.inflight = [{"first": 0, "rows": 64, "jobs": {"sentiment": earlier}}]  # as an interrupted run leaves it
+    enrichment.state.inflight = [
+        {"first": 0, "rows": 64, "jobs": {"sentiment": earlier}}
+    ]  # as an interrupted run leaves it
     backend = Counting(client, specs, window=4, reusable=enrichment.inflight_jobs())
     assert enrichment.run(backend).rows == 100
     assert backend.submitted == 1  # the second chunk only

@@ -14,7 +14,9 @@ from bertq.files import FileFormat, RowReader, RowWriter, format_from_extension
 CSV = 'id,text\r\n1,plain\r\n2,"two\r\nlines, ""quoted"""\r\n\r\n3,last\r\n'
 
 
-def read(path: Path, file_format: FileFormat, start: int = 0, line: int = 1) -> list[tuple[int, dict[str, object], int, int]]:
+def read(
+    path: Path, file_format: FileFormat, start: int = 0, line: int = 1
+) -> list[tuple[int, dict[str, object], int, int]]:
     with RowReader(path, file_format, start, line) as reader:
         return [(row.line, row.values, row.end, row.next_line) for row in reader]
 
@@ -46,7 +48,10 @@ def test_a_line_read_after_resuming_is_named_by_its_number_in_the_file(tmp_path:
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{oops\n')
     end, next_line = read_first(path)
-    with RowReader(path, FileFormat.jsonl, end, next_line) as reader, pytest.raises(InvalidInput, match=r"in.jsonl, line 3: not valid JSON"):
+    with (
+        RowReader(path, FileFormat.jsonl, end, next_line) as reader,
+        pytest.raises(InvalidInput, match=r"in.jsonl, line 3: not valid JSON"),
+    ):
         list(reader)
 
 
