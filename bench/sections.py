@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import observability, redis_ops, streams, summarize
+from bench import enrich, observability, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
     "summarize": summarize,
     "observability": observability,
     "streams": streams,
+    "enrich": enrich,
     "redis_ops": redis_ops,
 }
