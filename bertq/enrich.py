@@ -27,9 +27,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 from bertq.errors import BertqError, BrokerUnavailable, InvalidInput
 from bertq.files import FileFormat, Row, RowReader, RowWriter
@@ -73,10 +73,40 @@ class TaskSpec:
     options: dict[str, Any]
     model: str | None
     fields: dict[str, str]  # item field -> input column
+    shapes: tuple[tuple[str, ...], ...]  # per item shape, the columns it needs (similarity has two)
 
     @property
     def column(self) -> str:
         return self.task.value
+
+    def missing(self, columns: list[str]) -> str | None:
+        """What the columns lack for any item shape of the task, e.g. ``column 'text'``; None if nothing."""
+        if any(set(shape) <= set(columns) for shape in self.shapes):
+            return None
+        if len(self.shapes) == 1:
+            absent = [column for column in self.shapes[0] if column not in columns]
+            return f"column {absent[0]!r}"
+        either = " or ".join(" and ".join(repr(column) for column in shape) for shape in self.shapes)
+        return f"columns for {self.task.value} ({either})"
+
+
+def item_shapes(task: TaskName) -> list[type[BaseModel]]:
+    """The models of the item shapes a task takes: one, or for an item that is a union of shapes
+    (similarity: a pair or a query), each member."""
+    model = CONTRACTS[task].item
+    if not issubclass(model, RootModel):
+        return [model]
+    found: list[type[BaseModel]] = []
+
+    def walk(annotation: Any) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.append(annotation)
+            return
+        for argument in get_args(annotation):
+            walk(argument)
+
+    walk(model.model_fields["root"].annotation)
+    return found
 
 
 def task_specs(
@@ -99,7 +129,7 @@ def task_specs(
         for task in given:
             if parse_task(task) not in names:
                 raise InvalidInput(f"task {task} is not one of this run's tasks (--task)", field=what)
-    fields_used = {name for task in names for name in CONTRACTS[task].item.model_fields}
+    fields_used = {name for task in names for shape in item_shapes(task) for name in shape.model_fields}
     for item_field in columns:
         if item_field not in fields_used:
             known = ", ".join(sorted(fields_used))
@@ -110,8 +140,12 @@ def task_specs(
     for task in names:
         task_options = options.get(task.value, {})
         validate_options(task, task_options)
-        fields = {name: columns.get(name, name) for name in CONTRACTS[task].item.model_fields}
-        specs.append(TaskSpec(task, task_options, models.get(task.value), fields))
+        shapes = item_shapes(task)
+        fields = {name: columns.get(name, name) for shape in shapes for name in shape.model_fields}
+        needs = tuple(
+            tuple(fields[name] for name, info in shape.model_fields.items() if info.is_required()) for shape in shapes
+        )
+        specs.append(TaskSpec(task, task_options, models.get(task.value), fields, needs))
     return specs
 
 
@@ -267,19 +301,16 @@ class Enrichment:
         job = self.job
         known = resumed.columns if resumed else None
         reserved = {spec.column for spec in job.tasks} | {ERROR_COLUMN}
-        needed = {column for spec in job.tasks for column in spec.fields.values()}
         input_columns = reader.columns
         if input_columns is not None:
-            self._check_columns(input_columns, needed, reserved, f"{job.input}: the header")
+            self._check_columns(input_columns, reserved, f"{job.input}: the header")
         count = 0
         for row in reader:
             if job.input_format is FileFormat.jsonl:
                 if input_columns is None:
                     input_columns = list(row.values)
                     if resumed is None:  # the file's first row: it sets the columns
-                        self._check_columns(
-                            input_columns, needed, set(), f"{job.input}, line {row.line}: the first row"
-                        )
+                        self._check_columns(input_columns, set(), f"{job.input}, line {row.line}: the first row")
                 clash = reserved.intersection(row.values)
                 if clash:
                     raise reader.bad(
@@ -301,14 +332,12 @@ class Enrichment:
             return count, None
         return count, [*(input_columns or []), *(spec.column for spec in job.tasks), ERROR_COLUMN]
 
-    @staticmethod
-    def _check_columns(columns: list[str], needed: set[str], reserved: set[str], where: str) -> None:
-        missing = sorted(needed.difference(columns))
-        if missing:
-            shown = ", ".join(columns) or "none"
-            raise InvalidInput(
-                f"{where} has no column {missing[0]!r} (columns: {shown}); name it with --text-field or --field"
-            )
+    def _check_columns(self, columns: list[str], reserved: set[str], where: str) -> None:
+        for spec in self.job.tasks:
+            missing = spec.missing(columns)
+            if missing:
+                shown = ", ".join(columns) or "none"
+                raise InvalidInput(f"{where} has no {missing} (columns: {shown}); name it with --text-field or --field")
         clash = sorted(reserved.intersection(columns))
         if clash:
             raise InvalidInput(f"{where} already has a column {clash[0]!r}, which the results would overwrite")

@@ -524,34 +524,37 @@ def test_a_resumed_run_starts_at_the_next_row_even_when_it_lacks_the_text(
     assert out[64]["error"] == "sentiment: text: Field required" and out[65]["error"] is None
 
 
-def test_qa_and_nsp_read_their_item_fields_from_columns(
-    tmp_path: Path, models: dict[str, str], tiny_models: dict[str, Path]
+def test_tasks_of_several_fields_read_them_from_columns(
+    tmp_path: Path, models: dict[str, str], tiny_models: dict[str, Path], minilm: Path
 ) -> None:
+    """qa (question, context), nsp (text, text_pair) and similarity (a pair, or a query with candidates:
+    a list, so JSONL) in one run."""
+    base = {"q": "Who met Babbage?", "body": "Ada Lovelace met Charles Babbage.", "text": "I ordered a kettle."}
+    rows = [
+        {**base, "text_pair": "It came.", "text_a": "great kettle", "text_b": "awful kettle"},
+        {**base, "text_pair": "It came.", "query": "kettle", "candidates": ["a kettle", "a boot"], "top_k": 1},
+    ]
     source = tmp_path / "pairs.jsonl"
-    source.write_text(
-        json.dumps(
-            {
-                "q": "Who met Babbage?",
-                "body": "Ada Lovelace met Charles Babbage.",
-                "text": "I ordered a kettle.",
-                "text_pair": "It came.",
-            }
-        )
-        + "\n"
-    )
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     specs = task_specs(
-        ["qa", "nsp"],
-        models={"qa": str(tiny_models["qa"]), "nsp": str(tiny_models["nsp"])},
+        ["qa", "nsp", "similarity"],
+        models={"qa": str(tiny_models["qa"]), "nsp": str(tiny_models["nsp"]), "similarity": str(minilm)},
         columns={"question": "q", "context": "body"},
+    )
+    assert (
+        specs[2].missing(["text_a", "query"])
+        == "columns for similarity ('text_a' and 'text_b' or 'query' and 'candidates')"
     )
     output = tmp_path / "pairs.out.jsonl"
     enrichment = Enrichment(EnrichJob(source, output, FileFormat.jsonl, FileFormat.jsonl, specs, 64, Limits()))
     enrichment.prepare()
     with one_torch_thread():
         summary = enrichment.run(LocalBackend(Settings(), specs))
-    (row,) = [json.loads(line) for line in output.read_text().splitlines()]
-    assert summary.rows == 1 and summary.failed_rows == 0
-    assert row["qa"]["answer"] in row["body"] and isinstance(row["nsp"]["is_next"], bool) and row["error"] is None
+    pair, query = [json.loads(line) for line in output.read_text().splitlines()]
+    assert summary.rows == 2 and summary.failed_rows == 0
+    assert pair["qa"]["answer"] in pair["body"] and isinstance(pair["nsp"]["is_next"], bool) and pair["error"] is None
+    assert -1 <= pair["similarity"]["score"] <= 1
+    assert [entry["index"] for entry in query["similarity"]["ranked"]] == [0]  # top_k 1: "a kettle" is nearer
 
 
 def test_a_rerun_waits_for_the_jobs_an_interrupted_run_left_instead_of_queueing_them_again(
