@@ -443,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
         "--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)"
     )
     enrich.add_argument(
-        "--format", choices=[f.value for f in _file_formats()], help="INPUT's format when its extension does not say"
+        "--format", choices=[f.value for f in _file_formats()], help="INPUT's format (default: from its extension)"
     )
     enrich.add_argument("--local", action="store_true", help="run in this process (no Redis, no workers)")
     enrich.add_argument(
