@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import backends, observability, redis_ops, streams, summarize
+from bench import backends, enrich, observability, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
     "backends": backends,
     "summarize": summarize,
     "observability": observability,
     "streams": streams,
+    "enrich": enrich,
     "redis_ops": redis_ops,
 }

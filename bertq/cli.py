@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ EXIT_CODES = """exit codes:
      the worker is not healthy (worker --check)
   2  invalid input or usage: a bad option, file, line or setting (the message names it)
   3  Redis unavailable: unreachable, read-only, out of memory or refusing the password
+  130  interrupted (Ctrl-C)
+bertq enrich: after 1, 3 or 130, rerun the same command to finish the file.
 Errors are one line on stderr."""
 
 EXIT_JOB_NOT_DONE = 1
@@ -29,35 +32,47 @@ class UsageError(Exception):
     """A mistake in how the command was called: one line, exit code 2."""
 
 
-def _read_jsonl(path: str) -> list[Any]:
+def _jsonl_items(path: str) -> Iterator[Any]:
+    """The items of a JSONL file (or - for stdin), one per non-blank line, read as they are needed."""
     if path.lower().endswith((".csv", ".tsv")):
-        raise UsageError(f"{path}: --input takes JSONL (one JSON item per line)")
+        raise UsageError(f"{path}: --input takes JSONL (one JSON item per line); `bertq enrich` reads CSV")
     try:
         source = sys.stdin if path == "-" else open(path, encoding="utf-8")
     except OSError as error:
         raise UsageError(f"{path}: {error.strerror}") from None
-    items = []
     with source:
         for number, line in enumerate(source, start=1):
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                yield json.loads(line)
             except ValueError as error:
                 raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-    return items
 
 
-def _options(raw: str | None) -> dict[str, Any]:
+def _options(raw: str | None, flag: str = "--options") -> dict[str, Any]:
     if not raw:
         return {}
     try:
         options = json.loads(raw)
     except ValueError as error:
-        raise UsageError(f"--options: not valid JSON ({error.msg})") from None
+        raise UsageError(f"{flag}: not valid JSON ({error.msg})") from None
     if not isinstance(options, dict):
-        raise UsageError("--options: must be a JSON object")
+        raise UsageError(f"{flag}: must be a JSON object")
     return options
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` arguments of a repeatable flag."""
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{flag} {value!r}: expected NAME=VALUE")
+        if name.strip() in pairs:
+            raise UsageError(f"{flag}: {name.strip()} is given twice")
+        pairs[name.strip()] = rest
+    return pairs
 
 
 def _client(settings: Settings) -> Any:
@@ -76,35 +91,145 @@ def _print_view(view: Any) -> int:
     return 0 if view.status.value == "done" else EXIT_JOB_NOT_DONE
 
 
+#: Items `bertq run` computes at a time: rows are length-sorted within a chunk, so bigger pads less.
+RUN_CHUNK_ITEMS = 1024
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """In-process, no Redis: one JSON result per input line, in input order."""
-    from bertq.schemas import parse_task, validate_items, validate_options
+    """In-process, no Redis: one JSON result per input line, in input order, printed chunk by chunk."""
+    from bertq.errors import InvalidInput
+    from bertq.schemas import parse_task, validate_item, validate_options
     from bertq.tasks import get_task
     from bertq.workers.runner import ModelCache, result_dicts, run_items
 
     task_name = parse_task(args.task)
     options = validate_options(task_name, _options(args.options))
-    items = validate_items(task_name, _read_jsonl(args.input), settings.limits())
-    from bertq.workers.backends import BackendConfig
+    limits = settings.limits()
+    task = get_task(task_name)
+    loaded = None
+    first = 0
+    for chunk in _batches(_jsonl_items(args.input), RUN_CHUNK_ITEMS):
+        items: list[Any] = []
+        for index, item in enumerate(chunk, start=first):
+            try:
+                items.append(validate_item(task_name, index, item, limits))
+            except InvalidInput as error:
+                items.append(error)
+        if loaded is None:  # after the first chunk is read: a bad line is reported before a model loads
+            model = args.model or settings.model_for(task_name)
+            from bertq.workers.backends import BackendConfig
 
-    cache = ModelCache(settings.device, settings.dtype, backend=BackendConfig.from_settings(settings))
-    loaded = cache.get(task_name, args.model or settings.model_for(task_name))
-    results = run_items(get_task(task_name), loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows)
-    for result in result_dicts(results):
-        print(json.dumps(result, ensure_ascii=False))
+            cache = ModelCache(settings.device, settings.dtype, backend=BackendConfig.from_settings(settings))
+            loaded = cache.get(task_name, model)
+        results = run_items(task, loaded, items, options, settings.max_batch_tokens, settings.max_batch_rows, first)
+        sys.stdout.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in result_dicts(results)))
+        sys.stdout.flush()
+        first += len(chunk)
     return 0
 
 
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    """One job, or for an --input over BERTQ_MAX_ITEMS_PER_JOB items, several: one id per line."""
+    from bertq.errors import SubmitIncomplete
+
     client = _client(settings)
-    items: list[Any] = [{"text": text} for text in args.text] if args.text else _read_jsonl(args.input)
-    job_id = client.submit(
-        args.task, items, model=args.model, options=_options(args.options), priority=args.priority, callback_url=args.callback_url
-    )
+    items: list[Any] = [{"text": text} for text in args.text] if args.text else list(_jsonl_items(args.input))
+    send: dict[str, Any] = {
+        "model": args.model,
+        "options": _options(args.options),
+        "priority": args.priority,
+        "callback_url": args.callback_url,
+    }
+    try:
+        if len(items) <= settings.max_items_per_job:
+            job_ids = [client.submit(args.task, items, **send)]
+        else:
+            job_ids = client.submit_many(args.task, items, items_per_message=settings.max_items_per_job, **send)
+    except SubmitIncomplete as error:
+        for job_id in error.queued_ids:  # those are queued: say which
+            print(job_id)
+        raise
     if not args.wait:
-        print(job_id)
+        for job_id in job_ids:
+            print(job_id)
         return 0
-    return _print_view(client.wait([job_id], timeout=args.timeout)[job_id])
+    views = client.wait(job_ids, timeout=args.timeout)
+    codes = [_print_view(views[job_id]) for job_id in job_ids]
+    return max(codes)
+
+
+def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
+    from bertq.enrich import (
+        LOCAL_CHUNK_ROWS,
+        REDIS_PATIENCE_S,
+        EnrichJob,
+        Enrichment,
+        JobsFailed,
+        LocalBackend,
+        QueueBackend,
+        task_specs,
+    )
+    from bertq.files import FileFormat, format_from_extension
+
+    source = Path(args.input)
+    input_format = FileFormat(args.format) if args.format else format_from_extension(source)
+    if input_format is None:
+        raise UsageError(f"{source}: cannot tell the format from the extension; pass --format jsonl or csv")
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.enriched.{input_format.value}")
+    output_format = format_from_extension(output) or input_format
+    columns = _pairs(args.field, "--field")
+    if args.text_field:
+        columns["text"] = args.text_field
+    options = {task: _options(raw, f"--options {task}") for task, raw in _pairs(args.options, "--options").items()}
+    specs = task_specs(args.task, options, _pairs(args.model, "--model"), columns)
+    chunk_rows = max(settings.items_per_message, LOCAL_CHUNK_ROWS) if args.local else settings.items_per_message
+    job = EnrichJob(source, output, input_format, output_format, specs, chunk_rows, settings.limits(), args.overwrite)
+    enrichment = Enrichment(job)
+    enrichment.prepare()
+    if enrichment.complete:
+        print(f"{output}: already complete, {enrichment.total} rows (pass --overwrite to redo it)")
+        return 0
+    backend: Any
+    if args.local:
+        backend = LocalBackend(settings, specs)
+    else:
+        client = _client(settings)
+        backend = QueueBackend(
+            client,
+            specs,
+            args.window,
+            args.priority,
+            enrichment.inflight_jobs(),
+            on_fault=lambda error: print(f"bertq: {error}; waiting {REDIS_PATIENCE_S:.0f} s for it", file=sys.stderr),
+        )
+        for warning in backend.idle_queues():
+            print(f"bertq: {warning}", file=sys.stderr)
+    resume = "rerun the same command to resume"
+    try:
+        summary = enrichment.run(backend)
+    except JobsFailed as error:
+        print(f"bertq: {error}; the rows before it are in {output}: {resume}", file=sys.stderr)
+        return EXIT_JOB_NOT_DONE
+    except BrokerUnavailable as error:
+        raise BrokerUnavailable(f"{error}; the rows done are in {output}: {resume}") from None
+    except KeyboardInterrupt:
+        done = enrichment.state.rows if enrichment.state else 0
+        print(f"bertq: interrupted after {done} rows of {enrichment.total}; {resume}", file=sys.stderr)
+        return 130
+    resumed = f", resumed after {summary.resumed_from}" if summary.resumed_from else ""
+    print(f"{output}: {summary.rows} rows ({summary.failed_rows} with an error{resumed})")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -264,6 +389,19 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report["passed"] or settings.accept_any_accuracy else 1
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _file_formats() -> list[Any]:
+    from bertq.files import FileFormat
+
+    return list(FileFormat)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="bertq",
@@ -274,14 +412,18 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"bertq {version('bertq')}")
     commands = root.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a task in-process on a JSONL file (no Redis)")
+    run = commands.add_parser("run", help="run a task in-process on a JSONL file (no Redis), any length")
     run.add_argument("task")
     run.add_argument("--model", help="hub id or local path (default: BERTQ_MODEL_<TASK>)")
     run.add_argument("--input", required=True, help="JSONL of items, or - for stdin")
     run.add_argument("--options", help="JSON object of task options")
     run.set_defaults(handler=cmd_run)
 
-    submit = commands.add_parser("submit", help="queue a job; prints its id (or its result with --wait)")
+    submit = commands.add_parser(
+        "submit",
+        help="queue a job; prints its id (or its result with --wait); an --input over BERTQ_MAX_ITEMS_PER_JOB "
+        "items is split into jobs, one id per line",
+    )
     submit.add_argument("task")
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text item (repeat for more)")
@@ -293,6 +435,37 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait and print the result (exit 1 unless done)")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(handler=cmd_submit)
+
+    enrich = commands.add_parser(
+        "enrich",
+        help="add result columns to every row of a JSONL or CSV file (resumable)",
+        description="Every row of INPUT gets one result column per --task (JSON text in CSV) and an `error` "
+        "column, in input order, through the queue to running workers (or in-process with --local). "
+        "Rerun the same command after an interruption to finish the file.",
+    )
+    enrich.add_argument("input", metavar="INPUT", help="a .jsonl or .csv file")
+    enrich.add_argument("-o", "--output", help="default: INPUT's name with .enriched before the extension")
+    enrich.add_argument("--task", action="append", required=True, help="a task to run on every row (repeat for more)")
+    enrich.add_argument("--text-field", help="the column that holds the text (default: text)")
+    enrich.add_argument(
+        "--field", action="append", metavar="ITEM_FIELD=COLUMN", help="read an item field from a column: context=body"
+    )
+    enrich.add_argument(
+        "--options", action="append", metavar="TASK=JSON", help='options of one task, e.g. sentiment=\'{"top_k": 1}\''
+    )
+    enrich.add_argument(
+        "--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)"
+    )
+    enrich.add_argument(
+        "--format", choices=[f.value for f in _file_formats()], help="INPUT's format (default: from its extension)"
+    )
+    enrich.add_argument("--local", action="store_true", help="run in this process (no Redis, no workers)")
+    enrich.add_argument(
+        "--window", type=_positive, default=32, help="chunks of BERTQ_ITEMS_PER_MESSAGE rows in flight (32)"
+    )
+    enrich.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
+    enrich.add_argument("--overwrite", action="store_true", help="start over, replacing OUTPUT")
+    enrich.set_defaults(handler=cmd_enrich)
 
     status = commands.add_parser("status", help="a job's status; without an id: queues, workers, dead letters")
     status.add_argument("job_id", nargs="?")

@@ -67,3 +67,50 @@ def test_help_documents_the_exit_codes_and_version(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("bertq ")
+
+
+def test_run_streams_a_file_of_any_length_in_order(
+    tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Path]
+) -> None:
+    import torch
+
+    count = 5000  # over BERTQ_MAX_ITEMS_PER_JOB (4096): no cap in-process
+    texts = [f"review {i} of the kettle" for i in range(count)]
+    texts[4500] = ""
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", "sentiment", "--model", str(tiny_models["sentiment"]), "--input", str(source)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(results) == count
+    assert results[4500] == {"error": {"code": "invalid_input", "field": "items[4500].text", "message": "items[4500].text: empty text"}}
+    assert all(result["label"] in ("NEGATIVE", "POSITIVE") for i, result in enumerate(results) if i != 4500)
+
+
+def test_submit_splits_a_file_over_the_job_limit_into_jobs_and_waits_for_all(
+    tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_url: str
+) -> None:
+    import uuid
+
+    from bertq.client import Client
+    from bertq.settings import Settings
+
+    queue = f"nobody-{uuid.uuid4().hex[:6]}"  # no worker: the jobs stay queued
+    env.setenv("BERTQ_REDIS_URL", redis_url)
+    env.setenv("BERTQ_QUEUE", queue)
+    env.setenv("BERTQ_MAX_ITEMS_PER_JOB", "100")
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(250)))
+    assert main(["submit", "sentiment", "--input", str(source)]) == 0
+    job_ids = capsys.readouterr().out.split()
+    client = Client(redis_url, Settings(redis_url=redis_url, queue=queue))
+    assert [client.get(job_id).info["items"] for job_id in job_ids] == [100, 100, 50]
+    assert client.redis.llen(queue) == 3
+    assert main(["submit", "sentiment", "--input", str(source), "--wait", "--timeout", "0.2"]) == EXIT_JOB_NOT_DONE
+    waited = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [view["status"] for view in waited] == ["queued"] * 3 and len({view["job_id"] for view in waited}) == 3
+    client.redis.delete(queue)

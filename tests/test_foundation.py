@@ -40,8 +40,9 @@ HEAVY = ("torch", "transformers")
         # Written in parallel with these tests: they fail (ModuleNotFoundError) until they exist.
         ("bertq.client",),
         ("bertq.workers.app",),
+        ("bertq.enrich", "bertq.files"),  # `bertq enrich` through the queue is a producer
     ],
-    ids=["foundation", "client", "celery-app"],
+    ids=["foundation", "client", "celery-app", "enrich"],
 )
 def test_producer_side_imports_stay_light(modules: tuple[str, ...]) -> None:
     # An invalid BERTQ_ value also proves that importing reads no settings: only constructing does.

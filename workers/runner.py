@@ -157,8 +157,11 @@ def finish_item(
         return InferenceFailed(f"postprocess failed: {type(error).__name__}: {error}")
 
 
-def preprocess_items(task: Task, loaded: Loaded, items: list[Any], options: Any) -> list[list[Row] | BertqError]:
-    """Rows per item; items that are already errors stay errors, a tokenizer error fails one item."""
+def preprocess_items(
+    task: Task, loaded: Loaded, items: list[Any], options: Any, first_index: int = 0
+) -> list[list[Row] | BertqError]:
+    """Rows per item; items that are already errors stay errors, a tokenizer error fails one item. Error
+    fields number items from ``first_index`` (a part of a longer stream names its items as the whole)."""
     valid = [i for i, item in enumerate(items) if not isinstance(item, BertqError)]
     prepared: list[list[Row] | BertqError] = [item if isinstance(item, BertqError) else [] for item in items]
     try:
@@ -170,7 +173,8 @@ def preprocess_items(task: Task, loaded: Loaded, items: list[Any], options: Any)
             # tasks name fields relative to the item ("text") or the job's options ("options.targets");
             # item fields get their full name
             if not (rows.field or "").startswith("options."):
-                rows.field = f"items[{i}].{rows.field}" if rows.field else f"items[{i}]"
+                number = first_index + i
+                rows.field = f"items[{number}].{rows.field}" if rows.field else f"items[{number}]"
         else:
             for row in rows:
                 row.item = i
@@ -206,11 +210,11 @@ def distinct_rows(rows: list[Row]) -> tuple[list[int], list[int]]:
 
 
 def run_items(
-    task: Task, loaded: Loaded, items: list[Any], options: Any, max_tokens: int, max_rows: int
+    task: Task, loaded: Loaded, items: list[Any], options: Any, max_tokens: int, max_rows: int, first_index: int = 0
 ) -> list[BaseModel | BertqError]:
     """In-process: preprocess everything, run length-sorted batches of the distinct rows, postprocess in
-    input order."""
-    prepared = preprocess_items(task, loaded, items, options)
+    input order. ``first_index``: see ``preprocess_items``."""
+    prepared = preprocess_items(task, loaded, items, options, first_index)
     rows = [row for entry in prepared if isinstance(entry, list) for row in entry]
     distinct, position = distinct_rows(rows)
     computed: list[Any] = [None] * len(distinct)
