@@ -51,6 +51,7 @@ class Candidate:
 class SummarizeTask:
     name = TaskName.summarize
     model_class = "AutoModel"
+    needs_hidden_states = True  # layer -2: served by torch whatever BERTQ_BACKEND says
 
     def on_load(self, loaded: Loaded, local_dir: Path | None) -> None:
         from spacy.lang.en import English

@@ -26,7 +26,12 @@ AGREEMENT_OF = {
     TaskName.qa: "QA answer span",
     TaskName.fill_mask: "fill-mask top token",
     TaskName.nsp: "NSP is_next",
+    TaskName.similarity: "similarity score within 0.01 (pairs), best candidate (queries)",
+    TaskName.summarize: "summary sentences chosen",
 }
+
+#: Two similarity scores this close are the same decision.
+SCORE_TOLERANCE = 0.01
 
 
 def measure(task: Task, reference: Loaded, candidate: Loaded, raw_items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -53,6 +58,8 @@ def compare(task: TaskName, expected: list[BaseModel | BertqError], got: list[Ba
         spans = [(_spans(a), _spans(b)) for a, b in zip(expected, got)]
         union = sum(len(a | b) for a, b in spans)
         agreement = sum(len(a & b) for a, b in spans) / union if union else 1.0
+    elif task is TaskName.similarity:
+        agreement = sum(_same_similarity(a, b) for a, b in zip(expected, got)) / len(expected)
     else:
         agreement = sum(_top1(task, a) == _top1(task, b) for a, b in zip(expected, got)) / len(expected)
     report.update(metric="agreement", of=AGREEMENT_OF[task], agreement=agreement)
@@ -73,6 +80,16 @@ def _cosine(a: Any, b: Any) -> float:
     return sum(p * q for p, q in zip(x, y)) / norm if norm else 0.0
 
 
+def _same_similarity(a: Any, b: Any) -> bool:
+    """Pairs: scores within SCORE_TOLERANCE; queries: the same best candidate."""
+    if isinstance(a, BertqError) or isinstance(b, BertqError):
+        return type(a) is type(b)
+    a, b = getattr(a, "root", a), getattr(b, "root", b)
+    if hasattr(a, "ranked"):
+        return bool(a.ranked[0].index == b.ranked[0].index)
+    return bool(abs(a.score - b.score) <= SCORE_TOLERANCE)
+
+
 def _spans(result: Any) -> set[tuple[str, int, int]]:
     if isinstance(result, BertqError):
         return {("error", -1, -1)}
@@ -88,6 +105,8 @@ def _top1(task: TaskName, result: Any) -> Any:
         return (result.start, result.end)
     if task is TaskName.fill_mask:
         return tuple(predictions[0].token for predictions in result.masks)
+    if task is TaskName.summarize:
+        return tuple(sentence.index for sentence in result.sentences)
     return result.is_next
 
 

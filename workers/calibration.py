@@ -133,7 +133,8 @@ QUESTIONS = ("Who is mentioned?", "Where did it happen?", "When did it happen?",
 
 def task_items(task: TaskName, texts: list[str], mask_token: str | None = None) -> list[dict[str, Any]]:
     """Raw items of ``task`` made from calibration texts: the texts as they are; for fill_mask the
-    middle word masked; for nsp each text with the next as its pair; for qa a short question on it."""
+    middle word masked; for nsp and similarity each text with the next as its pair; for qa a short
+    question on it; for summarize four texts as one document."""
     if task is TaskName.fill_mask:
         items = []
         for text in texts:
@@ -145,4 +146,8 @@ def task_items(task: TaskName, texts: list[str], mask_token: str | None = None) 
         return [{"text": text, "text_pair": texts[(i + 1) % len(texts)]} for i, text in enumerate(texts)]
     if task is TaskName.qa:
         return [{"question": QUESTIONS[i % len(QUESTIONS)], "context": text} for i, text in enumerate(texts)]
+    if task is TaskName.similarity:
+        return [{"text_a": text, "text_b": texts[(i + 1) % len(texts)]} for i, text in enumerate(texts)]
+    if task is TaskName.summarize:  # several texts make one document of many sentences
+        return [{"text": " ".join(texts[i : i + 4])} for i in range(0, len(texts), 4)]
     return [{"text": text} for text in texts]

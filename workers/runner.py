@@ -39,6 +39,10 @@ def load_model(
     path = choose_path(device, dtype, backend.name, cpu_info())
     threads = backend.threads()
     tokenizer = from_pretrained(task, model_id, _auto_tokenizer)
+    if path.backend != "torch" and getattr(task, "needs_hidden_states", False):
+        # an exported graph has the model's named outputs only, not every layer's hidden states
+        log.warning("task runs on torch: its hidden layers are not exported to OpenVINO", task=task.name.value, backend=path.backend)
+        path = choose_path(device, "bf16" if dtype == "bf16" else "fp32", "torch", cpu_info())
     if path.backend == "torch":
         loaded = load_torch(task, model_id, tokenizer, device, path, backend)
     else:

@@ -51,7 +51,7 @@ SERVICE = "bertq-ha"
 PASSWORD = "p@ss/w:rd"  # characters a URL must quote
 SENTINEL_PASSWORD = "sentinel-secret"
 DB = 3
-JOBS = 3000 if FULL else 400  # submitted before the kill; the producer adds up to JOBS // 2 across it
+JOBS = 3000 if FULL else 1500  # submitted before the kill; the producer adds up to JOBS // 2 across it
 DOWN_AFTER_MS = 1000
 
 

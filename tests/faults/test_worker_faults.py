@@ -95,15 +95,15 @@ def test_sigterm_finishes_what_is_in_a_batch_returns_the_rest_and_exits_zero(
     server: Server, fleet_dir: Path, minilm: Path, fault_table: list[dict[str, Any]]
 ) -> None:
     # more held rows than a batch is chosen from (8 batches of 16 rows): the newest jobs are not started
-    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_PREFETCH="32", BERTQ_MAX_BATCH_ROWS="16")
+    env = worker_env(server.url, QUEUE, {"embedding": str(minilm)}, BERTQ_PREFETCH="48", BERTQ_MAX_BATCH_ROWS="16")
     fleet = Fleet(fleet_dir, env)
     try:
         client = client_for(server.url, QUEUE)
-        batch = texts(16 * 32, seed=3, most_words=12)
+        batch = texts(16 * 48, seed=3, most_words=40)
         chunks = [batch[i : i + 16] for i in range(0, len(batch), 16)]
         ids = [client.submit("embedding", chunk) for chunk in chunks]
         first = fleet.start()
-        assert wait_until(lambda: count_final(client, ids) >= 2, 120)
+        assert wait_until(lambda: count_final(client, ids) >= 1, 120, every=0.01)
         done_at_term = count_final(client, ids)
         assert done_at_term < len(ids), "SIGTERM must come mid-run"
         first.signal(signal.SIGTERM)

@@ -27,7 +27,10 @@ from bertq.workers.backends import BackendConfig, choose_path, require_packages
 from bertq.workers.cpu import parse_cpuinfo
 from bertq.workers.runner import load_model, run_items
 
-CHECKPOINT = {"sentiment": "sentiment", "ner": "ner", "qa": "qa", "fill_mask": "fill_mask", "nsp": "nsp", "embedding": "base"}
+CHECKPOINT = {
+    "sentiment": "sentiment", "ner": "ner", "qa": "qa", "fill_mask": "fill_mask", "nsp": "nsp", "embedding": "base",
+    "similarity": "base", "summarize": "base",
+}
 #: Paths other than exact torch fp32: (backend, dtype). bf16 ones need a CPU with native bf16.
 PATHS = [("openvino", "fp32"), ("openvino", "auto"), ("openvino-int8", "auto"), ("torch", "bf16")]
 #: Texts the calibration never saw: product reviews, another domain.
@@ -94,6 +97,10 @@ def test_every_task_runs_on_every_path_close_to_torch_fp32(
     loaded = load_model(get_task(task), str(model), "cpu", dtype, config(backend, cache_dir, small_calibration))
     expected, got = torch_results(task, model), results_of(task, loaded)
 
+    if task is TaskName.summarize and backend != "torch":  # its hidden layers are not exported: torch serves it
+        assert (loaded.backend, loaded.precision) == ("torch", "fp32")
+        assert accuracy.compare(task, torch_results(task, model), results_of(task, loaded))["agreement"] == 1.0
+        return
     exact = backend == "openvino" and dtype == "fp32"
     assert loaded.backend == backend
     assert loaded.precision == ("fp32" if exact else "bf16" if backend != "openvino-int8" else "int8+bf16") or not native_bf16()
