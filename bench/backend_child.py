@@ -3,8 +3,9 @@
 It loads its model, then answers JSON-line commands on stdin, one at a time, so the parent times the
 systems round-robin while only one of them computes: ``warmup``, ``run`` (one timed pass over the
 texts), ``save`` (its outputs to a .npy file), ``exit``. It reports its resident memory before
-loading (libraries imported) and after. Standard library and numpy only at import: the sentence-transformers + OpenVINO peer
-runs it from its own virtual environment (transformers < 5), where bertq is not installed.
+loading (libraries imported) and after. Standard library and numpy only at import: the
+sentence-transformers + OpenVINO peer runs it from its own virtual environment (transformers < 5),
+where bertq is not installed.
 
 Kinds: ``bertq`` (run_items on one loaded model: the `bertq run` path), ``st-torch``
 (sentence-transformers on torch), ``st-openvino-int8`` (sentence-transformers with
@@ -49,17 +50,20 @@ def import_frameworks(spec: dict[str, Any]) -> None:
 
 
 def bertq_system(spec: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
-    from bertq.log import configure_logging
     from bertq.schemas import Limits, TaskName, validate_items, validate_options
-    from bertq.settings import Settings
     from bertq.tasks import get_task
     from bertq.workers.backends import BackendConfig
     from bertq.workers.runner import load_model, run_items
 
+    from bertq.log import configure_logging
+    from bertq.settings import Settings
+
     configure_logging("console", "WARNING")
     name = TaskName(spec["task"])
     # The gate's verdict is reported beside the figures, not enforced: a failed path is still measured.
-    settings = Settings(backend=spec["backend"], dtype=spec["dtype"], cache_dir=spec["cache_dir"], accept_any_accuracy=True)
+    settings = Settings(
+        backend=spec["backend"], dtype=spec["dtype"], cache_dir=spec["cache_dir"], accept_any_accuracy=True
+    )
     loaded = load_model(get_task(name), spec["model"], "cpu", settings.dtype, BackendConfig.from_settings(settings))
     task, options = get_task(name), validate_options(name, {})
     labels = loaded.extra.get("labels", [])
@@ -110,16 +114,31 @@ def st_openvino_int8(spec: dict[str, Any]) -> Any:
         shutil.copytree(spec["model"], work)
         texts = [line.strip() for line in open(spec["calibration"], encoding="utf-8") if line.strip()]
 
-        def local_dataset(self: Any, dataset_name: str, dataset_config_name: str, preprocess_function: Any, num_samples: int, dataset_split: str, **kwargs: Any) -> Any:
+        def local_dataset(
+            self: Any,
+            dataset_name: str,
+            dataset_config_name: str,
+            preprocess_function: Any,
+            num_samples: int,
+            dataset_split: str,
+            **kwargs: Any,
+        ) -> Any:
             rows = Dataset.from_dict({"sentence": texts[:num_samples]})
-            return rows.map(lambda batch: preprocess_function({"sentence": batch["sentence"]}), batched=True, remove_columns=["sentence"])
+            return rows.map(
+                lambda batch: preprocess_function({"sentence": batch["sentence"]}),
+                batched=True,
+                remove_columns=["sentence"],
+            )
 
         OVQuantizer.get_calibration_dataset = local_dataset  # type: ignore[method-assign]
         exported = SentenceTransformer(str(work), backend="openvino", device="cpu")
         exported.save_pretrained(str(work))
         export_static_quantized_openvino_model(exported, None, str(work))
     return SentenceTransformer(
-        str(work), backend="openvino", device="cpu", model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"}
+        str(work),
+        backend="openvino",
+        device="cpu",
+        model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"},
     )
 
 

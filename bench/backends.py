@@ -30,8 +30,8 @@ import numpy as np
 
 from bench.context import OUT, ROOT, Context
 from bench.procs import log_tail
-from bench.timing import Row, System, measure
 from bench.texts import doc_paragraphs
+from bench.timing import Row, System, measure
 
 REQUIREMENTS = ROOT / "bench" / "peers" / "openvino_peer.txt"
 PEER_VENV = OUT / "peer-venv"
@@ -58,7 +58,13 @@ class Child:
         log: IO[bytes] = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [python, "-m", "bench.backend_child", json.dumps(spec)],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
         )
         log.close()
         self.loaded = self._reply()
@@ -107,7 +113,13 @@ def children(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> Iter
 def _env() -> dict[str, str]:
     import os
 
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _slug(name: str) -> str:
@@ -195,15 +207,40 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     python = sys.executable
     specs: dict[str, tuple[str, dict[str, Any]]] = {
-        name: (python, {"kind": "bertq", "task": "embedding", "backend": backend, "dtype": dtype, "model": ctx.minilm, "cache_dir": str(cache_dir), "texts": str(work / "docs.json")})
+        name: (
+            python,
+            {
+                "kind": "bertq",
+                "task": "embedding",
+                "backend": backend,
+                "dtype": dtype,
+                "model": ctx.minilm,
+                "cache_dir": str(cache_dir),
+                "texts": str(work / "docs.json"),
+            },
+        )
         for name, backend, dtype in paths
     }
     peer = peer_python(ctx)  # next to bertq openvino-int8 in each round: the comparison that matters most
     if peer is not None:
-        specs[PEER] = (peer, {"kind": "st-openvino-int8", "model": ctx.minilm, "work": str(work / "peer-model"), "calibration": str(calibration_file), "texts": str(work / "docs.json")})
+        specs[PEER] = (
+            peer,
+            {
+                "kind": "st-openvino-int8",
+                "model": ctx.minilm,
+                "work": str(work / "peer-model"),
+                "calibration": str(calibration_file),
+                "texts": str(work / "docs.json"),
+            },
+        )
     else:
-        figures["peer_note"] = "the sentence-transformers + OpenVINO peer was skipped: its venv could not be built (see the log)"
-    specs["sentence-transformers, torch, batch 32"] = (python, {"kind": "st-torch", "model": ctx.minilm, "texts": str(work / "docs.json")})
+        figures["peer_note"] = (
+            "the sentence-transformers + OpenVINO peer was skipped: its venv could not be built (see the log)"
+        )
+    specs["sentence-transformers, torch, batch 32"] = (
+        python,
+        {"kind": "st-torch", "model": ctx.minilm, "texts": str(work / "docs.json")},
+    )
     _prebuild(ctx, specs)
     figures["embedding"] = _table(ctx, specs, work / "embedding", "cosine")
 
@@ -213,7 +250,18 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     classifier = minilm_classifier(ctx)
     sentiment_specs = {
-        name: (python, {"kind": "bertq", "task": "sentiment", "backend": backend, "dtype": dtype, "model": classifier, "cache_dir": str(cache_dir), "texts": str(work / "reviews.json")})
+        name: (
+            python,
+            {
+                "kind": "bertq",
+                "task": "sentiment",
+                "backend": backend,
+                "dtype": dtype,
+                "model": classifier,
+                "cache_dir": str(cache_dir),
+                "texts": str(work / "reviews.json"),
+            },
+        )
         for name, backend, dtype in paths
     }
     _prebuild(ctx, sentiment_specs)
@@ -227,7 +275,12 @@ def _stats(ctx: Context, texts: list[str]) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(ctx.minilm)(texts)["input_ids"]]
-    return {"count": len(texts), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "min_tokens": min(lengths)}
+    return {
+        "count": len(texts),
+        "mean_tokens": sum(lengths) / len(lengths),
+        "max_tokens": max(lengths),
+        "min_tokens": min(lengths),
+    }
 
 
 def _prebuild(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> None:
@@ -236,7 +289,9 @@ def _prebuild(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]]) -> Non
     building = {
         name: spec
         for name, spec in specs.items()
-        if spec[1].get("backend", "torch") != "torch" or spec[1].get("dtype") == "bf16" or spec[1]["kind"] == "st-openvino-int8"
+        if spec[1].get("backend", "torch") != "torch"
+        or spec[1].get("dtype") == "bf16"
+        or spec[1]["kind"] == "st-openvino-int8"
     }
     with children(ctx, building) as built:
         for name, child in built.items():
@@ -252,7 +307,12 @@ def _table(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], out: Path
     loads = [load_average()]
     with children(ctx, specs) as running:
         systems = [
-            System(name, lambda child=child: child.ask("run"), _count(specs[name][1]), kind="peer" if "sentence-transformers" in name else "in-process")
+            System(
+                name,
+                lambda child=child: child.ask("run"),
+                _count(specs[name][1]),
+                kind="peer" if "sentence-transformers" in name else "in-process",
+            )
             for name, child in running.items()
         ]
         rows = measure(systems, ctx.plan.backend_rounds, ctx.log, alternate=True)
@@ -286,7 +346,9 @@ def _figures(rows: list[Row], outputs: dict[str, np.ndarray], memory: dict[str, 
         if reference is not None and row.name in outputs:
             got = outputs[row.name]
             if metric == "cosine":
-                cosines = np.sum(reference * got, axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
+                cosines = (
+                    np.sum(reference * got, axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
+                )
                 entry.update(min_cosine=float(cosines.min()), mean_cosine=float(cosines.mean()))
             else:
                 entry["agreement"] = float(np.mean(reference == got))
@@ -316,7 +378,9 @@ def _gate_reports(cache_dir: Path) -> list[dict[str, Any]]:
     return [newest[key][1] for key in sorted(newest)]
 
 
-def _end_to_end(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], table: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def _end_to_end(
+    ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], table: dict[str, Any], cache_dir: Path
+) -> dict[str, Any]:
     """The fastest bertq path in-process against the same path through Redis and one worker, 64-item
     jobs, round-robin."""
     bertq_rows = [row for row in table["rows"] if row["system"].startswith("bertq") and "per_s" in row]
@@ -325,7 +389,8 @@ def _end_to_end(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], tabl
     spec = specs[name][1]
     ctx.section(
         f"Backends: end to end through Redis, {name}, 64-item jobs",
-        "end to end >= 0.85x in-process on the same path (tokenizing and storing overlap the forward pass in the worker)",
+        "end to end >= 0.85x in-process on the same path "
+        "(tokenizing and storing overlap the forward pass in the worker)",
     )
     docs = json.loads(Path(spec["texts"]).read_text())
     settings = {"backend": spec["backend"], "dtype": spec["dtype"], "cache_dir": cache_dir}
@@ -333,11 +398,16 @@ def _end_to_end(ctx: Context, specs: dict[str, tuple[str, dict[str, Any]]], tabl
     from bertq.settings import Settings
 
     client = Client(ctx.redis_url, Settings(redis_url=ctx.redis_url, queue="bench-backends"))
-    with ctx.bertq_worker("bertq-backends", "bench-backends", **settings) as worker, children(ctx, {name: specs[name]}) as running:
+    with (
+        ctx.bertq_worker("bertq-backends", "bench-backends", **settings) as worker,
+        children(ctx, {name: specs[name]}) as running,
+    ):
         child = running[name]
 
         def jobs() -> None:
-            ctx.wait_jobs([client.submit("embedding", docs[i : i + 64]) for i in range(0, len(docs), 64)], worker=worker)
+            ctx.wait_jobs(
+                [client.submit("embedding", docs[i : i + 64]) for i in range(0, len(docs), 64)], worker=worker
+            )
 
         rows = measure(
             [
@@ -368,18 +438,23 @@ def markdown(figures: dict[str, Any]) -> list[str]:
                 body.append([row["system"], "failed", "", "", "", "", row.get("reason", "")])
                 continue
             accuracy = (
-                f"{row['min_cosine']:.5f} / {row['mean_cosine']:.5f}" if metric == "cosine" and "min_cosine" in row
-                else f"{row['agreement']:.4f}" if "agreement" in row else "n/a"
+                f"{row['min_cosine']:.5f} / {row['mean_cosine']:.5f}"
+                if metric == "cosine" and "min_cosine" in row
+                else f"{row['agreement']:.4f}"
+                if "agreement" in row
+                else "n/a"
             )
-            body.append([
-                row["system"],
-                row.get("precision", ""),
-                f"{row['per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f})",
-                _ratio(row, "ratio"),
-                _ratio(row, "ratio_to_peer"),
-                accuracy,
-                f"{row['model_mib']:.0f} ({row['rss_after_runs_mib']:.0f})" if "model_mib" in row else "",
-            ])
+            body.append(
+                [
+                    row["system"],
+                    row.get("precision", ""),
+                    f"{row['per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f})",
+                    _ratio(row, "ratio"),
+                    _ratio(row, "ratio_to_peer"),
+                    accuracy,
+                    f"{row['model_mib']:.0f} ({row['rss_after_runs_mib']:.0f})" if "model_mib" in row else "",
+                ]
+            )
         return body
 
     header = ["system", "precision", "texts/s median (min-max)", "x torch fp32 (range)", "x OpenVINO peer (range)"]
@@ -392,10 +467,13 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         f"CPU: {cpu_info['described']}. Every system runs in its own process, loaded from the conversion cache as a "
         "restarted worker would, and the systems are timed round-robin (one computes at a time).",
         "",
-        f"### Embedding: all-MiniLM-L6-v2, {docs['count']} documentation paragraphs (mean {docs['mean_tokens']:.0f} tokens, "
+        f"### Embedding: all-MiniLM-L6-v2, {docs['count']} documentation paragraphs "
+        f"(mean {docs['mean_tokens']:.0f} tokens, "
         f"{docs['min_tokens']}-{docs['max_tokens']})",
         "",
-        *table([*header, "min / mean cosine vs torch fp32", memory], speed_rows(figures["embedding"]["rows"], "cosine")),
+        *table(
+            [*header, "min / mean cosine vs torch fp32", memory], speed_rows(figures["embedding"]["rows"], "cosine")
+        ),
         "",
         _load_note(figures["embedding"]),
     ]
@@ -405,7 +483,9 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "",
         "### Sentiment: MiniLM's encoder with a seeded random two-label head, review texts",
         "",
-        *table([*header, "label agreement with torch fp32", memory], speed_rows(figures["sentiment"]["rows"], "agreement")),
+        *table(
+            [*header, "label agreement with torch fp32", memory], speed_rows(figures["sentiment"]["rows"], "agreement")
+        ),
         "",
         _load_note(figures["sentiment"]),
         "",
@@ -415,8 +495,12 @@ def markdown(figures: dict[str, Any]) -> list[str]:
             ["task", "backend", "precision", "held-out texts", "figure", "verdict"],
             [
                 [
-                    r["task"], r["backend"], r["precision"], r["held_out_items"],
-                    f"min cosine {r['min_cosine']:.5f} (mean {r['mean_cosine']:.5f})" if r["metric"] == "min_cosine"
+                    r["task"],
+                    r["backend"],
+                    r["precision"],
+                    r["held_out_items"],
+                    f"min cosine {r['min_cosine']:.5f} (mean {r['mean_cosine']:.5f})"
+                    if r["metric"] == "min_cosine"
                     else f"agreement {r['agreement']:.4f} ({r['of']})",
                     "passed" if r["passed"] else "FAILED",
                 ]
@@ -431,7 +515,12 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "",
         *table(
             ["system", "texts/s median (min-max)", "ratio to in-process, per round (range)"],
-            [[r["system"], f"{r['per_s']:.0f} ({r['min']:.0f}-{r['max']:.0f})", _ratio(r, "ratio")] if "per_s" in r else [r["system"], "failed", r.get("reason", "")] for r in e2e["rows"]],
+            [
+                [r["system"], f"{r['per_s']:.0f} ({r['min']:.0f}-{r['max']:.0f})", _ratio(r, "ratio")]
+                if "per_s" in r
+                else [r["system"], "failed", r.get("reason", "")]
+                for r in e2e["rows"]
+            ],
         ),
     ]
     return lines

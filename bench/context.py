@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from bertq.schemas import JobStatus
 
 from bench.plan import Plan
 from bench.procs import log_tail, running
-from bertq.schemas import JobStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -87,7 +87,9 @@ class Context:
             env["OMP_NUM_THREADS"] = str(threads)
         return env
 
-    def bertq_worker(self, name: str, queue: str, threads: int | None = None, flags: tuple[str, ...] = (), **settings: Any) -> Any:
+    def bertq_worker(
+        self, name: str, queue: str, threads: int | None = None, flags: tuple[str, ...] = (), **settings: Any
+    ) -> Any:
         """Context manager: a `bertq worker` process on ``queue`` (with command-line ``flags``), stopped on exit."""
         command = [sys.executable, "-m", "bertq", "worker", "--name", f"{name}@bench", *flags]
         return running(command, self.worker_env(queue, threads, **settings), self.out / "logs" / f"{name}.log")

@@ -132,10 +132,11 @@ class CpuMeter:
 
 
 def _systems(ctx: Context, task: str, model: str, texts: list[str], worker: Any, meter: CpuMeter) -> list[System]:
+    from bertq.workers.runner import ModelCache
+
     from bertq.client import Client
     from bertq.enrich import LOCAL_CHUNK_ROWS, LocalBackend, QueueBackend
     from bertq.settings import Settings
-    from bertq.workers.runner import ModelCache
 
     directory = ctx.out / "enrich" / task
     table, items = _write_inputs(directory, texts)

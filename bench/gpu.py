@@ -16,7 +16,16 @@ from bench.latency import client_for
 SEQ = 128
 LAYERS, HIDDEN, INTERMEDIATE, HEADS = 12, 768, 3072, 12
 #: Dense fp16/bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets (no sparsity).
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "T4": 65.0}
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "T4": 65.0,
+}
 MODELS = {"embedding": "BertModel", "sentiment": "BertForSequenceClassification"}
 
 
@@ -45,8 +54,12 @@ def build_checkpoints(root: Path, tokenizer_dir: str) -> dict[str, str]:
         directory = root / f"bert-base-{task}"
         if not (directory / "config.json").exists():
             config = BertConfig(
-                hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
-                id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+                hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS,
+                intermediate_size=INTERMEDIATE,
+                id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                label2id={"NEGATIVE": 0, "POSITIVE": 1},
             )
             torch.manual_seed(0)
             getattr(transformers, class_name)(config).save_pretrained(directory)
@@ -69,7 +82,6 @@ def long_texts(texts: list[str], count: int) -> list[str]:
 
 def run(ctx: Context) -> dict[str, Any]:
     import torch
-
     from bertq.schemas import Limits, TaskName, validate_items, validate_options
     from bertq.tasks import get_task
     from bertq.workers.runner import load_model, run_items
@@ -86,7 +98,14 @@ def run(ctx: Context) -> dict[str, Any]:
         "in-process fp16 and bf16 alike, MFU 30-50% on H100 (small 128-token matmuls, Python between "
         "batches); end to end below in-process, bounded by the worker's CPU work (tokenizing, JSON, Redis)",
     )
-    report: dict[str, Any] = {"device": name, "peak_tflops": peak, "seq": SEQ, "gflops_per_seq": flops / 1e9, "texts": len(texts), "rows": []}
+    report: dict[str, Any] = {
+        "device": name,
+        "peak_tflops": peak,
+        "seq": SEQ,
+        "gflops_per_seq": flops / 1e9,
+        "texts": len(texts),
+        "rows": [],
+    }
     for dtype in ("fp16", "bf16") if cuda else ("fp32",):
         for task, path in paths.items():
             bert_task = get_task(TaskName(task))
@@ -114,13 +133,22 @@ def run(ctx: Context) -> dict[str, Any]:
             }
             report["rows"].append(row)
             mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-            ctx.log(f"  {task:9s} {dtype}: in-process {in_process:8.0f} seq/s{mfu}; end to end {e2e:8.0f} seq/s ({row['e2e_ratio']:.2f}x)")
+            ctx.log(
+                f"  {task:9s} {dtype}: in-process {in_process:8.0f} seq/s{mfu}; "
+                f"end to end {e2e:8.0f} seq/s ({row['e2e_ratio']:.2f}x)"
+            )
     return report
 
 
 def end_to_end(ctx: Context, task: str, path: str, dtype: str, texts: list[str], tokens: int, rows: int) -> float:
     queue = f"bench-gpu-{task}-{dtype}"
-    settings = {f"model_{task}": path, "dtype": dtype, "max_batch_tokens": tokens, "max_batch_rows": rows, "max_held_items": 4 * rows * 8}
+    settings = {
+        f"model_{task}": path,
+        "dtype": dtype,
+        "max_batch_tokens": tokens,
+        "max_batch_rows": rows,
+        "max_held_items": 4 * rows * 8,
+    }
     with ctx.bertq_worker(f"bertq-gpu-{task}-{dtype}", queue, **settings) as worker:
         client = client_for(ctx, queue)
         ctx.wait_jobs(client.submit_many(task, texts[:256], items_per_message=128), worker=worker)

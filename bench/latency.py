@@ -139,12 +139,18 @@ def batch_settings(ctx: Context, capacity: float) -> list[dict[str, Any]]:
     bulk = ctx.texts[: plan.sweep_burst_jobs]
     for tokens, wait in settings:
         queue = f"bench-sweep-{tokens}-{wait:g}"
-        with ctx.bertq_worker(f"bertq-sweep-{tokens}-{wait:g}", queue, max_batch_tokens=tokens, max_wait_ms=wait) as worker:
+        with ctx.bertq_worker(
+            f"bertq-sweep-{tokens}-{wait:g}", queue, max_batch_tokens=tokens, max_wait_ms=wait
+        ) as worker:
             client = client_for(ctx, queue)
             ctx.wait_jobs(client.submit_many("embedding", ctx.texts[: plan.warmup_texts]), worker=worker)
             start = time.perf_counter()
             ctx.wait_jobs(client.submit_many("embedding", bulk), worker=worker)
-            point = {"max_batch_tokens": tokens, "max_wait_ms": wait, "texts_per_s": len(bulk) / (time.perf_counter() - start)}
+            point = {
+                "max_batch_tokens": tokens,
+                "max_wait_ms": wait,
+                "texts_per_s": len(bulk) / (time.perf_counter() - start),
+            }
             point.update(open_loop(ctx, client, rate, plan.sweep_seconds))
         points.append(point)
         ctx.log(f"  tokens {tokens:5d} wait {wait:4g} ms: {point['texts_per_s']:6.1f} texts/s bulk, {fmt(point)}")

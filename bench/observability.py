@@ -39,7 +39,11 @@ def run(ctx: Context) -> dict[str, Any]:
     with ExitStack() as stack:
         on = stack.enter_context(ctx.bertq_worker("obs-on", "obs-on", flags=("--events",), metrics_port=19_800))
         off = stack.enter_context(ctx.bertq_worker("obs-off", "obs-off"))
-        for task, shape in (("sentiment", "one-text jobs"), ("sentiment", "64-text jobs"), ("embedding", "64-text jobs")):
+        for task, shape in (
+            ("sentiment", "one-text jobs"),
+            ("sentiment", "64-text jobs"),
+            ("embedding", "64-text jobs"),
+        ):
             texts = ctx.texts * (4 if task == "sentiment" else 1)
             ctx.section(
                 f"Metrics and events: {task}, {shape}",
@@ -51,7 +55,10 @@ def run(ctx: Context) -> dict[str, Any]:
             ]
             tables[f"{task}, {shape}"] = measure(systems, max(3, ctx.plan.redis_repeats), ctx.log)
     return {
-        "tables": {name: [row.to_dict(rows[1].median if rows[1].available else None) for row in rows] for name, rows in tables.items()}
+        "tables": {
+            name: [row.to_dict(rows[1].median if rows[1].available else None) for row in rows]
+            for name, rows in tables.items()
+        }
     }
 
 
@@ -70,5 +77,8 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         if "per_s" not in on or "per_s" not in off:
             lines.append(f"| {name} | failed | failed | |")
             continue
-        lines.append(f"| {name} | {on['per_s']:.1f} ({on['min']:.0f}-{on['max']:.0f}) | {off['per_s']:.1f} ({off['min']:.0f}-{off['max']:.0f}) | {on['ratio']:.3f} |")
+        lines.append(
+            f"| {name} | {on['per_s']:.1f} ({on['min']:.0f}-{on['max']:.0f}) "
+            f"| {off['per_s']:.1f} ({off['min']:.0f}-{off['max']:.0f}) | {on['ratio']:.3f} |"
+        )
     return lines

@@ -21,12 +21,17 @@ COLOURS = {"in-process": "#4c72b0", "end-to-end": "#55a868", "peer": "#c44e52"}
 
 def plot_throughput(report: dict[str, Any], path: Path) -> None:
     tables = report["throughput"]
-    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 2.2 + 0.45 * sum(len(r) for r in tables.values())), squeeze=False)
+    fig, axes = plt.subplots(
+        len(tables), 1, figsize=(10, 2.2 + 0.45 * sum(len(r) for r in tables.values())), squeeze=False
+    )
     for ax, (task, rows) in zip(axes[:, 0], tables.items()):
         rows = [row for row in rows if "per_s" in row]
         names = [row["system"] for row in rows][::-1]
         values = [row["per_s"] for row in rows][::-1]
-        errors = [[v - row["min"] for v, row in zip(values, rows[::-1])], [row["max"] - v for v, row in zip(values, rows[::-1])]]
+        errors = [
+            [v - row["min"] for v, row in zip(values, rows[::-1])],
+            [row["max"] - v for v, row in zip(values, rows[::-1])],
+        ]
         ax.barh(names, values, xerr=errors, color=[COLOURS[row["kind"]] for row in rows[::-1]], capsize=2)
         for y, value in enumerate(values):
             ax.text(value, y, f" {value:.0f}", va="center", fontsize=8)
@@ -45,7 +50,12 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     names = list(latency)
     width = 0.25
     for offset, q in enumerate(("p50", "p95", "p99")):
-        ax.bar([i + (offset - 1) * width for i in range(len(names))], [latency[n][f"{q}_ms"] for n in names], width, label=q)
+        ax.bar(
+            [i + (offset - 1) * width for i in range(len(names))],
+            [latency[n][f"{q}_ms"] for n in names],
+            width,
+            label=q,
+        )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("ms, submit to result seen by a polling consumer")
     ax.set_title("one-text embedding jobs, one default worker")
@@ -88,8 +98,16 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("items/s")
     ax.set_ylim(bottom=0)
     twin = ax.twinx()
-    twin.plot(xs, [run["redis"]["used_memory"] / 2**20 for run in runs], "s--", color=COLOURS["peer"], label="Redis MiB")
-    twin.plot(xs, [(run["worker_rss_bytes"] or 0) / 2**20 for run in runs], "^:", color=COLOURS["in-process"], label="worker RSS MiB")
+    twin.plot(
+        xs, [run["redis"]["used_memory"] / 2**20 for run in runs], "s--", color=COLOURS["peer"], label="Redis MiB"
+    )
+    twin.plot(
+        xs,
+        [(run["worker_rss_bytes"] or 0) / 2**20 for run in runs],
+        "^:",
+        color=COLOURS["in-process"],
+        label="worker RSS MiB",
+    )
     twin.set_ylabel("MiB at the end of the run")
     lines = ax.get_lines() + twin.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left")
@@ -102,7 +120,11 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+    ]
 
 
 def throughput_lines(report: dict[str, Any]) -> list[str]:
@@ -114,7 +136,15 @@ def throughput_lines(report: dict[str, Any]) -> list[str]:
             if "per_s" not in row:
                 body.append([row["system"], row["kind"], "failed", "", row.get("reason", "")])
                 continue
-            body.append([row["system"], row["kind"], f"{row['per_s']:.1f}", f"{row['min']:.1f}-{row['max']:.1f}", f"{row['ratio']:.2f}x"])
+            body.append(
+                [
+                    row["system"],
+                    row["kind"],
+                    f"{row['per_s']:.1f}",
+                    f"{row['min']:.1f}-{row['max']:.1f}",
+                    f"{row['ratio']:.2f}x",
+                ]
+            )
         lines += table(["system", "kind", "texts/s (median)", "min-max", "ratio to bertq in-process"], body)
         lines += ["", leaders(rows)]
     return lines
@@ -126,10 +156,16 @@ def leaders(rows: list[dict[str, Any]]) -> str:
     measured = [row for row in rows if "per_s" in row]
     via_redis = [row for row in measured if row["kind"] == "end-to-end" or "Celery" in row["system"]]
     parts = []
-    for label, group in (("in-process", [row for row in measured if row not in via_redis]), ("through Redis", via_redis)):
+    for label, group in (
+        ("in-process", [row for row in measured if row not in via_redis]),
+        ("through Redis", via_redis),
+    ):
         ranked = sorted(group, key=lambda row: row["per_s"], reverse=True)
         if len(ranked) >= 2:
-            parts.append(f"{label}, **{ranked[0]['system']}** leads, {ranked[0]['per_s'] / ranked[1]['per_s']:.2f}x the next ({ranked[1]['system']})")
+            parts.append(
+                f"{label}, **{ranked[0]['system']}** leads, "
+                f"{ranked[0]['per_s'] / ranked[1]['per_s']:.2f}x the next ({ranked[1]['system']})"
+            )
     return "Leader " + "; ".join(parts) + "." if parts else ""
 
 
@@ -141,7 +177,8 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "",
         f"Written by `make bench` (`python -m bench`); raw figures in [results.json]({results}/results.json). "
         "Every row of a table was measured in the same run, the systems of a table timed round-robin "
-        "(warm-up first), so the shared machine's noise hits them alike: compare ratios, not absolute numbers across runs.",
+        "(warm-up first), so the shared machine's noise hits them alike: compare ratios, "
+        "not absolute numbers across runs.",
         "",
         f"- Command: `{report['command']}`, {report['elapsed_s'] / 60:.1f} minutes. Plan: `{report['plan']['name']}`.",
         f"- Machine: {report['machine']}.",
@@ -175,8 +212,16 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         *table(
             ["load", "jobs", "offered jobs/s", "done jobs/s", "p50 ms", "p95 ms", "p99 ms", "max ms"],
             [
-                [name, r["jobs"], f"{r.get('offered_jobs_per_s', 0):.1f}" if "offered_jobs_per_s" in r else "one at a time",
-                 f"{r['jobs_per_s']:.1f}" if "jobs_per_s" in r else "", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['max_ms']:.0f}"]
+                [
+                    name,
+                    r["jobs"],
+                    f"{r.get('offered_jobs_per_s', 0):.1f}" if "offered_jobs_per_s" in r else "one at a time",
+                    f"{r['jobs_per_s']:.1f}" if "jobs_per_s" in r else "",
+                    f"{r['p50_ms']:.0f}",
+                    f"{r['p95_ms']:.0f}",
+                    f"{r['p99_ms']:.0f}",
+                    f"{r['max_ms']:.0f}",
+                ]
                 for name, r in report["latency"].items()
             ],
         ),
@@ -185,13 +230,24 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "",
         "### Batch settings",
         "",
-        f"One fresh worker per setting: bulk throughput ({report['plan']['sweep_burst_jobs']} texts via submit_many) and "
+        f"One fresh worker per setting: bulk throughput ({report['plan']['sweep_burst_jobs']} texts "
+        "via submit_many) and "
         f"latency of one-text jobs at {report['plan']['sweep_load_fraction']:.0%} of the capacity above "
         f"for {report['plan']['sweep_seconds']:g} s.",
         "",
         *table(
             ["max_batch_tokens", "max_wait_ms", "bulk texts/s", "p50 ms", "p99 ms", "jobs"],
-            [[p["max_batch_tokens"], f"{p['max_wait_ms']:g}", f"{p['texts_per_s']:.1f}", f"{p['p50_ms']:.0f}", f"{p['p99_ms']:.0f}", p["jobs"]] for p in report["batch_settings"]],
+            [
+                [
+                    p["max_batch_tokens"],
+                    f"{p['max_wait_ms']:g}",
+                    f"{p['texts_per_s']:.1f}",
+                    f"{p['p50_ms']:.0f}",
+                    f"{p['p99_ms']:.0f}",
+                    p["jobs"],
+                ]
+                for p in report["batch_settings"]
+            ],
         ),
         "",
         f"![batch settings]({results}/batch_settings.png)",
@@ -204,7 +260,12 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "",
         *table(
             ["system", "texts/s (median)", "min-max"],
-            [[r["system"], f"{r['per_s']:.1f}", f"{r['min']:.1f}-{r['max']:.1f}"] if "per_s" in r else [r["system"], "failed", r.get("reason", "")] for r in report["scaling"]["workers"]],
+            [
+                [r["system"], f"{r['per_s']:.1f}", f"{r['min']:.1f}-{r['max']:.1f}"]
+                if "per_s" in r
+                else [r["system"], "failed", r.get("reason", "")]
+                for r in report["scaling"]["workers"]
+            ],
         ),
         "",
         "Cost against the number of items (one worker, tiny sentiment checkpoint, `submit_many` with 64 items "
@@ -212,10 +273,27 @@ def write_markdown(report: dict[str, Any], reading: str, path: Path, results: st
         "still stored):",
         "",
         *table(
-            ["items", "jobs", "submit s", "total s", "items/s", "worker RSS MiB", "Redis used MiB", "Redis bytes per item"],
             [
-                [r["items"], r["jobs"], f"{r['submit_s']:.1f}", f"{r['total_s']:.1f}", f"{r['items_per_s']:.0f}",
-                 f"{(r['worker_rss_bytes'] or 0) / 2**20:.0f}", f"{r['redis']['used_memory'] / 2**20:.1f}", f"{r['redis']['used_memory'] / r['items']:.0f}"]
+                "items",
+                "jobs",
+                "submit s",
+                "total s",
+                "items/s",
+                "worker RSS MiB",
+                "Redis used MiB",
+                "Redis bytes per item",
+            ],
+            [
+                [
+                    r["items"],
+                    r["jobs"],
+                    f"{r['submit_s']:.1f}",
+                    f"{r['total_s']:.1f}",
+                    f"{r['items_per_s']:.0f}",
+                    f"{(r['worker_rss_bytes'] or 0) / 2**20:.0f}",
+                    f"{r['redis']['used_memory'] / 2**20:.1f}",
+                    f"{r['redis']['used_memory'] / r['items']:.0f}",
+                ]
                 for r in report["scaling"]["items"]
             ],
         ),
@@ -241,7 +319,10 @@ def added_section_lines(report: dict[str, Any]) -> list[str]:
         if name in report:
             lines += [*section.markdown(report[name]), ""]
             if "command" in report[name]:
-                lines += [f"_Measured alone by `{report[name]['command']}` ({report[name]['elapsed_s'] / 60:.1f} minutes)._", ""]
+                lines += [
+                    f"_Measured alone by `{report[name]['command']}` ({report[name]['elapsed_s'] / 60:.1f} minutes)._",
+                    "",
+                ]
     return lines
 
 
@@ -253,7 +334,14 @@ def gpu_lines(gpu: dict[str, Any] | None) -> list[str]:
     if not gpu or "rows" not in gpu:
         return [command, "", f"Not run in this run: {gpu.get('reason') if gpu else 'no GPU here'}."]
     rows = [
-        [r["task"], r["dtype"], f"{r['in_process_seq_per_s']:.0f}", f"{r['e2e_seq_per_s']:.0f}", f"{r['e2e_ratio']:.2f}x", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"]
+        [
+            r["task"],
+            r["dtype"],
+            f"{r['in_process_seq_per_s']:.0f}",
+            f"{r['e2e_seq_per_s']:.0f}",
+            f"{r['e2e_ratio']:.2f}x",
+            f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+        ]
         for r in gpu["rows"]
     ]
     return [
@@ -266,7 +354,9 @@ def gpu_lines(gpu: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def write_all(report: dict[str, Any], defaults: dict[str, float], results_dir: Path, markdown: Path, reading: str) -> list[Path]:
+def write_all(
+    report: dict[str, Any], defaults: dict[str, float], results_dir: Path, markdown: Path, reading: str
+) -> list[Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(json.dumps(report, indent=2))
     plots = []

@@ -21,7 +21,9 @@ def run(ctx: Context) -> dict[str, Any]:
         model = ctx.minilm if task == "embedding" else ctx.tiny[task]
         stream = f"{STREAM}:{task}"
         texts = ctx.texts if task == "embedding" else ctx.texts * 4
-        with ctx.bertq_worker(f"stream-{task}", f"bench-stream-{task}", flags=("--stream", f"{stream}={task}")) as worker:
+        with ctx.bertq_worker(
+            f"stream-{task}", f"bench-stream-{task}", flags=("--stream", f"{stream}={task}")
+        ) as worker:
             ctx.section(
                 f"Review streams: {task} ({model_note}), {len(texts)} entries per round",
                 "stream enrichment >= 0.85x in-process: entries are read 64 at a time, one job per read",
@@ -73,5 +75,7 @@ def markdown(figures: dict[str, Any]) -> list[str]:
                 lines.append(f"| {task} | {row['system']} | failed | {row.get('reason', '')} | |")
                 continue
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else ""
-            lines.append(f"| {task} | {row['system']} | {row['per_s']:.1f} | {row['min']:.0f}-{row['max']:.0f} | {ratio} |")
+            lines.append(
+                f"| {task} | {row['system']} | {row['per_s']:.1f} | {row['min']:.0f}-{row['max']:.0f} | {ratio} |"
+            )
     return lines

@@ -74,12 +74,13 @@ def candidates(documents: list[str]) -> dict[str, Any]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from bench.peers.extractive_summarizer import summarize
-    from bertq.client import Client
     from bertq.schemas import Limits, SummarizeResult, TaskName, validate_items, validate_options
-    from bertq.settings import Settings
     from bertq.tasks import get_task
     from bertq.workers.runner import load_model, run_items
+
+    from bench.peers.extractive_summarizer import summarize
+    from bertq.client import Client
+    from bertq.settings import Settings
 
     documents = review_documents(ctx.plan.summarize_documents)
     warm = review_documents(4, seed=1)
@@ -118,8 +119,12 @@ def run(ctx: Context) -> dict[str, Any]:
         def jobs(submit: Callable[[list[str]], list[str]], texts: list[str]) -> Callable[[], None]:
             return lambda: ctx.wait_jobs(submit(texts), worker=worker)
 
-        one = lambda texts: [client.submit("summarize", [t], options=OPTIONS) for t in texts]
-        many = lambda texts: client.submit_many("summarize", texts, items_per_message=16, options=OPTIONS)
+        def one(texts: list[str]) -> list[str]:
+            return [client.submit("summarize", [t], options=OPTIONS) for t in texts]
+
+        def many(texts: list[str]) -> list[str]:
+            return client.submit_many("summarize", texts, items_per_message=16, options=OPTIONS)
+
         count = len(documents)
         rows = measure(
             [
@@ -127,8 +132,17 @@ def run(ctx: Context) -> dict[str, Any]:
                 System(ONE_DOC_JOBS, jobs(one, documents), count, warmup=jobs(one, warm), kind="end-to-end"),
                 System(SUBMIT_MANY, jobs(many, documents), count, warmup=jobs(many, warm), kind="end-to-end"),
                 System(REFERENCE, reference, count, warmup=lambda: None, kind="peer", self_timed=True),
-                System(IN_PROCESS + ONE_THREAD, lambda: in_process(documents, 1), count, warmup=lambda: in_process(warm, 1)),
-                System(REFERENCE + ONE_THREAD, lambda: reference(1), count, warmup=lambda: None, kind="peer", self_timed=True),
+                System(
+                    IN_PROCESS + ONE_THREAD, lambda: in_process(documents, 1), count, warmup=lambda: in_process(warm, 1)
+                ),
+                System(
+                    REFERENCE + ONE_THREAD,
+                    lambda: reference(1),
+                    count,
+                    warmup=lambda: None,
+                    kind="peer",
+                    self_timed=True,
+                ),
             ],
             ctx.plan.redis_repeats,
             ctx.log,
@@ -136,7 +150,13 @@ def run(ctx: Context) -> dict[str, Any]:
     ours = [[s.text for s in result.sentences] for result in in_process(documents)]
     identical = sum(a == b for a, b in zip(ours, theirs))
     ctx.log(f"  identical summaries: {identical} of {len(documents)} documents")
-    return {"options": OPTIONS, "stats": stats, "expect": EXPECT, "rows": to_dicts(rows, stats), "identical_summaries": identical}
+    return {
+        "options": OPTIONS,
+        "stats": stats,
+        "expect": EXPECT,
+        "rows": to_dicts(rows, stats),
+        "identical_summaries": identical,
+    }
 
 
 def to_dicts(rows: list[Row], stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -160,8 +180,14 @@ def markdown(figures: dict[str, Any]) -> list[str]:
             body.append([row["system"], row["kind"], "failed", "", "", row.get("reason", "")])
             continue
         body.append(
-            [row["system"], row["kind"], f"{row['per_s']:.2f}", f"{row['sentences_per_s']:.0f}",
-             f"{row['min']:.2f}-{row['max']:.2f}", f"{row['ratio']:.2f}x" if "ratio" in row else ""]
+            [
+                row["system"],
+                row["kind"],
+                f"{row['per_s']:.2f}",
+                f"{row['sentences_per_s']:.0f}",
+                f"{row['min']:.2f}-{row['max']:.2f}",
+                f"{row['ratio']:.2f}x" if "ratio" in row else "",
+            ]
         )
     spread = ", ".join(f"{k} {v:g}" for k, v in stats["candidates_per_document"].items())
     return [
@@ -176,11 +202,21 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "subprocess from the transformers 4.57.6 side directory, timed over its summarize calls only "
         "(model loading and a warm-up excluded). Rows timed round-robin.",
         "",
-        *table(["system", "kind", "documents/s (median)", "sentences/s", "min-max documents/s", "ratio to bertq in-process"], body),
+        *table(
+            [
+                "system",
+                "kind",
+                "documents/s (median)",
+                "sentences/s",
+                "min-max documents/s",
+                "ratio to bertq in-process",
+            ],
+            body,
+        ),
         "",
         *speedups(figures["rows"]),
         f"Same sentences as the library on {figures['identical_summaries']} of {stats['documents']} documents "
-        "(see README, \"Similarity and summaries\", for the rounding ties that can tell them apart).",
+        '(see README, "Similarity and summaries", for the rounding ties that can tell them apart).',
         "",
         f"Expected before the run: {figures['expect']}.",
         "",

@@ -103,7 +103,9 @@ def review_document(rng: random.Random, sentences: int) -> str:
 
 
 def sentence_count(rng: random.Random) -> int:
-    return min(MAX_SENTENCES, max(MIN_SENTENCES, round(rng.lognormvariate(math.log(MEDIAN_SENTENCES), SENTENCES_SIGMA))))
+    return min(
+        MAX_SENTENCES, max(MIN_SENTENCES, round(rng.lognormvariate(math.log(MEDIAN_SENTENCES), SENTENCES_SIGMA)))
+    )
 
 
 def review_documents(count: int, seed: int = 0) -> list[str]:
@@ -146,7 +148,10 @@ DOC_OBJECTS = (
     "a list of records|the request body|an empty dictionary|the default timeout|a new session|the access token|"
     "every pending task|the output directory|a read-only view|the current revision|a compressed archive|the schema"
 ).split("|")
-DOC_NAMES = "load_config|max_retries|batch_size|timeout|--verbose|read_only|encoding|on_error|base_url|num_workers|--dry-run|cache_dir".split("|")
+DOC_NAMES = [
+    "load_config", "max_retries", "batch_size", "timeout", "--verbose", "read_only",
+    "encoding", "on_error", "base_url", "num_workers", "--dry-run", "cache_dir",
+]  # fmt: skip
 DOC_SENTENCES = (
     "{Subject} returns {object} when the call succeeds.",
     "Set `{name}` to {n} to change how often {subject} checks for updates.",
@@ -163,17 +168,27 @@ DOC_SENTENCES = (
     "To debug a failing job, run the command with `--verbose` and read the last {n} lines of the log.",
     "Note that {subject} does not validate {object}; callers are expected to do so.",
     "Environment variables override values from the configuration file, which override the defaults.",
-    "Example: `client.fetch(\"{name}\", timeout={n})` returns {object}.",
+    'Example: `client.fetch("{name}", timeout={n})` returns {object}.',
 )
-DOC_TOPICS = "authentication|pagination|error handling|logging|caching|deployment|testing|migrations|rate limits|plugins".split("|")
+DOC_TOPICS = (
+    "authentication|pagination|error handling|logging|caching|deployment|testing|migrations|rate limits|plugins".split(
+        "|"
+    )
+)
 
 
 def _doc_sentence(rng: random.Random) -> str:
     subject, subject2 = rng.sample(DOC_SUBJECTS, 2)
     text = rng.choice(DOC_SENTENCES).format(
-        Subject=subject[0].upper() + subject[1:], subject=subject, subject2=subject2, object=rng.choice(DOC_OBJECTS),
-        name=rng.choice(DOC_NAMES), n=rng.choice([1, 2, 3, 5, 10, 30, 60, 100, 300, 1000]),
-        topic=rng.choice(DOC_TOPICS), major=rng.randint(1, 6), minor=rng.randint(0, 12),
+        Subject=subject[0].upper() + subject[1:],
+        subject=subject,
+        subject2=subject2,
+        object=rng.choice(DOC_OBJECTS),
+        name=rng.choice(DOC_NAMES),
+        n=rng.choice([1, 2, 3, 5, 10, 30, 60, 100, 300, 1000]),
+        topic=rng.choice(DOC_TOPICS),
+        major=rng.randint(1, 6),
+        minor=rng.randint(0, 12),
     )
     return text
 

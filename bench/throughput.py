@@ -28,9 +28,10 @@ class BertqInProcess:
 
     def __init__(self, ctx: Context, task: str, model: str) -> None:
         from bertq.schemas import TaskName, validate_options
-        from bertq.settings import Settings
         from bertq.tasks import get_task
         from bertq.workers.runner import load_model
+
+        from bertq.settings import Settings
 
         self.name = TaskName(task)
         self.settings = Settings()
@@ -47,7 +48,9 @@ class BertqInProcess:
     def run(self, items: list[Any]) -> None:
         from bertq.workers.runner import run_items
 
-        results = run_items(self.task, self.loaded, items, self.options, self.settings.max_batch_tokens, self.settings.max_batch_rows)
+        results = run_items(
+            self.task, self.loaded, items, self.options, self.settings.max_batch_tokens, self.settings.max_batch_rows
+        )
         assert not any(hasattr(r, "code") for r in results), "an item failed"
 
     def system(self, texts: list[str], warmup_texts: int) -> System:
@@ -114,9 +117,12 @@ def classifier_in_process(ctx: Context, task: str) -> list[Row]:
     }[task]
     reference = pipeline(pipeline_task, model=ctx.tiny[task], device=ctx.device)
     texts = ctx.texts
-    call: Callable[[list[str]], Any] = lambda batch: reference(batch, batch_size=32, truncation=True, **kwargs)
-    if task == "ner":  # the NER pipeline reads whole texts in windows (stride), as bertq does; no truncation flag
-        call = lambda batch: reference(batch, batch_size=32, **kwargs)
+    # the NER pipeline reads whole texts in windows (stride), as bertq does: no truncation flag
+    truncation = {} if task == "ner" else {"truncation": True}
+
+    def call(batch: list[str]) -> Any:
+        return reference(batch, batch_size=32, **truncation, **kwargs)
+
     ctx.section(
         f"Throughput: {task} in-process (tiny random checkpoint: the cost around the model)",
         "bertq ahead of pipeline(batch_size=32): batch tokenizing, no per-text Python pipeline steps",
@@ -144,9 +150,15 @@ def bertq_e2e_systems(ctx: Context, task: str, worker: Any) -> list[System]:
     def jobs(submit: Callable[[list[str]], list[str]], batch: list[str]) -> Callable[[], None]:
         return lambda: ctx.wait_jobs(submit(batch), worker=worker)
 
-    one = lambda batch: [client.submit(task, [text]) for text in batch]
-    wide = lambda batch: [client.submit(task, batch[i : i + 64]) for i in range(0, len(batch), 64)]
-    many = lambda batch: client.submit_many(task, batch, items_per_message=64)
+    def one(batch: list[str]) -> list[str]:
+        return [client.submit(task, [text]) for text in batch]
+
+    def wide(batch: list[str]) -> list[str]:
+        return [client.submit(task, batch[i : i + 64]) for i in range(0, len(batch), 64)]
+
+    def many(batch: list[str]) -> list[str]:
+        return client.submit_many(task, batch, items_per_message=64)
+
     warm = texts[: ctx.plan.warmup_texts]
     return [
         System(ONE_TEXT_JOBS, jobs(one, texts), len(texts), warmup=jobs(one, warm), kind="end-to-end"),
@@ -178,10 +190,44 @@ def end_to_end(ctx: Context) -> dict[str, list[Row]]:
     with ExitStack() as stack:
         bertq = stack.enter_context(ctx.bertq_worker("bertq-e2e", "bench-e2e"))
         naive = stack.enter_context(
-            running([*celery, "-A", "bench.peers.naive_celery", "worker", "--pool", "solo", "-Q", "naive", "-n", "naive@bench", "--loglevel", "WARNING"], peer_env, logs / "naive.log")
+            running(
+                [
+                    *celery,
+                    "-A",
+                    "bench.peers.naive_celery",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "-Q",
+                    "naive",
+                    "-n",
+                    "naive@bench",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                peer_env,
+                logs / "naive.log",
+            )
         )
         batched = stack.enter_context(
-            running([*celery, "-A", "bench.peers.batched_celery", "worker", "--pool", "solo", "-Q", "batched", "-n", "batched@bench", "--loglevel", "WARNING"], peer_env, logs / "batched.log")
+            running(
+                [
+                    *celery,
+                    "-A",
+                    "bench.peers.batched_celery",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "-Q",
+                    "batched",
+                    "-n",
+                    "batched@bench",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                peer_env,
+                logs / "batched.log",
+            )
         )
         ctx.section(
             "Throughput: embedding end to end (Redis + one worker process each)",

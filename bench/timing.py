@@ -58,7 +58,9 @@ class Row:
         return row
 
 
-def measure(systems: list[System], repeats: int, log: Callable[[str], None] = print, alternate: bool = False) -> list[Row]:
+def measure(
+    systems: list[System], repeats: int, log: Callable[[str], None] = print, alternate: bool = False
+) -> list[Row]:
     """Warm every available system up once, then ``repeats`` rounds, one timed run of each per round.
     ``alternate``: every other round runs the systems in reverse order, so load that drifts during a
     round (neighbours on a shared machine) hits the first and the last system alike.

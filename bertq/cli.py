@@ -46,7 +46,7 @@ def _jsonl_items(path: str) -> Iterator[Any]:
                 continue
             try:
                 yield json.loads(line)
-            except ValueError as error:
+            except json.JSONDecodeError as error:
                 raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
 
 
@@ -55,7 +55,7 @@ def _options(raw: str | None, flag: str = "--options") -> dict[str, Any]:
         return {}
     try:
         options = json.loads(raw)
-    except ValueError as error:
+    except json.JSONDecodeError as error:
         raise UsageError(f"{flag}: not valid JSON ({error.msg})") from None
     if not isinstance(options, dict):
         raise UsageError(f"{flag}: must be a JSON object")
@@ -257,7 +257,11 @@ def _overview(client: Any, settings: Settings) -> dict[str, Any]:
             lists = {step: priority_list(queue, step) for step in (0, 3, 6, 9)}
             by_priority = {str(step): int(client.redis.llen(key)) for step, key in lists.items()}
             quarantined = sum(int(client.redis.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
-            depths[queue] = {"queued": sum(by_priority.values()), "by_priority": by_priority, "quarantined": quarantined}
+            depths[queue] = {
+                "queued": sum(by_priority.values()),
+                "by_priority": by_priority,
+                "quarantined": quarantined,
+            }
         dead = DeadLetters(client.redis, settings.result_ttl_s).count()
         sources = {(s.input, s.group) for s in parse_sources(settings.stream_specs())}
         sources |= {(s["input"], s["group"]) for w in workers for s in w.get("streams", [])}
@@ -267,8 +271,22 @@ def _overview(client: Any, settings: Settings) -> dict[str, Any]:
 
         raise broker_error(error, client.url) from error
     shown = [
-        {key: worker.get(key) for key in ("node", "consumer", "host", "pid", "queues", "device", "held_jobs", "held_items",
-                                          "progress_s_ago", "heartbeat_s_ago", "alive")}
+        {
+            key: worker.get(key)
+            for key in (
+                "node",
+                "consumer",
+                "host",
+                "pid",
+                "queues",
+                "device",
+                "held_jobs",
+                "held_items",
+                "progress_s_ago",
+                "heartbeat_s_ago",
+                "alive",
+            )
+        }
         for worker in workers
     ]
     return {"queues": depths, "workers": shown, "dead_letters": dead, "streams": streams}
@@ -306,7 +324,9 @@ def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
         chosen = letters.list()
     else:
         if not args.ids:
-            raise UsageError(f"dead {args.action}: give a job id or entry id" + (" (or --all)" if args.action == "requeue" else ""))
+            raise UsageError(
+                f"dead {args.action}: give a job id or entry id" + (" (or --all)" if args.action == "requeue" else "")
+            )
         chosen = []
         for key in args.ids:
             letter = letters.find(key)
@@ -329,7 +349,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         verdicts = check_local(args.name)
         for verdict in verdicts:
-            print(f"{verdict.node} (pid {verdict.pid}): {'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}")
+            print(
+                f"{verdict.node} (pid {verdict.pid}): {'healthy' if verdict.healthy else 'unhealthy'}: {verdict.reason}"
+            )
         if not verdicts:
             print("no bertq worker is running here", file=sys.stderr)
         return 0 if verdicts and all(v.healthy for v in verdicts) else EXIT_JOB_NOT_DONE
@@ -451,7 +473,7 @@ def parser() -> argparse.ArgumentParser:
         "--field", action="append", metavar="ITEM_FIELD=COLUMN", help="read an item field from a column: context=body"
     )
     enrich.add_argument(
-        "--options", action="append", metavar="TASK=JSON", help='options of one task, e.g. sentiment=\'{"top_k": 1}\''
+        "--options", action="append", metavar="TASK=JSON", help="options of one task, e.g. sentiment='{\"top_k\": 1}'"
     )
     enrich.add_argument(
         "--model", action="append", metavar="TASK=MODEL", help="hub id or path (default: BERTQ_MODEL_<TASK>)"
@@ -513,7 +535,9 @@ def parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--task", required=True)
     quantize.add_argument("--model", help="hub id or local path (default: BERTQ_MODEL_<TASK>)")
-    quantize.add_argument("--calibration", help="text lines or JSONL with a `text` field (default: BERTQ_CALIBRATION_FILE)")
+    quantize.add_argument(
+        "--calibration", help="text lines or JSONL with a `text` field (default: BERTQ_CALIBRATION_FILE)"
+    )
     quantize.set_defaults(handler=cmd_quantize)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and result")
@@ -541,4 +565,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
-

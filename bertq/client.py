@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -169,7 +169,9 @@ class Client:
         running or finished is left as it is, and its status says why). Cancelled is final: a worker
         that fetches the job skips it."""
         try:
-            outcomes = cancel_jobs(self.redis, list(job_ids), self.settings.result_ttl_s, self.settings.results_stream_maxlen)
+            outcomes = cancel_jobs(
+                self.redis, list(job_ids), self.settings.result_ttl_s, self.settings.results_stream_maxlen
+            )
         except redis.RedisError as error:
             raise broker_error(error, self.url) from error
         return dict(zip(job_ids, outcomes))
@@ -222,7 +224,8 @@ class Client:
     def stream(self, last_id: str = "$", block_ms: int = 1000) -> Iterator[tuple[str, str, str]]:
         """Follow the completion stream: (stream entry id, job id, "done" | "failed"), forever."""
         while True:
-            for _, entries in self.redis.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500) or []:
+            reply = cast(list[Any], self.redis.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500))
+            for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
                     yield last_id, fields[b"job_id"].decode(), fields[b"status"].decode()

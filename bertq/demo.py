@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bertq.client import Client
 from bertq.embedded import redis_url_or_embedded
@@ -111,7 +111,10 @@ def run_demo(settings: Settings, stream: bool = False) -> int:
         env.update(BERTQ_REDIS_URL=url, BERTQ_LOG_LEVEL=os.environ.get("BERTQ_LOG_LEVEL", "WARNING"))
         command = [sys.executable, "-m", "bertq", "worker"]
         if stream:
-            command += ["--stream", json.dumps({"input": STREAM, "tasks": ["sentiment", "embedding"], "id_field": "review_id"})]
+            command += [
+                "--stream",
+                json.dumps({"input": STREAM, "tasks": ["sentiment", "embedding"], "id_field": "review_id"}),
+            ]
         worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
         try:
             if stream:
@@ -163,8 +166,11 @@ def _stream_demo(url: str) -> int:
     started = time.monotonic()
     while store.xlen(out) < REVIEWS and time.monotonic() - started < 300:
         time.sleep(0.2)
-    entries = store.xrange(out)
-    print(f"{len(entries)} enriched entries in {out!r} after {time.monotonic() - started:.1f} s; the first three and the empty one:")
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], store.xrange(out))
+    print(
+        f"{len(entries)} enriched entries in {out!r} after {time.monotonic() - started:.1f} s; "
+        "the first three and the empty one:"
+    )
     for _, fields in [*entries[:3], *[e for e in entries if e[1].get(b"review_id") == b"r7"]]:
         shown = {k.decode(): v.decode() for k, v in fields.items()}
         if "embedding" in shown:

@@ -86,7 +86,9 @@ class SubmitIncomplete(BrokerUnavailable):
     sent in the round trip that failed and may or may not be queued (check them with ``Client.get``);
     the rest were not sent."""
 
-    def __init__(self, message: str, queued_ids: list[str] | None = None, unconfirmed_ids: list[str] | None = None) -> None:
+    def __init__(
+        self, message: str, queued_ids: list[str] | None = None, unconfirmed_ids: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.queued_ids = list(queued_ids or [])
         self.unconfirmed_ids = list(unconfirmed_ids or [])

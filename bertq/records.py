@@ -86,7 +86,12 @@ def revoked_record(job_id: str, status: JobStatus, reason: str, info: dict[str, 
     """Cancelled or expired before it ran. ``result`` is Celery's TaskRevokedError, so
     ``AsyncResult.get()`` raises it."""
     celery_exception = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
-    return _record("REVOKED", job_id, celery_exception, {**(info or {}), "status": status.value, "reason": reason, "finished_at": time.time()})
+    return _record(
+        "REVOKED",
+        job_id,
+        celery_exception,
+        {**(info or {}), "status": status.value, "reason": reason, "finished_at": time.time()},
+    )
 
 
 def done_record(job_id: str, task: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:

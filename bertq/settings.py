@@ -141,9 +141,7 @@ class Settings(BaseSettings):
     prefetch: int = Field(
         256, ge=1, description="Job messages a worker holds at once; more lets it batch across more jobs."
     )
-    max_held_items: int = Field(
-        2048, ge=1, description="Items a worker holds before it stops fetching messages."
-    )
+    max_held_items: int = Field(2048, ge=1, description="Items a worker holds before it stops fetching messages.")
     shutdown_timeout_s: float = Field(
         30.0,
         ge=0,
@@ -172,7 +170,9 @@ class Settings(BaseSettings):
         "are refused, and the refusal recorded on the job.",
     )
     webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds a webhook call may take.")
-    webhook_max_attempts: int = Field(5, ge=1, description="Calls of a webhook before it is given up (backoff 1 s, 2 s, 4 s...).")
+    webhook_max_attempts: int = Field(
+        5, ge=1, description="Calls of a webhook before it is given up (backoff 1 s, 2 s, 4 s...)."
+    )
     metrics_port: int | None = Field(
         None,
         ge=1,

@@ -2,13 +2,13 @@
 
 from bertq.schemas.export import json_schemas, kwargs_model
 from bertq.schemas.jobs import (
+    CeleryException,
     ErrorRecord,
     ItemError,
-    CeleryException,
     JobRecord,
-    RecordInfo,
     JobStatus,
     Limits,
+    RecordInfo,
     parse_task,
     validate_item,
     validate_item_count,

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
-
 from bertq.schemas.jobs import ErrorRecord, ItemError, JobRecord, JobStatus
 from bertq.schemas.tasks import CONTRACTS, TaskName
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 
 def kwargs_model(task: TaskName) -> type[BaseModel]:

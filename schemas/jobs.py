@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any, Literal
 
+from bertq.schemas.tasks import CONTRACTS, SimilarityQuery, TaskName
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from bertq.errors import BertqError, InvalidInput
-from bertq.schemas.tasks import CONTRACTS, SimilarityQuery, TaskName
 
 
 class JobStatus(str, Enum):

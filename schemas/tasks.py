@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
 from pydantic_core import PydanticCustomError
@@ -77,7 +77,7 @@ def _similarity_shape(item: Any) -> str | None:
 class SimilarityItem(
     RootModel[
         Annotated[
-            Union[Annotated[SimilarityPair, Tag("pair")], Annotated[SimilarityQuery, Tag("query")]],
+            Annotated[SimilarityPair, Tag("pair")] | Annotated[SimilarityQuery, Tag("query")],
             Discriminator(
                 _similarity_shape,
                 custom_error_type="item_shape",
@@ -135,7 +135,10 @@ class SummarizeOptions(_Strict):
         None, ge=1, description="Sentences in the summary, the first one included when use_first; overrides ratio."
     )
     ratio: float = Field(
-        0.2, gt=0, le=1, description="Without num_sentences: pick max(1, int(ratio x candidate sentences)) by clustering."
+        0.2,
+        gt=0,
+        le=1,
+        description="Without num_sentences: pick max(1, int(ratio x candidate sentences)) by clustering.",
     )
     min_length: int = Field(40, ge=0, description="Candidate sentences are longer than this, in characters.")
     max_length: int = Field(600, ge=2, description="Candidate sentences are shorter than this, in characters.")
@@ -242,11 +245,13 @@ class CandidateScore(_Strict):
 class SimilarityRanking(_Strict):
     """A query's result."""
 
-    ranked: list[CandidateScore] = Field(description="The top_k candidates, best first (equal scores: lower index first).")
+    ranked: list[CandidateScore] = Field(
+        description="The top_k candidates, best first (equal scores: lower index first)."
+    )
     truncated: bool = Field(False, description="The query or a candidate was cut to the model's window.")
 
 
-class SimilarityResult(RootModel[Union[SimilarityScore, SimilarityRanking]]):
+class SimilarityResult(RootModel[SimilarityScore | SimilarityRanking]):
     """A pair gives a score, a query a ranking."""
 
 

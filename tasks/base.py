@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bertq.schemas import TaskName
 from pydantic import BaseModel
 
 from bertq.errors import BertqError
-from bertq.schemas import TaskName
 
 PAD_MULTIPLE = 8
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bertq.errors import BertqError
 from bertq.schemas import EmbeddingOptions, EmbeddingResult, TaskName, TextItem, TokenVector
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+
+from bertq.errors import BertqError
 
 
 @dataclass

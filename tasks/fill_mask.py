@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertq.errors import BertqError, InvalidInput, ModelUnavailable
 from bertq.schemas import FillMaskOptions, FillMaskResult, MaskPrediction, TaskName, TextItem
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+
+from bertq.errors import BertqError, InvalidInput, ModelUnavailable
 
 
 @dataclass

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bertq.errors import BertqError
 from bertq.schemas import NerEntity, NerOptions, NerResult, TaskName, TextItem
 from bertq.tasks.base import Batch, Loaded, Row
+
+from bertq.errors import BertqError
 
 WINDOW_STRIDE = 128
 
@@ -101,7 +101,9 @@ class NerTask:
             entities = _merge_overlapping(entities)
         return NerResult(
             entities=[
-                NerEntity(entity_group=e.label, score=float(e.score), word=e.word, start=e.start, end=e.end, index=e.index)
+                NerEntity(
+                    entity_group=e.label, score=float(e.score), word=e.word, start=e.start, end=e.end, index=e.index
+                )
                 for e in entities
             ]
         )

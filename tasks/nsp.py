@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bertq.errors import BertqError
 from bertq.schemas import NspOptions, NspResult, PairItem, TaskName
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+
+from bertq.errors import BertqError
 
 IS_NEXT = 0
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelUnavailable
 from bertq.schemas import QAItem, QAOptions, QAResult, QASpan, TaskName
 from bertq.tasks.base import Batch, Loaded, Row
+
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelUnavailable
 
 NO_NULL_ANSWER = 1_000_000.0  # the pipeline's starting "no answer" score: beats nothing once a window lowers it
 
@@ -78,7 +78,9 @@ class QATask:
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
         output = loaded.model(**batch.model_inputs())
         starts, ends = output.start_logits.float(), output.end_logits.float()
-        return [(starts[i, : len(row)].cpu().numpy(), ends[i, : len(row)].cpu().numpy()) for i, row in enumerate(batch.rows)]
+        return [
+            (starts[i, : len(row)].cpu().numpy(), ends[i, : len(row)].cpu().numpy()) for i, row in enumerate(batch.rows)
+        ]
 
     def postprocess(
         self, loaded: Loaded, item: QAItem, options: QAOptions, rows: list[Row], outputs: list[Any]

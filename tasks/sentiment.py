@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bertq.errors import BertqError
 from bertq.schemas import LabelScore, SentimentOptions, SentimentResult, TaskName, TextItem
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
 
+from bertq.errors import BertqError
 
 SCORE_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
     "softmax": lambda logits: logits.softmax(-1),

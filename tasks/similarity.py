@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bertq.errors import BertqError
 from bertq.schemas import (
     CandidateScore,
     SimilarityOptions,
@@ -25,6 +23,8 @@ from bertq.schemas import (
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
 from bertq.tasks.embedding import TASK as EMBEDDING
 from bertq.tasks.embedding import EmbeddingRow
+
+from bertq.errors import BertqError
 
 
 @dataclass
@@ -59,7 +59,10 @@ class SimilarityTask:
             for position in range(len(texts)):
                 encoding, (_, cut) = next(encodings)
                 meta = SimilarityRow(
-                    pooling=options.pooling, offsets=None, truncated=cut or bool(encoding.overflowing), position=position
+                    pooling=options.pooling,
+                    offsets=None,
+                    truncated=cut or bool(encoding.overflowing),
+                    position=position,
                 )
                 item_rows.append(Row(i, list(encoding.ids), list(encoding.type_ids), meta))
             rows.append(item_rows)

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bertq.errors import BertqError, InvalidInput
 from bertq.schemas import SummarizeOptions, SummarizeResult, SummarySentence, TaskName, TextItem
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+
+from bertq.errors import BertqError, InvalidInput
 
 #: bert-extractive-summarizer's default ``random_state``, given to k-means
 RANDOM_STATE = 12345
@@ -65,7 +65,9 @@ class SummarizeTask:
     ) -> list[list[Row] | BertqError]:
         spans = [candidate_spans(doc, options) for doc in loaded.extra["sentencizer"].pipe(item.text for item in items)]
         limit = chars_for_tokens(loaded.max_length)
-        capped = [cap_chars(item.text[start:end], limit) for item, found in zip(items, spans) for _, start, end in found]
+        capped = [
+            cap_chars(item.text[start:end], limit) for item, found in zip(items, spans) for _, start, end in found
+        ]
         encoded = loaded.tokenizer(
             [text for text, _ in capped], add_special_tokens=False, truncation=True, max_length=loaded.max_length
         )

@@ -27,25 +27,65 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("argv", "variables", "code", "says"),
     [
-        (["submit", "sentiment", "--text", "x"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "Redis is unreachable"),
-        (["status", "some-id"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "BERTQ_REDIS_URL points at it"),
+        (
+            ["submit", "sentiment", "--text", "x"],
+            {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"},
+            EXIT_BROKER,
+            "Redis is unreachable",
+        ),
+        (
+            ["status", "some-id"],
+            {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"},
+            EXIT_BROKER,
+            "BERTQ_REDIS_URL points at it",
+        ),
         (["status"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_BROKER, "unreachable"),
         (["submit", "sentiment", "--text", "x"], {}, EXIT_INVALID, "BERTQ_REDIS_URL is not set"),
-        (["result", "some-id"], {"BERTQ_REDIS_URL": "localhost:6379"}, EXIT_INVALID, "BERTQ_REDIS_URL: Redis URL must specify"),
-        (["status"], {"BERTQ_MAX_BATCH_ROWS": "0"}, EXIT_INVALID, "BERTQ_MAX_BATCH_ROWS: Input should be greater than or equal to 1"),
+        (
+            ["result", "some-id"],
+            {"BERTQ_REDIS_URL": "localhost:6379"},
+            EXIT_INVALID,
+            "BERTQ_REDIS_URL: Redis URL must specify",
+        ),
+        (
+            ["status"],
+            {"BERTQ_MAX_BATCH_ROWS": "0"},
+            EXIT_INVALID,
+            "BERTQ_MAX_BATCH_ROWS: Input should be greater than or equal to 1",
+        ),
         (["worker"], {}, EXIT_INVALID, "BERTQ_REDIS_URL is not set"),
-        (["worker", "--tasks", "nope"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "unknown task 'nope'"),
-        (["worker", "--tasks", "embedding"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "also carries"),
+        (
+            ["worker", "--tasks", "nope"],
+            {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"},
+            EXIT_INVALID,
+            "unknown task 'nope'",
+        ),
+        (
+            ["worker", "--tasks", "embedding"],
+            {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"},
+            EXIT_INVALID,
+            "also carries",
+        ),
         (["run", "sentiment", "--input", "/nonexistent.jsonl"], {}, EXIT_INVALID, "/nonexistent.jsonl: No such file"),
         (["run", "sentiment", "--input", "reviews.csv"], {}, EXIT_INVALID, "--input takes JSONL"),
         (["run", "sentiment", "--input", "-", "--options", "{bad"], {}, EXIT_INVALID, "--options: not valid JSON"),
-        (["run", "sentiment", "--input", "-", "--options", "[1]"], {}, EXIT_INVALID, "--options: must be a JSON object"),
+        (
+            ["run", "sentiment", "--input", "-", "--options", "[1]"],
+            {},
+            EXIT_INVALID,
+            "--options: must be a JSON object",
+        ),
         (["run", "nope", "--input", "-"], {}, EXIT_INVALID, "unknown task 'nope'"),
         (["dead", "show"], {"BERTQ_REDIS_URL": "redis://127.0.0.1:1/0"}, EXIT_INVALID, "give a job id or entry id"),
     ],
 )
 def test_error_paths_give_one_line_and_the_documented_code(
-    argv: list[str], variables: dict[str, str], code: int, says: str, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    variables: dict[str, str],
+    code: int,
+    says: str,
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     for name, value in variables.items():
         env.setenv(name, value)
@@ -53,7 +93,9 @@ def test_error_paths_give_one_line_and_the_documented_code(
     assert says in one_line_error(capsys)
 
 
-def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_jsonl_line_is_named_by_its_number(
+    tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "items.jsonl"
     source.write_text(json.dumps({"text": "fine"}) + "\n\n" + "{not json\n")
     assert main(["run", "sentiment", "--input", str(source)]) == EXIT_INVALID
@@ -62,7 +104,11 @@ def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, env: pytest.Mon
 
 def test_help_documents_the_exit_codes_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = parser().format_help()
-    for code in (f"  {EXIT_JOB_NOT_DONE}  the job failed", f"  {EXIT_INVALID}  invalid input", f"  {EXIT_BROKER}  Redis unavailable"):
+    for code in (
+        f"  {EXIT_JOB_NOT_DONE}  the job failed",
+        f"  {EXIT_INVALID}  invalid input",
+        f"  {EXIT_BROKER}  Redis unavailable",
+    ):
         assert code in help_text
     with pytest.raises(SystemExit) as done:
         main(["--version"])
@@ -87,7 +133,9 @@ def test_run_streams_a_file_of_any_length_in_order(
         torch.set_num_threads(threads)
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(results) == count
-    assert results[4500] == {"error": {"code": "invalid_input", "field": "items[4500].text", "message": "items[4500].text: empty text"}}
+    assert results[4500] == {
+        "error": {"code": "invalid_input", "field": "items[4500].text", "message": "items[4500].text: empty text"}
+    }
     assert all(result["label"] in ("NEGATIVE", "POSITIVE") for i, result in enumerate(results) if i != 4500)
 
 

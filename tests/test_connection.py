@@ -64,9 +64,8 @@ def test_connect_still_takes_plain_redis_urls() -> None:
 
 
 def test_the_celery_app_follows_the_same_master_as_broker_and_result_backend() -> None:
-    from celery import Celery
-
     from bertq.workers.app import celery_config
+    from celery import Celery
 
     config = celery_config(Settings(redis_url=URL))
     assert config["broker_transport_options"]["master_name"] == "cache-main"

@@ -314,7 +314,9 @@ def test_a_killed_worker_and_a_redis_restart_leave_no_row_missing_or_twice(
         out, err = enrich.communicate(timeout=120)
         assert enrich.returncode == 0, err
         assert "Redis is unreachable" in err and "waiting 120 s for it" in err
-        assert max(fleet.computations().values()) <= 2  # a job the killed worker held may run twice; its rows are written once
+        assert (
+            max(fleet.computations().values()) <= 2
+        )  # a job the killed worker held may run twice; its rows are written once
     finally:
         fleet.close()
         server.close()

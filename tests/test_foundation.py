@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bertq.schemas import Limits, TaskName
 
 from bertq.errors import BertqError, DeadLettered, InferenceFailed, InvalidInput, ModelUnavailable
-from bertq.schemas import Limits, TaskName
 from bertq.settings import DEFAULT_MODELS, Settings
 
 
@@ -331,8 +331,9 @@ def test_qa_checkpoint_logits(tiny_models: dict[str, Path]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["qa"])
     model = AutoModelForQuestionAnswering.from_pretrained(tiny_models["qa"]).eval()
-    encoded = tokenizer(["Where is it?", "Who?"], ["It is in Paris.", "Marie Curie did."], padding=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        ["Where is it?", "Who?"], ["It is in Paris.", "Marie Curie did."], padding=True, return_tensors="pt"
+    )
     with torch.inference_mode():
         out = model(**encoded)
     assert out.start_logits.shape == encoded["input_ids"].shape

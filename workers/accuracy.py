@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bertq.schemas import Limits, TaskName, validate_items, validate_options
+from bertq.tasks.base import Loaded, Task
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, ModelUnavailable
-from bertq.schemas import Limits, TaskName, validate_items, validate_options
-from bertq.tasks.base import Loaded, Task
 
 MIN_COSINE = 0.99  # embeddings: the least similar held-out vector
 MIN_AGREEMENT = 0.98  # every other task: top-1 agreement
@@ -48,7 +48,9 @@ def measure(task: Task, reference: Loaded, candidate: Loaded, raw_items: list[di
     return report
 
 
-def compare(task: TaskName, expected: list[BaseModel | BertqError], got: list[BaseModel | BertqError]) -> dict[str, Any]:
+def compare(
+    task: TaskName, expected: list[BaseModel | BertqError], got: list[BaseModel | BertqError]
+) -> dict[str, Any]:
     report: dict[str, Any] = {"task": task.value, "held_out_items": len(expected)}
     if task is TaskName.embedding:
         cosines = [_cosine(a, b) for a, b in zip(expected, got)]
@@ -112,7 +114,9 @@ def _top1(task: TaskName, result: Any) -> Any:
 
 def summary(report: dict[str, Any]) -> str:
     """One line a person reads: the path, the figure, the threshold, the verdict."""
-    where = f"{report['task']} on {report['backend']} ({report['precision']}), {report['held_out_items']} held-out texts"
+    where = (
+        f"{report['task']} on {report['backend']} ({report['precision']}), {report['held_out_items']} held-out texts"
+    )
     if report["metric"] == "min_cosine":
         figure = f"minimum cosine {report['min_cosine']:.5f} (mean {report['mean_cosine']:.5f}) vs fp32"
     else:

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from bertq.schemas import TaskName
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
 from bertq.connection import SentinelUrl, is_sentinel_url
-from bertq.schemas import TaskName
 from bertq.settings import Settings
 
 app = Celery("bertq", set_as_current=False)

@@ -23,13 +23,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bertq.errors import ModelUnavailable
-from bertq.log import get_logger
-from bertq.settings import Settings
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers import accuracy, calibration, disk_cache
 from bertq.workers.budget import TokenBudget
 from bertq.workers.cpu import CpuInfo, cpu_info
+
+from bertq.errors import ModelUnavailable
+from bertq.log import get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -197,7 +198,7 @@ class OpenVinoModel:
                 np.concatenate([request.get_output_tensor(index).data for request in requests])  # copies out
                 for index in range(len(self._outputs))
             ]
-        fields = {}
+        fields: dict[str, Any] = {}
         for names, array in zip(self._outputs, results):
             tensor = torch.from_numpy(array)
             fields.update((name, tensor) for name in names)
@@ -226,12 +227,16 @@ def ready(
     """A Loaded with its window length, task extras (``on_load``) and a fresh token budget."""
     config = model.config
     max_length = min(int(tokenizer.model_max_length), int(config.max_position_embeddings))
-    loaded = Loaded(model_id, model, tokenizer, device, max_length, backend=backend, precision=precision, budget=TokenBudget())
+    loaded = Loaded(
+        model_id, model, tokenizer, device, max_length, backend=backend, precision=precision, budget=TokenBudget()
+    )
     task.on_load(loaded, Path(model_id) if Path(model_id).is_dir() else None)
     return loaded
 
 
-def load_torch(task: Task, model_id: str, tokenizer: Any, device: str, path: ForwardPath, config: BackendConfig) -> Loaded:
+def load_torch(
+    task: Task, model_id: str, tokenizer: Any, device: str, path: ForwardPath, config: BackendConfig
+) -> Loaded:
     import torch
     import transformers
 
@@ -246,7 +251,12 @@ def load_torch(task: Task, model_id: str, tokenizer: Any, device: str, path: For
         return ready(task, model_id, module, tokenizer, torch_device, "torch", path.precision or "fp32")
     loaded = ready(task, model_id, AutocastModel(module), tokenizer, torch_device, "torch", "bf16")
     reference = ready(task, model_id, module, tokenizer, torch_device)  # the same weights, without autocast
-    key = {"task": task.name.value, "class": task.model_class, "model": disk_cache.model_fingerprint(model_id), "torch": version("torch")}
+    key = {
+        "task": task.name.value,
+        "class": task.model_class,
+        "model": disk_cache.model_fingerprint(model_id),
+        "torch": version("torch"),
+    }
     item = disk_cache.entry(config.cache_dir, model_id, task.name.value, "torch-bf16", key)
     disk_cache.get_or_build(item, lambda directory: None)  # holds only the accuracy report
     _gate(task, item, loaded, lambda: reference, config)
@@ -257,7 +267,6 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
     """Convert (and quantise) once, keep it in the disk cache, compile it for this CPU. The torch
     model is loaded only when something must be built or measured, and released after."""
     import transformers
-
     from bertq.workers import conversion
 
     require_packages(path.backend)
@@ -277,7 +286,12 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
     def rows(texts: list[str]) -> list[Row]:
         return _rows(task, shell, texts)
 
-    key = {"task": name, "class": task.model_class, "model": disk_cache.model_fingerprint(model_id), "openvino": version("openvino")}
+    key = {
+        "task": name,
+        "class": task.model_class,
+        "model": disk_cache.model_fingerprint(model_id),
+        "openvino": version("openvino"),
+    }
     item = disk_cache.entry(config.cache_dir, model_id, name, "openvino", key)
 
     def build_ir(directory: Path) -> None:
@@ -298,7 +312,13 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
             conversion.save(conversion.quantize(model, samples), directory)
 
         if disk_cache.get_or_build(item, build_int8):
-            log.info("quantised to static int8", task=name, model=model_id, samples=len(calibration_texts), entry=str(item.directory))
+            log.info(
+                "quantised to static int8",
+                task=name,
+                model=model_id,
+                samples=len(calibration_texts),
+                entry=str(item.directory),
+            )
     compiled = conversion.compile_model(item.directory, path.openvino_precision, config.threads())
     precision = conversion.inference_precision(compiled)
     if path.backend == "openvino-int8":
@@ -329,7 +349,9 @@ def _gate(
     else:
         items = calibration.task_items(task.name, held_out, loaded.tokenizer.mask_token)
         report = accuracy.measure(task, reference(), loaded, items)
-        report["held_out"] = "bertq general English" if config.calibration_file is None else str(config.calibration_file)
+        report["held_out"] = (
+            "bertq general English" if config.calibration_file is None else str(config.calibration_file)
+        )
         item.write_report(name, report)
     loaded.accuracy = report
     log.info("accuracy gate", result=accuracy.summary(report), report=str(item.directory / f"accuracy-{name}.json"))
@@ -379,7 +401,9 @@ def free_memory(device: Any) -> None:
 # ---- building the cache ahead of time (`bertq quantize`) ------------------------------------------
 
 
-def prebuild(settings: Settings, task_name: str, model_id: str | None = None, calibration_file: str | None = None) -> dict[str, Any]:
+def prebuild(
+    settings: Settings, task_name: str, model_id: str | None = None, calibration_file: str | None = None
+) -> dict[str, Any]:
     """Convert and quantise ``model_id`` for ``task_name`` into the cache (for example in a Docker
     build step) and return its accuracy report. Builds BERTQ_BACKEND when it names an openvino backend,
     else openvino-int8. The gate's verdict is reported, not enforced: the caller decides."""
@@ -394,4 +418,9 @@ def prebuild(settings: Settings, task_name: str, model_id: str | None = None, ca
         update["calibration_file"] = calibration_file
     config = BackendConfig.from_settings(settings.model_copy(update=update))
     loaded = load_model(get_task(task), model_id or settings.model_for(task), "cpu", settings.dtype, config)
-    return loaded.accuracy or {"task": task.value, "backend": loaded.backend, "precision": loaded.precision, "passed": True}
+    return loaded.accuracy or {
+        "task": task.value,
+        "backend": loaded.backend,
+        "precision": loaded.precision,
+        "passed": True,
+    }

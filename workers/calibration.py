@@ -14,8 +14,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from bertq.errors import InvalidInput
 from bertq.schemas import TaskName
+
+from bertq.errors import InvalidInput
 
 #: Texts in the shipped set, and how many sentences each text has (drawn uniformly from this tuple).
 SHIPPED_TEXTS = 400
@@ -25,10 +26,16 @@ HELD_OUT_SHARE = 4  # one in four, at most MAX_HELD_OUT
 MAX_HELD_OUT = 100
 MAX_CALIBRATION = 300
 
-NAMES = "Maria Chen|Tom Okafor|Anna Schmidt|Luis García|Priya Nair|James Walker|Sofia Rossi|Kenji Tanaka|Amara Diallo|Olivia Brown|Ahmed Hassan|Elena Petrova".split("|")
+NAMES = [
+    "Maria Chen", "Tom Okafor", "Anna Schmidt", "Luis García", "Priya Nair", "James Walker",
+    "Sofia Rossi", "Kenji Tanaka", "Amara Diallo", "Olivia Brown", "Ahmed Hassan", "Elena Petrova",
+]  # fmt: skip
 CITIES = "London|Paris|Nairobi|Lisbon|Toronto|Osaka|Buenos Aires|Berlin|Melbourne|Cairo|Oslo|Chicago".split("|")
 COUNTRIES = "Kenya|Portugal|Canada|Japan|Argentina|Germany|Australia|Egypt|Norway|India|Brazil|Spain".split("|")
-ORGS = "the city council|the national museum|a local hospital|the university|the railway company|a small bakery|the football club|the weather service|a software company|the public library".split("|")
+ORGS = [
+    "the city council", "the national museum", "a local hospital", "the university", "the railway company",
+    "a small bakery", "the football club", "the weather service", "a software company", "the public library",
+]  # fmt: skip
 JOBS = "teacher|nurse|engineer|farmer|journalist|architect|chef|pilot|librarian|carpenter|scientist|lawyer".split("|")
 THINGS = "bridge|garden|school|market|harbour|museum|stadium|theatre|factory|hospital|park|tower".split("|")
 FOODS = "bread|rice|soup|fresh fruit|grilled fish|lentils|cheese|noodles|roasted vegetables|honey cake".split("|")
@@ -75,11 +82,26 @@ TEMPLATES = (
 def _sentence(rng: random.Random) -> str:
     names, cities, foods = rng.sample(NAMES, 2), rng.sample(CITIES, 2), rng.sample(FOODS, 2)
     text = rng.choice(TEMPLATES).format(
-        name=names[0], name2=names[1], city=cities[0], city2=cities[1], country=rng.choice(COUNTRIES),
-        org=rng.choice(ORGS), job=rng.choice(JOBS), thing=rng.choice(THINGS), food=foods[0], food2=foods[1],
-        animals=rng.choice(ANIMALS), month=rng.choice(MONTHS), day=rng.choice(DAYS), adj=rng.choice(ADJECTIVES),
-        year=rng.randint(1950, 2024), n=rng.randint(10, 400), small=rng.randint(2, 12), pct=rng.randint(3, 60),
-        date=rng.randint(1, 28), century=rng.choice(["sixteenth", "seventeenth", "eighteenth", "nineteenth"]),
+        name=names[0],
+        name2=names[1],
+        city=cities[0],
+        city2=cities[1],
+        country=rng.choice(COUNTRIES),
+        org=rng.choice(ORGS),
+        job=rng.choice(JOBS),
+        thing=rng.choice(THINGS),
+        food=foods[0],
+        food2=foods[1],
+        animals=rng.choice(ANIMALS),
+        month=rng.choice(MONTHS),
+        day=rng.choice(DAYS),
+        adj=rng.choice(ADJECTIVES),
+        year=rng.randint(1950, 2024),
+        n=rng.randint(10, 400),
+        small=rng.randint(2, 12),
+        pct=rng.randint(3, 60),
+        date=rng.randint(1, 28),
+        century=rng.choice(["sixteenth", "seventeenth", "eighteenth", "nineteenth"]),
     )
     return text[0].upper() + text[1:]
 
@@ -128,7 +150,13 @@ def fingerprint(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-QUESTIONS = ("Who is mentioned?", "Where did it happen?", "When did it happen?", "What is this about?", "How many were there?")
+QUESTIONS = (
+    "Who is mentioned?",
+    "Where did it happen?",
+    "When did it happen?",
+    "What is this about?",
+    "How many were there?",
+)
 
 
 def task_items(task: TaskName, texts: list[str], mask_token: str | None = None) -> list[dict[str, Any]]:

@@ -97,7 +97,11 @@ def compile_model(directory: Path, precision: str | None, threads: int) -> Any:
     (bf16 on a CPU with native bf16, f32 elsewhere)."""
     import openvino
 
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads}
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "NUM_STREAMS": threads,
+        "INFERENCE_NUM_THREADS": threads,
+    }
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     return openvino.Core().compile_model(read(directory), "CPU", config)

@@ -31,7 +31,7 @@ import json
 import time
 from bisect import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -302,7 +302,8 @@ class Inbox:
         into this worker's landing list. True when one arrived (``fetch`` picks it up)."""
         queue = self.queues[self._turn % len(self.queues)]
         self._turn += 1
-        landed = self.client.blmove(queue, landing_key(self.consumer, queue), self.block_s, "RIGHT", "LEFT")
+        timeout = cast(int, self.block_s)  # Redis takes fractions of a second; redis-py's hint says int
+        landed = self.client.blmove(queue, landing_key(self.consumer, queue), timeout, "RIGHT", "LEFT")
         return landed is not None
 
     def count(self) -> int:
@@ -313,7 +314,7 @@ class Inbox:
         entries = self.client.hgetall(self.inflight)
         held = {}
         for tag, value in entries.items():
-            source, _, raw = value.partition(b"\n")
+            source, _, raw = _bytes(value).partition(b"\n")
             held[_text(tag)] = Fetched(_text(tag), _text(source), raw)
         return held
 
@@ -342,7 +343,9 @@ class Inbox:
     def unregister(self) -> None:
         """A worker that stops with nothing held leaves no entry to reclaim."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(CONSUMERS, self.consumer).hdel(CONSUMER_LISTS, self.consumer).delete(heartbeat_key(self.consumer))
+        pipe.zrem(CONSUMERS, self.consumer)
+        pipe.hdel(CONSUMER_LISTS, self.consumer)
+        pipe.delete(heartbeat_key(self.consumer))
         pipe.execute()
 
 
@@ -379,7 +382,7 @@ class Reaper:
             "it (killed, out of memory, or frozen)"
         )
         for tag, value in self.client.hgetall(inflight).items():
-            _, _, raw = value.partition(b"\n")
+            _, _, raw = _bytes(value).partition(b"\n")
             key, task = identity(raw)
             job_id = "" if key.startswith("sha1:") else key
             reason = f"delivered {self.max_deliveries} times without finishing; each time {cause}"
@@ -391,8 +394,18 @@ class Reaper:
             outcome = self._reclaim(
                 keys=[inflight, DELIVERIES, DEAD, meta_key(job_id), RESULTS_STREAM, WEBHOOKS],
                 args=[
-                    tag, key, self.max_deliveries, record, self.record_ttl_s, reason, consumer, DEAD_MAXLEN, job_id,
-                    task or "", QUARANTINE_PREFIX, "1" if "callback_url" in info else "",
+                    tag,
+                    key,
+                    self.max_deliveries,
+                    record,
+                    self.record_ttl_s,
+                    reason,
+                    consumer,
+                    DEAD_MAXLEN,
+                    job_id,
+                    task or "",
+                    QUARANTINE_PREFIX,
+                    "1" if "callback_url" in info else "",
                 ],
             )
             report.requeued += outcome in (1, 3)
@@ -448,13 +461,13 @@ class DeadLetters:
         return int(self.client.xlen(DEAD))
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
-        entries = self.client.xrange(DEAD, count=limit)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(DEAD, count=limit))
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
     def find(self, key: str) -> DeadLetter | None:
         """By entry id or by job id."""
         if "-" in key and key.split("-", 1)[0].isdigit():
-            entries = self.client.xrange(DEAD, key, key)
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(DEAD, key, key))
             if entries:
                 return _dead_letter(*entries[0])
         return next((letter for letter in self.list() if letter.job_id == key), None)
@@ -481,8 +494,14 @@ def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
         return fields.get(name.encode(), b"").decode("utf-8", "replace")
 
     return DeadLetter(
-        _text(entry_id), text("job_id"), text("task"), text("reason"), int(text("deliveries") or 0),
-        text("source"), text("worker"), fields.get(b"message", b""),
+        _text(entry_id),
+        text("job_id"),
+        text("task"),
+        text("reason"),
+        int(text("deliveries") or 0),
+        text("source"),
+        text("worker"),
+        fields.get(b"message", b""),
     )
 
 
@@ -503,6 +522,11 @@ def _item_count(raw: bytes) -> int:
     """Items in a message, 0 when unreadable (only for the record's display)."""
     items = _kwargs(raw).get("items")
     return len(items) if isinstance(items, list) else 0
+
+
+def _bytes(value: Any) -> bytes:
+    """A reply of a client without decode_responses: bytes (redis-py's hints also allow str)."""
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _text(value: Any) -> str:

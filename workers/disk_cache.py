@@ -62,7 +62,9 @@ def model_fingerprint(model_id: str) -> str:
 
     config = try_to_load_from_cache(model_id, "config.json")
     if not isinstance(config, str):
-        raise ModelUnavailable(f"cannot find the local snapshot of {model_id!r} to key its converted model", field="model")
+        raise ModelUnavailable(
+            f"cannot find the local snapshot of {model_id!r} to key its converted model", field="model"
+        )
     return f"{model_id}@{Path(config).parent.name}"
 
 

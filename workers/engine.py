@@ -20,20 +20,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
+from bertq.tasks import get_task
+from bertq.tasks.base import Loaded, Row, Task, padded_length
+from bertq.workers.batcher import pack
+from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
+from bertq.workers.sink import Claim, Delivery, Observer, Observers, Outcome
 from pydantic import BaseModel
 
 from bertq.connection import GiveUp, retry
 from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
 from bertq.log import get_logger
-from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.settings import Settings
-from bertq.tasks import get_task
-from bertq.tasks.base import Loaded, Row, Task, padded_length
-from bertq.workers.batcher import pack
-from bertq.workers.sink import Claim, Delivery, Observer, Observers, Outcome
-from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
 
 log = get_logger(__name__)
 
@@ -91,7 +92,9 @@ class Engine:
         self.observer: Observer = observer or Observers()
         self._on_stage_death = on_stage_death
         self._intake: queue.SimpleQueue[list[Delivery] | None] = queue.SimpleQueue()
-        self._finish: queue.SimpleQueue[_Batch | list[Outcome] | tuple[str, list[Delivery]] | None] = queue.SimpleQueue()
+        self._finish: queue.SimpleQueue[_Batch | list[Outcome] | tuple[str, list[Delivery]] | None] = (
+            queue.SimpleQueue()
+        )
         self._pool: dict[tuple[TaskName, str], list[PendingRow]] = {}
         self._pool_changed = threading.Condition()
         self._held: dict[int, Delivery] = {}  # every delivery taken and not yet stored or released
@@ -104,7 +107,11 @@ class Engine:
         self.loading_since: float | None = None
         self._threads = [
             threading.Thread(target=self._guard(name, loop), name=f"bertq-{name}", daemon=True)
-            for name, loop in (("prepare", self._prepare_loop), ("forward", self._forward_loop), ("finish", self._finish_loop))
+            for name, loop in (
+                ("prepare", self._prepare_loop),
+                ("forward", self._forward_loop),
+                ("finish", self._finish_loop),
+            )
         ]
 
     # ---- control --------------------------------------------------------------------------------
@@ -149,7 +156,10 @@ class Engine:
                 self._held_lock.wait(timeout)
 
     def stage_states(self) -> dict[str, str]:
-        return {thread.name.removeprefix("bertq-"): "running" if thread.is_alive() else "stopped" for thread in self._threads}
+        return {
+            thread.name.removeprefix("bertq-"): "running" if thread.is_alive() else "stopped"
+            for thread in self._threads
+        }
 
     def stalled_for(self) -> float:
         """Seconds the engine has held work without finishing a batch or a job, nor waiting on Redis
@@ -241,7 +251,7 @@ class Engine:
         released = 0
         for sink, group in _by_sink(deliveries):
             try:
-                retry(lambda: sink.release(group), "release", give_up or self._stop)
+                retry(partial(sink.release, group), "release", give_up or self._stop)
             except GiveUp:
                 log.warning("could not release to the queue: Redis unreachable", jobs=len(group))
                 continue
@@ -299,7 +309,7 @@ class Engine:
         if outcomes:
             self._finish.put(outcomes)
         for sink, deliveries in _by_sink(to_claim):
-            claims = self._retry(lambda: sink.claim(deliveries), "claim")
+            claims = self._retry(partial(sink.claim, deliveries), "claim")
             final = [d for d, c in zip(deliveries, claims) if c is Claim.final]
             cancelled = [d for d, c in zip(deliveries, claims) if c is Claim.cancelled]
             lost = [d for d, c in zip(deliveries, claims) if c is Claim.lost]
@@ -335,7 +345,8 @@ class Engine:
     def _accept(self, delivery: Delivery) -> Job:
         if delivery.size > self.settings.max_message_bytes:
             raise InvalidInput(
-                f"{delivery.size} bytes is over the limit of {self.settings.max_message_bytes} (BERTQ_MAX_MESSAGE_BYTES)",
+                f"{delivery.size} bytes is over the limit of {self.settings.max_message_bytes} "
+                "(BERTQ_MAX_MESSAGE_BYTES)",
                 field="message",
             )
         task_name = parse_task(delivery.task)
@@ -417,7 +428,12 @@ class Engine:
             tokens = sum(len(pending.row) for pending in batch)
             split = (loaded.budget.splits if loaded.budget is not None else 0) - splits
             self.observer.batch(
-                task.name.value, len(batch), tokens, len(batch) * padded_length(longest), self.last_progress - began, split
+                task.name.value,
+                len(batch),
+                tokens,
+                len(batch) * padded_length(longest),
+                self.last_progress - began,
+                split,
             )
             self._finish.put(_Batch(batch, outputs))
 
@@ -526,12 +542,12 @@ class Engine:
 
     def _acknowledge(self, deliveries: list[Delivery]) -> None:
         for sink, group in _by_sink(deliveries):
-            self._retry(lambda: sink.acknowledge(group), "acknowledge")
+            self._retry(partial(sink.acknowledge, group), "acknowledge")
             self._forget(group)
 
     def _store(self, outcomes: list[Outcome]) -> None:
         for sink, group in _by_sink(outcomes, key=lambda o: o.delivery.sink):
-            stored = self._retry(lambda: sink.finish(group), "store results")
+            stored = self._retry(partial(sink.finish, group), "store results")
             self.last_progress = time.monotonic()
             for outcome, fresh in zip(group, stored):
                 self._log_outcome(outcome, fresh)

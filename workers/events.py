@@ -1,6 +1,7 @@
-"""What Celery's tools see of a bertq worker's jobs. Task events that tell the truth, for Flower and ``app.events.Receiver``: ``task-received``
-when a worker takes a job, ``task-started`` when its first batch starts, then ``task-succeeded`` (with
-its runtime), ``task-failed`` (with the bertq error's message) or ``task-revoked``.
+"""What Celery's tools see of a bertq worker's jobs. Task events that tell the truth, for Flower and
+``app.events.Receiver``: ``task-received`` when a worker takes a job, ``task-started`` when its first
+batch starts, then ``task-succeeded`` (with its runtime), ``task-failed`` (with the bertq error's
+message) or ``task-revoked``.
 
 Events never slow the engine: its threads only put them on a bounded queue, and a thread of their
 own sends them. If Redis is away or the queue is full, events are dropped (and counted in the log),
@@ -15,11 +16,11 @@ import threading
 import time
 from typing import Any
 
+from bertq.schemas import JobStatus
+from bertq.workers.sink import Delivery, Outcome
 from celery import Celery
 
 from bertq.log import get_logger
-from bertq.schemas import JobStatus
-from bertq.workers.sink import Delivery, Outcome
 
 log = get_logger(__name__)
 
@@ -62,11 +63,15 @@ class CeleryEvents:
             kind, fields = entry
             try:
                 if dispatcher is None:
-                    dispatcher = self.app.events.Dispatcher(self.app.connection_for_write(), hostname=self.hostname, enabled=True)
+                    dispatcher = self.app.events.Dispatcher(
+                        self.app.connection_for_write(), hostname=self.hostname, enabled=True
+                    )
                 dispatcher.send(kind, **fields)
             except Exception as error:  # events are best effort: a lost one never costs a job
                 self._dropped += 1
-                log.warning("task event dropped", kind=kind, error=f"{type(error).__name__}: {error}", dropped=self._dropped)
+                log.warning(
+                    "task event dropped", kind=kind, error=f"{type(error).__name__}: {error}", dropped=self._dropped
+                )
                 if dispatcher is not None:
                     try:
                         dispatcher.close()
@@ -104,7 +109,9 @@ class CeleryEvents:
         if outcome.status is JobStatus.done:
             self._put("task-succeeded", uuid=job_id, result=f"<{len(outcome.results or [])} results>", runtime=runtime)
         elif outcome.status in (JobStatus.cancelled, JobStatus.expired):
-            self._put("task-revoked", uuid=job_id, terminated=False, signum=None, expired=outcome.status is JobStatus.expired)
+            self._put(
+                "task-revoked", uuid=job_id, terminated=False, signum=None, expired=outcome.status is JobStatus.expired
+            )
         else:
             error = outcome.error
             exception = f"{type(error).__name__}({str(error)!r})" if error is not None else "unknown"

@@ -25,17 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
-
-from bertq.connection import is_transient
-from bertq.log import get_logger
-from bertq.settings import Settings
 from bertq.workers.delivery import CONSUMERS, DEAD, Inbox, Reaper, heartbeat_key
 from bertq.workers.engine import Engine
 from bertq.workers.metrics import Metrics
 from bertq.workers.streams import StreamSource, stream_state
+
+from bertq.connection import is_transient
+from bertq.log import get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -116,7 +116,11 @@ class Heartbeat:
 
     def sweep(self) -> None:
         # after an outage, wait a whole visibility timeout: every heartbeat is late, not every worker dead
-        grace = self.settings.visibility_timeout_s if self.outages else min(self.settings.visibility_timeout_s, 2 * self.interval + 2)
+        grace = (
+            self.settings.visibility_timeout_s
+            if self.outages
+            else min(self.settings.visibility_timeout_s, 2 * self.interval + 2)
+        )
         if time.monotonic() - (self.healthy_since or time.monotonic()) < grace:
             return
         try:
@@ -219,10 +223,14 @@ def _verdict(info: dict[str, Any], now: float) -> Verdict:
     if stopped:
         return Verdict(pid, node, False, f"engine stages stopped: {', '.join(stopped)}")
     if float(info["stalled_s"]) > limit:
-        return Verdict(pid, node, False, f"holding {info['held_jobs']} jobs without progress for {info['stalled_s']:.0f} s")
+        return Verdict(
+            pid, node, False, f"holding {info['held_jobs']} jobs without progress for {info['stalled_s']:.0f} s"
+        )
     if redis_down > limit:
         return Verdict(pid, node, False, f"Redis unreachable for {redis_down:.0f} s")
-    return Verdict(pid, node, True, f"live: {info['held_jobs']} jobs held, last progress {info['progress_s_ago']:.0f} s ago")
+    return Verdict(
+        pid, node, True, f"live: {info['held_jobs']} jobs held, last progress {info['progress_s_ago']:.0f} s ago"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -238,7 +246,7 @@ def _alive(pid: int) -> bool:
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     """Workers with a heartbeat in Redis, newest first, each with the age of its last heartbeat."""
     now = float(client.time()[0])
-    entries = client.zrevrange(CONSUMERS, 0, -1, withscores=True)
+    entries = cast(list[tuple[bytes, float]], client.zrevrange(CONSUMERS, 0, -1, withscores=True))
     keys = [heartbeat_key(consumer.decode()) for consumer, _ in entries]
     infos = client.mget(keys) if keys else []
     workers = []

@@ -18,14 +18,15 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bertq.connection import GiveUp, retry
-from bertq.errors import BertqError, InvalidMessage, Unsupported
-from bertq.log import get_logger
 from bertq.schemas import TaskName
-from bertq.settings import Settings
 from bertq.workers.delivery import Fetched, Inbox
 from bertq.workers.engine import Engine
 from bertq.workers.sink import Delivery, Sink
+
+from bertq.connection import GiveUp, retry
+from bertq.errors import BertqError, InvalidMessage, Unsupported
+from bertq.log import get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -60,7 +61,8 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
     if not isinstance(job_id, str) or not job_id.strip():
         what = "missing" if job_id is None else f"not a non-empty string ({type(job_id).__name__})"
         raise Undeliverable(f"headers.id is {what}: the job cannot be named")
-    properties = envelope.get("properties") if isinstance(envelope.get("properties"), dict) else {}
+    found = envelope.get("properties")
+    properties: dict[str, Any] = found if isinstance(found, dict) else {}
     task = headers.get("task")
     delivery = Delivery(
         job_id=job_id,
@@ -73,14 +75,22 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
         submitted_at=_number(headers.get("bertq_submitted_at")),
     )
     try:
-        if not isinstance(task, str) or task.removeprefix(TASK_PREFIX) not in KNOWN_TASKS or not task.startswith(TASK_PREFIX):
+        if (
+            not isinstance(task, str)
+            or task.removeprefix(TASK_PREFIX) not in KNOWN_TASKS
+            or not task.startswith(TASK_PREFIX)
+        ):
             known = ", ".join(TASK_PREFIX + name for name in KNOWN_TASKS)
             raise InvalidMessage(f"unknown task {task!r}; bertq workers run {known}", field="headers.task")
         delivery.expires_at = _expires(headers.get("expires"))
         if headers.get("eta") is not None:
             raise Unsupported("eta/countdown is not supported: send the job when it should run", field="headers.eta")
         kwargs = _kwargs(envelope, properties)
-        delivery.items, delivery.model, delivery.options = kwargs.get("items"), kwargs.get("model"), kwargs.get("options")
+        delivery.items, delivery.model, delivery.options = (
+            kwargs.get("items"),
+            kwargs.get("model"),
+            kwargs.get("options"),
+        )
         callback_url = kwargs.get("callback_url")
         if callback_url is not None and not isinstance(callback_url, str):
             raise InvalidMessage("callback_url must be a URL string", field="kwargs.callback_url")
@@ -93,7 +103,9 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
 def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
     content_type = envelope.get("content-type")
     if content_type != "application/json":
-        raise InvalidMessage(f"content type {content_type} is refused: JSON only (application/json)", field="content-type")
+        raise InvalidMessage(
+            f"content type {content_type} is refused: JSON only (application/json)", field="content-type"
+        )
     encoding = envelope.get("content-encoding", "utf-8")
     if str(encoding).lower().replace("-", "") != "utf8":
         raise InvalidMessage(f"content encoding {encoding} is refused: utf-8 only", field="content-encoding")
@@ -108,7 +120,9 @@ def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
         try:
             body = raw_body.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise InvalidMessage(f"body is not valid UTF-8 ({error.reason} at byte {error.start})", field="body") from None
+            raise InvalidMessage(
+                f"body is not valid UTF-8 ({error.reason} at byte {error.start})", field="body"
+            ) from None
     try:
         decoded = json.loads(body)
     except ValueError as error:
@@ -117,16 +131,22 @@ def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
         raise InvalidMessage("body must be [args, kwargs, embed] (Celery task protocol 2)", field="body")
     args, kwargs, embed = decoded
     if args:
-        raise InvalidMessage("positional arguments are refused: send items, model, options as keyword arguments", field="args")
+        raise InvalidMessage(
+            "positional arguments are refused: send items, model, options as keyword arguments", field="args"
+        )
     if not isinstance(kwargs, dict):
         raise InvalidMessage("the task takes keyword arguments: items, model, options", field="kwargs")
     unknown = sorted(set(kwargs) - KWARGS)
     if unknown:
-        raise InvalidMessage("unknown argument; expected items, model, options, callback_url", field=f"kwargs.{unknown[0]}")
+        raise InvalidMessage(
+            "unknown argument; expected items, model, options, callback_url", field=f"kwargs.{unknown[0]}"
+        )
     if isinstance(embed, dict):
         linked = [name for name in ("callbacks", "errbacks", "chain", "chord") if embed.get(name)]
         if linked:
-            raise Unsupported(f"{'/'.join(linked)} are not supported: bertq jobs cannot be linked or chained", field=linked[0])
+            raise Unsupported(
+                f"{'/'.join(linked)} are not supported: bertq jobs cannot be linked or chained", field=linked[0]
+            )
     return kwargs
 
 
@@ -244,6 +264,8 @@ class QueueIntake:
             except Undeliverable as error:
                 reason = str(error)
                 log.warning("message dead-lettered", reason=reason, source=message.source, bytes=len(message.raw))
-                self._retry(lambda: self.inbox.dead_letter(message, reason), "dead-letter")
+                self._retry(
+                    lambda message=message, reason=reason: self.inbox.dead_letter(message, reason), "dead-letter"
+                )
         self.engine.submit(deliveries)
         return deliveries

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
 from bertq.workers.sink import Delivery, Outcome
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -27,36 +26,79 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.jobs = Counter("bertq_jobs", "Jobs that reached a final state, by task and status.", ["task", "status"], registry=registry)
-        self.items = Counter("bertq_items", "Items of finished jobs, by outcome (ok or error).", ["task", "outcome"], registry=registry)
-        self.batch_rows = Histogram("bertq_batch_rows", "Rows per forward batch.", ["task"], buckets=ROWS, registry=registry)
+        self.jobs = Counter(
+            "bertq_jobs", "Jobs that reached a final state, by task and status.", ["task", "status"], registry=registry
+        )
+        self.items = Counter(
+            "bertq_items", "Items of finished jobs, by outcome (ok or error).", ["task", "outcome"], registry=registry
+        )
+        self.batch_rows = Histogram(
+            "bertq_batch_rows", "Rows per forward batch.", ["task"], buckets=ROWS, registry=registry
+        )
         self.batch_padded_tokens = Histogram(
-            "bertq_batch_padded_tokens", "Padded tokens per forward batch (rows x longest row).", ["task"], buckets=TOKENS, registry=registry
+            "bertq_batch_padded_tokens",
+            "Padded tokens per forward batch (rows x longest row).",
+            ["task"],
+            buckets=TOKENS,
+            registry=registry,
         )
         self.batch_padding_ratio = Histogram(
-            "bertq_batch_padding_ratio", "Share of a batch's padded tokens that are padding.", ["task"], buckets=RATIO, registry=registry
+            "bertq_batch_padding_ratio",
+            "Share of a batch's padded tokens that are padding.",
+            ["task"],
+            buckets=RATIO,
+            registry=registry,
         )
         self.batch_splits = Counter(
-            "bertq_batch_splits", "Batches halved after running out of memory (the model's budget drops).", ["task"], registry=registry
+            "bertq_batch_splits",
+            "Batches halved after running out of memory (the model's budget drops).",
+            ["task"],
+            registry=registry,
         )
-        self.forward_seconds = Histogram("bertq_forward_seconds", "Seconds per forward batch.", ["task"], buckets=SECONDS, registry=registry)
+        self.forward_seconds = Histogram(
+            "bertq_forward_seconds", "Seconds per forward batch.", ["task"], buckets=SECONDS, registry=registry
+        )
         self.job_queued_seconds = Histogram(
-            "bertq_job_queued_seconds", "Seconds from submit to a worker starting the job.", ["task"], buckets=SECONDS, registry=registry
+            "bertq_job_queued_seconds",
+            "Seconds from submit to a worker starting the job.",
+            ["task"],
+            buckets=SECONDS,
+            registry=registry,
         )
         self.job_latency_seconds = Histogram(
-            "bertq_job_latency_seconds", "Seconds from submit to the job's record stored.", ["task"], buckets=SECONDS, registry=registry
+            "bertq_job_latency_seconds",
+            "Seconds from submit to the job's record stored.",
+            ["task"],
+            buckets=SECONDS,
+            registry=registry,
         )
-        self.held_items = Gauge("bertq_held_items", "Items the worker holds (fetched, not yet stored).", registry=registry)
+        self.held_items = Gauge(
+            "bertq_held_items", "Items the worker holds (fetched, not yet stored).", registry=registry
+        )
         self.model_load_seconds = Histogram(
             "bertq_model_load_seconds", "Seconds to load a model.", ["task"], buckets=SECONDS, registry=registry
         )
-        self.redis_errors = Counter("bertq_redis_errors", "Failed Redis calls (retried), by operation.", ["operation"], registry=registry)
-        self.redis_reconnects = Counter("bertq_redis_reconnects", "Redis calls that succeeded after failing.", registry=registry)
-        self.queue_depth = Gauge("bertq_queue_depth", "Jobs waiting in a queue (all priorities).", ["queue"], registry=registry)
+        self.redis_errors = Counter(
+            "bertq_redis_errors", "Failed Redis calls (retried), by operation.", ["operation"], registry=registry
+        )
+        self.redis_reconnects = Counter(
+            "bertq_redis_reconnects", "Redis calls that succeeded after failing.", registry=registry
+        )
+        self.queue_depth = Gauge(
+            "bertq_queue_depth", "Jobs waiting in a queue (all priorities).", ["queue"], registry=registry
+        )
         self.dead_letters = Gauge("bertq_dead_letters", "Messages in the dead-letter stream.", registry=registry)
-        self.stream_lag = Gauge("bertq_stream_lag", "Entries of a source stream not yet read by its group.", ["stream", "group"], registry=registry)
+        self.stream_lag = Gauge(
+            "bertq_stream_lag",
+            "Entries of a source stream not yet read by its group.",
+            ["stream", "group"],
+            registry=registry,
+        )
         self.stream_pending = Gauge(
-            "bertq_stream_pending", "Entries of a source stream read but not acknowledged.", ["stream", "group"], registry=registry
+            "bertq_stream_pending",
+            "Entries of a source stream read but not acknowledged.",
+            ["stream", "group"],
+            registry=registry,
         )
 
     def serve(self, port: int) -> None:
@@ -78,7 +120,11 @@ class Metrics:
         if not stored:
             return
         task = outcome.delivery.task or "unknown"
-        status = outcome.error.code if outcome.error is not None and outcome.error.code == "dead_lettered" else outcome.status.value
+        status = (
+            outcome.error.code
+            if outcome.error is not None and outcome.error.code == "dead_lettered"
+            else outcome.status.value
+        )
         self.jobs.labels(task, status).inc()
         if outcome.results is not None:
             errors = sum(1 for result in outcome.results if "error" in result)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from bertq.schemas import JobStatus
+from bertq.workers.delivery import DELIVERIES, RELEASE, Fetched, identity
+from bertq.workers.sink import Claim, Delivery, Outcome
 
 from bertq.errors import ResultTooLarge
 from bertq.records import (
@@ -24,9 +27,6 @@ from bertq.records import (
     revoked_record,
     running_record,
 )
-from bertq.schemas import JobStatus
-from bertq.workers.delivery import DELIVERIES, RELEASE, Fetched, identity
-from bertq.workers.sink import Claim, Delivery, Outcome
 
 # KEYS: record, in-flight hash, deliveries. ARGV: running record, ttl, tag, delivery key.
 _CLAIM = (
@@ -122,14 +122,25 @@ class JobRecords:
         # newest first: each goes to the front of its queue, so the oldest ends up served first
         for delivery in reversed(deliveries):
             record = queued_record(delivery.job_id, delivery.task, delivery.item_count)
-            self._release(keys=[self.inflight, meta_key(delivery.job_id)], args=[_tag(delivery), record, self.ttl_s], client=pipe)
+            self._release(
+                keys=[self.inflight, meta_key(delivery.job_id)], args=[_tag(delivery), record, self.ttl_s], client=pipe
+            )
         pipe.execute()
 
     def _store(self, delivery: Delivery, record: str, status: str, pipe: Any) -> None:
         webhook = "1" if record and delivery.callback_url else ""
         self._finish(
             keys=[meta_key(delivery.job_id), RESULTS_STREAM, self.inflight, DELIVERIES, WEBHOOKS],
-            args=[record, self.ttl_s, self.stream_maxlen, delivery.job_id, status, _tag(delivery), _delivery_key(delivery), webhook],
+            args=[
+                record,
+                self.ttl_s,
+                self.stream_maxlen,
+                delivery.job_id,
+                status,
+                _tag(delivery),
+                _delivery_key(delivery),
+                webhook,
+            ],
             client=pipe,
         )
 
@@ -142,7 +153,9 @@ def _record(outcome: Outcome) -> str:
     if outcome.status is JobStatus.done:
         return done_record(delivery.job_id, delivery.task, outcome.results or [], info)
     if outcome.status is JobStatus.expired:
-        return revoked_record(delivery.job_id, JobStatus.expired, "expired before it ran", {"task": delivery.task, **info})
+        return revoked_record(
+            delivery.job_id, JobStatus.expired, "expired before it ran", {"task": delivery.task, **info}
+        )
     assert outcome.error is not None
     return failed_record(delivery.job_id, delivery.task, outcome.error, info)
 

@@ -7,10 +7,6 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from pydantic import BaseModel
-
-from bertq.errors import BertqError, InferenceFailed, InvalidInput
-from bertq.log import get_logger
 from bertq.schemas import TaskName
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
@@ -26,6 +22,10 @@ from bertq.workers.backends import (
 from bertq.workers.batcher import pack
 from bertq.workers.budget import TokenBudget
 from bertq.workers.cpu import cpu_info
+from pydantic import BaseModel
+
+from bertq.errors import BertqError, InferenceFailed, InvalidInput
+from bertq.log import get_logger
 
 log = get_logger(__name__)
 
@@ -41,7 +41,11 @@ def load_model(
     tokenizer = from_pretrained(task, model_id, _auto_tokenizer)
     if path.backend != "torch" and getattr(task, "needs_hidden_states", False):
         # an exported graph has the model's named outputs only, not every layer's hidden states
-        log.warning("task runs on torch: its hidden layers are not exported to OpenVINO", task=task.name.value, backend=path.backend)
+        log.warning(
+            "task runs on torch: its hidden layers are not exported to OpenVINO",
+            task=task.name.value,
+            backend=path.backend,
+        )
         path = choose_path(device, "bf16" if dtype == "bf16" else "fp32", "torch", cpu_info())
     if path.backend == "torch":
         loaded = load_torch(task, model_id, tokenizer, device, path, backend)

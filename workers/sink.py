@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from bertq.errors import BertqError
 from bertq.schemas import JobStatus
+
+from bertq.errors import BertqError
 
 
 @dataclass(eq=False)

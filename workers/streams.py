@@ -23,17 +23,17 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
+from bertq.schemas import TaskName, validate_options
+from bertq.workers.engine import Engine
+from bertq.workers.sink import Claim, Delivery, Outcome
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertq.connection import GiveUp, retry
 from bertq.errors import BertqError
 from bertq.log import get_logger
-from bertq.schemas import TaskName, validate_options
-from bertq.workers.engine import Engine
-from bertq.workers.sink import Claim, Delivery, Outcome
 
 log = get_logger(__name__)
 
@@ -148,7 +148,11 @@ class StreamSink:
                 if outcome.results is not None:
                     read.results[task] = outcome.results
                 else:
-                    read.errors[task] = (outcome.error.to_record() if outcome.error else {"code": "error", "message": outcome.status.value})
+                    read.errors[task] = (
+                        outcome.error.to_record()
+                        if outcome.error
+                        else {"code": "error", "message": outcome.status.value}
+                    )
                 if read.complete and read not in ready:
                     ready.append(read)
         pipe = self.client.pipeline(transaction=False)
@@ -184,8 +188,15 @@ class StreamSink:
         for delivery in deliveries:
             read: Read = delivery.ref
             ids = [entry_id for entry_id, _ in read.entries]
-            pipe.xclaim(read.source.input, read.source.group, self.consumer, 0, ids,
-                        idle=self.visibility_timeout_s * 1000 + 1, justid=True)
+            pipe.xclaim(
+                read.source.input,
+                read.source.group,
+                self.consumer,
+                0,
+                cast(list[Any], ids),
+                idle=self.visibility_timeout_s * 1000 + 1,
+                justid=True,
+            )
         pipe.execute()
 
 
@@ -196,7 +207,13 @@ def _unprefixed(result: dict[str, Any]) -> dict[str, Any]:
         field_name = error["field"].split("]", 1)[1].lstrip(".") or None
         message = str(error.get("message", ""))
         prefix = error["field"] + ": "
-        return {"error": {**error, "field": field_name, "message": (field_name + ": " if field_name else "") + message.removeprefix(prefix)}}
+        return {
+            "error": {
+                **error,
+                "field": field_name,
+                "message": (field_name + ": " if field_name else "") + message.removeprefix(prefix),
+            }
+        }
     return result
 
 
@@ -204,8 +221,17 @@ class StreamIntake:
     """The thread that reads the source streams into the engine, claims what dead consumers left,
     and keeps what it holds from going idle."""
 
-    def __init__(self, client: redis.Redis, sources: list[StreamSource], sink: StreamSink, engine: Engine,
-                 consumer: str, visibility_timeout_s: int, sweep_interval_s: int, max_deliveries: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        sources: list[StreamSource],
+        sink: StreamSink,
+        engine: Engine,
+        consumer: str,
+        visibility_timeout_s: int,
+        sweep_interval_s: int,
+        max_deliveries: int,
+    ) -> None:
         self.client = client
         self.sources = sources
         self.sink = sink
@@ -263,15 +289,20 @@ class StreamIntake:
             return
         for group, sources in self._groups.items():
             reply = self._retry(
-                lambda: self.client.xreadgroup(
-                    group, self.consumer, {source.input: ">" for source in sources}, count=READ_MOST,
+                lambda group=group, sources=sources: self.client.xreadgroup(  # type: ignore[misc]
+                    group,
+                    self.consumer,
+                    {source.input: ">" for source in sources},
+                    count=READ_MOST,
                     block=max(1, 500 // len(self._groups)),
                 ),
                 "read streams",
             )
             for stream, entries in reply or []:
                 source = self._by_input[_text(stream)]
-                self._hand_over(source, [(_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None])
+                self._hand_over(
+                    source, [(_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None]
+                )
 
     def _run_quarantined(self) -> None:
         """One entry on its last delivery at a time, with nothing else held."""
@@ -295,7 +326,9 @@ class StreamIntake:
         read = Read(source, entries)
         deliveries = []
         for task in source.tasks:
-            items = [{"text": fields[source.text_field]} if source.text_field in fields else {} for _, fields in entries]
+            items = [
+                {"text": fields[source.text_field]} if source.text_field in fields else {} for _, fields in entries
+            ]
             deliveries.append(
                 Delivery(
                     job_id=f"{source.input}/{entries[0][0]}/{task.value}",
@@ -327,14 +360,24 @@ class StreamIntake:
     def _take_claimed(self, source: StreamSource, claimed: list[tuple[str, dict[str, str]]]) -> None:
         counts = {
             _text(entry["message_id"]): int(entry["times_delivered"])
-            for entry in self.client.xpending_range(source.input, source.group, claimed[0][0], claimed[-1][0], len(claimed) * 4, self.consumer)
+            for entry in self.client.xpending_range(
+                source.input, source.group, claimed[0][0], claimed[-1][0], len(claimed) * 4, self.consumer
+            )
         }
         dead = [(i, f) for i, f in claimed if counts.get(i, 1) > self.max_deliveries]
         if dead:
             pipe = self.client.pipeline(transaction=True)
             for entry_id, fields in dead:
-                reason = f"delivered {counts[entry_id]} times without finishing (over BERTQ_MAX_DELIVERIES={self.max_deliveries})"
-                pipe.xadd(source.dead, {"source_id": entry_id, "reason": reason, "fields": json.dumps(fields)}, maxlen=source.maxlen, approximate=True)
+                reason = (
+                    f"delivered {counts[entry_id]} times without finishing "
+                    f"(over BERTQ_MAX_DELIVERIES={self.max_deliveries})"
+                )
+                pipe.xadd(
+                    source.dead,
+                    {"source_id": entry_id, "reason": reason, "fields": json.dumps(fields)},
+                    maxlen=source.maxlen,
+                    approximate=True,
+                )
                 pipe.xack(source.input, source.group, entry_id)
             pipe.execute()
             log.warning("stream entries dead-lettered", stream=source.input, entries=len(dead), dead=source.dead)
@@ -352,7 +395,9 @@ class StreamIntake:
             return
         pipe = self.client.pipeline(transaction=False)
         for read in reads.values():
-            pipe.xclaim(read.source.input, read.source.group, self.consumer, 0, [i for i, _ in read.entries], justid=True)
+            pipe.xclaim(
+                read.source.input, read.source.group, self.consumer, 0, [i for i, _ in read.entries], justid=True
+            )
         pipe.execute()
 
 
@@ -376,4 +421,3 @@ def _fields(fields: dict[Any, Any]) -> dict[str, str]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-

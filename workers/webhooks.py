@@ -127,7 +127,13 @@ class Webhooks:
         self._record(job_id, hook, attempt, final=final, delivered=delivered)
         if not final:
             self.client.zadd(WEBHOOKS, {job_id: time.time() + min(300.0, 2.0 ** (attempts - 1))})
-        log.info("webhook called", job_id=job_id, attempt=attempts, delivered=delivered, **{k: v for k, v in attempt.items() if k != "at"})
+        log.info(
+            "webhook called",
+            job_id=job_id,
+            attempt=attempts,
+            delivered=delivered,
+            **{k: v for k, v in attempt.items() if k != "at"},
+        )
 
     def _record(self, job_id: str, hook: dict[str, Any], attempt: dict[str, Any], final: bool, delivered: bool) -> None:
         """Add the attempt to the job record (read, change, write back if unchanged meanwhile)."""

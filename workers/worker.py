@@ -26,9 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bertq.connection import connect, retry
-from bertq.log import configure_logging, configure_process_logging, get_logger
-from bertq.settings import Settings
 from bertq.workers.app import configure
 from bertq.workers.backends import BackendConfig
 from bertq.workers.delivery import Inbox, Reaper
@@ -42,6 +39,10 @@ from bertq.workers.runner import ModelCache
 from bertq.workers.sink import Observers
 from bertq.workers.streams import StreamIntake, StreamSink, StreamSource
 from bertq.workers.webhooks import Webhooks
+
+from bertq.connection import connect, retry
+from bertq.log import configure_logging, configure_process_logging, get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -92,11 +93,18 @@ class Worker:
         client = connect(settings.redis_url, name=f"bertq-worker:{node}")
         self.inbox = Inbox(client, self.consumer, queues)
         self.records = JobRecords(
-            client, self.inbox.inflight, node, settings.result_ttl_s, settings.results_stream_maxlen, settings.max_result_bytes
+            client,
+            self.inbox.inflight,
+            node,
+            settings.result_ttl_s,
+            settings.results_stream_maxlen,
+            settings.max_result_bytes,
         )
         self.engine = Engine(
             settings,
-            ModelCache(settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)),
+            ModelCache(
+                settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)
+            ),
             node,
             Observers(*observers),
             on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),
@@ -106,8 +114,14 @@ class Worker:
         if sources:
             sink = StreamSink(client, self.consumer, settings.visibility_timeout_s)
             self.streams = StreamIntake(
-                client, sources, sink, self.engine, self.consumer,
-                settings.visibility_timeout_s, settings.sweep_interval_s, settings.max_deliveries,
+                client,
+                sources,
+                sink,
+                self.engine,
+                self.consumer,
+                settings.visibility_timeout_s,
+                settings.sweep_interval_s,
+                settings.max_deliveries,
             )
         self.webhooks = Webhooks(client, settings)
         reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
@@ -237,7 +251,9 @@ def install_control_commands(worker: Worker) -> None:
     def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any) -> dict[str, Any]:
         ids = [task_id] if isinstance(task_id, str) else list(task_id or [])
         worker_state.revoked.update(ids)
-        outcomes = retry(lambda: cancel_jobs(worker.inbox.client, ids, worker.settings.result_ttl_s, allow_unknown=True), "revoke")
+        outcomes = retry(
+            lambda: cancel_jobs(worker.inbox.client, ids, worker.settings.result_ttl_s, allow_unknown=True), "revoke"
+        )
         return ok({job_id: outcome for job_id, outcome in zip(ids, outcomes)})
 
     Panel.register(type="control", name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
@@ -273,7 +289,9 @@ def supervise(gpus: list[str], queues: list[str] | None, metrics_port: int | Non
     def start(index: int) -> None:
         command, env, name = commands[index]
         children[index] = subprocess.Popen(command, env=env)
-        log.info("gpu worker started", node=name, pid=children[index].pid, cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"])
+        log.info(
+            "gpu worker started", node=name, pid=children[index].pid, cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"]
+        )
 
     def stop(*_: object) -> None:
         nonlocal stopping

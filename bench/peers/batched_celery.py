@@ -41,7 +41,9 @@ def embed(requests: list[Any]) -> None:
     with torch.inference_mode():
         for start in range(0, len(order), 32):
             chunk = order[start : start + 32]
-            batch = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            batch = tokenizer(
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

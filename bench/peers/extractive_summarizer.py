@@ -38,6 +38,7 @@ print(json.dumps(out))
 
 def summarize(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Runs ``{"model", "documents", "options", "warmup" (optional), "threads" (optional: torch's
-    intra-op threads)}`` in one subprocess, each model loaded once. Per run, per document: the chosen sentences (``sentences``) and the seconds its
-    summarize call took (``seconds``); ``warmup`` documents are summarized first, untimed."""
+    intra-op threads)}`` in one subprocess, each model loaded once. Per run, per document: the chosen
+    sentences (``sentences``) and the seconds its summarize call took (``seconds``); ``warmup``
+    documents are summarized first, untimed."""
     return run_script(_SCRIPT, runs)  # type: ignore[no-any-return]

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from bertq.schemas import JobStatus
 
 from bertq.client import Client
 from bertq.records import JobView, meta_key
-from bertq.schemas import JobStatus
 from bertq.settings import Settings
 
 FAST = {
@@ -75,8 +75,21 @@ class Server:
 
     def start(self) -> None:
         command = [
-            server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
+            server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
             *self.extra,
         ]
         log = open(self.directory / "server.log", "ab")
@@ -297,13 +310,23 @@ def same_results(ours: Any, theirs: Any, tolerance: float = 1e-4) -> bool:
     if isinstance(ours, float) or isinstance(theirs, float):
         return isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and abs(ours - theirs) <= tolerance
     if isinstance(ours, dict):
-        return isinstance(theirs, dict) and ours.keys() == theirs.keys() and all(same_results(ours[k], theirs[k]) for k in ours)
+        return (
+            isinstance(theirs, dict)
+            and ours.keys() == theirs.keys()
+            and all(same_results(ours[k], theirs[k]) for k in ours)
+        )
     if isinstance(ours, list):
-        return isinstance(theirs, list) and len(ours) == len(theirs) and all(same_results(a, b) for a, b in zip(ours, theirs))
+        return (
+            isinstance(theirs, list)
+            and len(ours) == len(theirs)
+            and all(same_results(a, b) for a, b in zip(ours, theirs))
+        )
     return bool(ours == theirs)
 
 
-def first_final_after(client: Client, job_ids: Sequence[str], since: float, already: int, timeout: float) -> float | None:
+def first_final_after(
+    client: Client, job_ids: Sequence[str], since: float, already: int, timeout: float
+) -> float | None:
     """Seconds from ``since`` until more than ``already`` of ``job_ids`` are final."""
     if wait_until(lambda: count_final(client, job_ids) > already, timeout, every=0.05):
         return time.monotonic() - since
@@ -352,21 +375,46 @@ def memory_cgroup(limit_bytes: int) -> Iterator[Callable[[], None] | None]:
     yield None
 
 
-def raw_message(job_id: str, task: str, items: list[dict[str, Any]], queue: str, options: dict[str, Any] | None = None) -> bytes:
+def raw_message(
+    job_id: str, task: str, items: list[dict[str, Any]], queue: str, options: dict[str, Any] | None = None
+) -> bytes:
     """A foreign producer's message: the README's format, built without bertq's client."""
     import base64
 
-    body = json.dumps([[], {"items": items, "model": None, "options": options or {}}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = json.dumps(
+        [
+            [],
+            {"items": items, "model": None, "options": options or {}},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
+    )
     return json.dumps(
         {
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {"lang": "js", "task": f"bertq.{task}", "id": job_id, "root_id": job_id, "parent_id": None, "group": None,
-                        "retries": 0, "timelimit": [None, None], "eta": None, "expires": None, "ignore_result": False},
-            "properties": {"correlation_id": job_id, "reply_to": "", "delivery_mode": 2, "priority": 0,
-                           "delivery_info": {"exchange": "", "routing_key": queue}, "body_encoding": "base64",
-                           "delivery_tag": str(uuid.uuid4())},
+            "headers": {
+                "lang": "js",
+                "task": f"bertq.{task}",
+                "id": job_id,
+                "root_id": job_id,
+                "parent_id": None,
+                "group": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "eta": None,
+                "expires": None,
+                "ignore_result": False,
+            },
+            "properties": {
+                "correlation_id": job_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "priority": 0,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
         }
     ).encode()
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, result_dicts, run_items
+
 from tests.faults.conftest import FULL, record
 from tests.faults.harness import (
     Fleet,
@@ -84,7 +84,9 @@ def run_with_fault(
     probe = client.submit("sentiment", ["after the fault"])
     probe_view = wait_final(client, [probe], timeout=60)[probe]
     computations = fleet.computations()
-    result = record(table, audit(scenario, final, {job_id: [expected[i]] for i, job_id in enumerate(ids)}, computations, recover_s))
+    result = record(
+        table, audit(scenario, final, {job_id: [expected[i]] for i, job_id in enumerate(ids)}, computations, recover_s)
+    )
     assert worker.alive(), f"the worker exited ({worker.process.returncode})"
     assert probe_view.status is JobStatus.done, "the worker must serve new jobs without a restart"
     assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
@@ -139,6 +141,9 @@ if FULL:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_one_worker_rides_out(
-    scenario: str, rig: tuple[Server, Fleet, WorkerProcess], expected: list[dict[str, Any]], fault_table: list[dict[str, Any]]
+    scenario: str,
+    rig: tuple[Server, Fleet, WorkerProcess],
+    expected: list[dict[str, Any]],
+    fault_table: list[dict[str, Any]],
 ) -> None:
     run_with_fault(rig, expected, fault_table, scenario, SCENARIOS[scenario])

@@ -20,15 +20,15 @@ from typing import Any
 
 import pytest
 import redis
+from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
+from bertq.tasks import get_task
+from bertq.workers.health import live_workers
+from bertq.workers.runner import load_model, result_dicts, run_items
 
 from bertq.client import Client
 from bertq.errors import BrokerUnavailable, SubmitIncomplete
 from bertq.records import JobView
-from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.settings import Settings
-from bertq.tasks import get_task
-from bertq.workers.health import live_workers
-from bertq.workers.runner import load_model, result_dicts, run_items
 from tests.faults.conftest import FULL, record
 from tests.faults.harness import (
     Fleet,
@@ -285,9 +285,8 @@ def celery_follows_the_master(group: Group, job_id: str, expected: list[dict[str
     """``AsyncResult`` reads through Celery's Sentinel result backend, and a control broadcast through
     kombu's Sentinel transport reaches the worker, both on the promoted replica. The app is configured
     as bertq's own (``celery_config``), without touching that module's app."""
-    from celery import Celery
-
     from bertq.workers.app import celery_config
+    from celery import Celery
 
     app = Celery("sentinel-probe", set_as_current=False)
     app.config_from_object(celery_config(Settings(redis_url=group.url, queue=QUEUE)))

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.delivery import DeadLetters
 from bertq.workers.runner import load_model, result_dicts, run_items
+
 from tests.faults.conftest import FULL, record
 from tests.faults.harness import (
     Fleet,
@@ -53,7 +53,9 @@ def fleet_dir(tmp_path: Path) -> Path:
     return tmp_path / "logs"
 
 
-def expected_results(model: str, task: TaskName, batch: list[str], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def expected_results(
+    model: str, task: TaskName, batch: list[str], options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     loaded = load_model(get_task(task), model)
     items = validate_items(task, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
     return result_dicts(run_items(get_task(task), loaded, items, validate_options(task, options or {}), 1024, 64))
@@ -85,7 +87,9 @@ def test_a_stage_that_dies_ends_the_process_non_zero_and_nothing_is_lost(
         fleet.start()
         final = wait_final(client, ids, timeout=120)
         expected = dict(zip(ids, ([r] for r in expected_results(sentiment, TaskName.sentiment, batch))))
-        result = record(fault_table, audit("finish stage raises (WRONGTYPE)", final, expected, fleet.computations(), exited_s))
+        result = record(
+            fault_table, audit("finish stage raises (WRONGTYPE)", final, expected, fleet.computations(), exited_s)
+        )
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
     finally:
         fleet.close()
@@ -117,7 +121,9 @@ def test_sigterm_finishes_what_is_in_a_batch_returns_the_rest_and_exits_zero(
         expected = {}
         for job_id, chunk in zip(ids, chunks):
             expected[job_id] = expected_results(str(minilm), TaskName.embedding, chunk)
-        result = record(fault_table, audit("SIGTERM mid-batch, then a new worker", final, expected, fleet.computations()))
+        result = record(
+            fault_table, audit("SIGTERM mid-batch, then a new worker", final, expected, fleet.computations())
+        )
         result.notes["released"] = released
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
         assert result.computed_twice == 0, "a graceful stop computes no job twice"
@@ -189,7 +195,7 @@ def test_sigkill_at_random_moments_loses_nothing(
             if kill % 3 == 0:  # right after a fetch: a fresh worker killed as soon as it holds messages
                 fresh = fleet.start()
                 workers.append(fresh)
-                assert wait_until(lambda: bool(inflight_jobs(server, fresh)), 60, every=0.002)
+                assert wait_until(lambda fresh=fresh: bool(inflight_jobs(server, fresh)), 60, every=0.002)
                 target = fresh
             else:
                 time.sleep(rng.uniform(0.2, 2.0))
@@ -202,9 +208,9 @@ def test_sigkill_at_random_moments_loses_nothing(
             while len(workers) < 2:
                 workers.append(fleet.start())
             if held:  # seconds until the killed worker's jobs are back with the live workers
-                wait_until(lambda: not inflight_jobs(server, target), 120, every=0.05)
+                wait_until(lambda target=target: not inflight_jobs(server, target), 120, every=0.05)
                 recoveries.append(time.monotonic() - killed_at)
-                wait_until(lambda: count_final(client, held) == len(held), 120, every=0.1)
+                wait_until(lambda held=held: count_final(client, held) == len(held), 120, every=0.1)
             if not producer.is_alive() and count_final(client, list(producer.jobs)) == len(producer.jobs):
                 break  # nothing left to kill a worker over
         producer.stop.set()
@@ -216,7 +222,9 @@ def test_sigkill_at_random_moments_loses_nothing(
         expected = {job_id: [next(results) for _ in batch] for job_id, batch in producer.jobs.items()}
         kinds = "one-text and 64-text jobs" if FULL else "one-text jobs"
         scenario = f"SIGKILL x{kill + 1} (1 in 3 right after a fetch), 2 workers, {kinds} from the client and raw LPUSH"
-        result = record(fault_table, audit(scenario, final, expected, fleet.computations(), max(recoveries, default=0.0)))
+        result = record(
+            fault_table, audit(scenario, final, expected, fleet.computations(), max(recoveries, default=0.0))
+        )
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
         assert result.most_computations <= 2
         assert len(recoveries) >= KILLS // 2, "most kills must hit a worker holding jobs"
@@ -233,11 +241,15 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_job
     with memory_cgroup(900 * 2**20) as enter:
         if enter is None:
             pytest.skip("no memory cgroup can be made here (needs root): the out-of-memory kill cannot be injected")
-        fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1", BERTQ_VISIBILITY_TIMEOUT_S="2"))
+        fleet = Fleet(
+            fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1", BERTQ_VISIBILITY_TIMEOUT_S="2")
+        )
         try:
             client = client_for(server.url, QUEUE)
             # per-token vectors of 2048 long texts: gigabytes of results, far over the cgroup's memory
-            poison = client.submit("embedding", [{"text": f"w{i} " * 430} for i in range(2048)], options={"return_tokens": True})
+            poison = client.submit(
+                "embedding", [{"text": f"w{i} " * 430} for i in range(2048)], options={"return_tokens": True}
+            )
             healthy = client.submit_many("sentiment", texts(50, seed=9), items_per_message=1)
             started = time.monotonic()
             worker = fleet.start(preexec=enter)
@@ -258,7 +270,13 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_job
             assert letter is not None and letter.deliveries == 3
             statuses = [final[job_id].status for job_id in healthy]
             assert statuses == [JobStatus.done] * 50, statuses
-            result = audit("a job that OOM-kills its worker, 50 healthy jobs behind it", final, {}, fleet.computations(), time.monotonic() - started)
+            result = audit(
+                "a job that OOM-kills its worker, 50 healthy jobs behind it",
+                final,
+                {},
+                fleet.computations(),
+                time.monotonic() - started,
+            )
             result.failed -= 1  # the poison itself, dead-lettered as it should be
             record(fault_table, result)
             assert result.lost == 0 and result.failed == 0
@@ -273,17 +291,26 @@ def test_batches_longer_than_the_visibility_timeout_are_computed_once(
     fleet = Fleet(fleet_dir, env)
     try:
         client = client_for(server.url, QUEUE)
-        long_texts = [" ".join(["the delivery was quick and the screen is great"] * 25) + f" {i}" for i in range(40 * 4)]
+        long_texts = [
+            " ".join(["the delivery was quick and the screen is great"] * 25) + f" {i}" for i in range(40 * 4)
+        ]
         chunks = [long_texts[i : i + 40] for i in range(0, len(long_texts), 40)]
         ids = [client.submit("embedding", chunk) for chunk in chunks]
         fleet.start()
         fleet.start()
         final = wait_final(client, ids, timeout=300)
         elapsed = [line["elapsed_ms"] for line in log_lines(fleet.logs()) if line.get("event") == "job done"]
-        expected = {job_id: expected_results(str(minilm), TaskName.embedding, chunk) for job_id, chunk in zip(ids, chunks)}
-        result = record(fault_table, audit("two workers, jobs longer than the visibility timeout (2 s)", final, expected, fleet.computations()))
+        expected = {
+            job_id: expected_results(str(minilm), TaskName.embedding, chunk) for job_id, chunk in zip(ids, chunks)
+        }
+        result = record(
+            fault_table,
+            audit("two workers, jobs longer than the visibility timeout (2 s)", final, expected, fleet.computations()),
+        )
         assert max(elapsed) > 2000, "jobs must outlast the visibility timeout"
         assert (result.lost, result.failed, result.wrong, result.computed_twice) == (0, 0, 0, 0), result.notes
-        assert not [line for line in log_lines(fleet.logs()) if line.get("event") == "reclaimed the jobs of a silent worker"]
+        assert not [
+            line for line in log_lines(fleet.logs()) if line.get("event") == "reclaimed the jobs of a silent worker"
+        ]
     finally:
         fleet.close()

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-
 from bertq.schemas import CONTRACTS, JobStatus, TaskName, json_schemas
 
 
@@ -25,10 +24,14 @@ def test_every_task_has_kwargs_item_options_and_result(schemas: dict[str, Any]) 
             schema = entry[part]
             assert schema["title"] == getattr(contract, part).__name__
             # an object, or (similarity's items and results) one of several object shapes
-            shapes = [schema["$defs"][ref["$ref"].rsplit("/", 1)[1]] for ref in schema.get("oneOf", schema.get("anyOf", []))]
+            shapes = [
+                schema["$defs"][ref["$ref"].rsplit("/", 1)[1]] for ref in schema.get("oneOf", schema.get("anyOf", []))
+            ]
             assert schema.get("type") == "object" or (len(shapes) >= 2 and {s["type"] for s in shapes} == {"object"})
         kwargs = entry["kwargs"]
-        assert set(kwargs["properties"]) == {"items", "model", "options", "callback_url"} and kwargs["required"] == ["items"]
+        assert set(kwargs["properties"]) == {"items", "model", "options", "callback_url"} and kwargs["required"] == [
+            "items"
+        ]
         assert kwargs["additionalProperties"] is False
 
 
@@ -61,10 +64,17 @@ def test_concrete_fields(schemas: dict[str, Any]) -> None:
     assert "targets" in tasks["fill_mask"]["options"]["properties"]
     assert tasks["fill_mask"]["options"]["properties"]["top_k"]["minimum"] == 1
     assert set(tasks["qa"]["options"]["properties"]) >= {
-        "top_k", "doc_stride", "max_answer_len", "handle_impossible_answer",
+        "top_k",
+        "doc_stride",
+        "max_answer_len",
+        "handle_impossible_answer",
     }
     assert tasks["ner"]["options"]["properties"]["aggregation_strategy"]["enum"] == [
-        "none", "simple", "first", "average", "max",
+        "none",
+        "simple",
+        "first",
+        "average",
+        "max",
     ]
     assert set(tasks["embedding"]["options"]["properties"]) >= {"pooling", "normalize"}
 
@@ -86,8 +96,10 @@ def test_exported_schemas_validate_samples(schemas: dict[str, Any]) -> None:
         validator = jsonschema.Draft202012Validator(schema)
         return [error.message for error in validator.iter_errors(instance)]
 
-    for schema in [*schemas["job"].values(), *(part for t in tasks.values() for part in
-                                                (t["kwargs"], t["item"], t["options"], t["result"]))]:
+    for schema in [
+        *schemas["job"].values(),
+        *(part for t in tasks.values() for part in (t["kwargs"], t["item"], t["options"], t["result"])),
+    ]:
         jsonschema.Draft202012Validator.check_schema(schema)
 
     assert errors(tasks["qa"]["item"], {"question": "Where?", "context": "In Paris."}) == []
@@ -132,7 +144,11 @@ def test_summarize_contract(schemas: dict[str, Any]) -> None:
     assert summarize["item"]["required"] == ["text"]
     options = summarize["options"]["properties"]
     assert set(options) == {"num_sentences", "ratio", "min_length", "max_length", "use_first"}
-    assert (options["ratio"]["default"], options["min_length"]["default"], options["max_length"]["default"]) == (0.2, 40, 600)
+    assert (options["ratio"]["default"], options["min_length"]["default"], options["max_length"]["default"]) == (
+        0.2,
+        40,
+        600,
+    )
     assert set(summarize["result"]["required"]) == {"summary", "sentences"}
     sentence = summarize["result"]["$defs"]["SummarySentence"]
     assert set(sentence["required"]) == {"index", "text", "start", "end"}

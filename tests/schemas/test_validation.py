@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from bertq.errors import BertqError, InvalidInput
 from bertq.schemas import (
     NerOptions,
     PairItem,
@@ -27,6 +25,8 @@ from bertq.schemas import (
     validate_options,
 )
 from bertq.schemas.jobs import Limits
+
+from bertq.errors import BertqError, InvalidInput
 
 LIMITS = Limits(max_text_chars=10, max_items_per_job=3)
 
@@ -218,9 +218,7 @@ def test_nsp_has_no_options() -> None:
     ],
     ids=["top_k-0", "top_k-str", "max_seq_len-range", "aggregation-literal", "pooling-literal", "targets-str"],
 )
-def test_option_of_the_wrong_type_or_range(
-    task: TaskName, options: dict[str, Any], field: str, fragment: str
-) -> None:
+def test_option_of_the_wrong_type_or_range(task: TaskName, options: dict[str, Any], field: str, fragment: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         validate_options(task, options)
     assert_names(caught.value, field, fragment)
@@ -252,7 +250,12 @@ def test_similarity_items_parse_to_their_shape() -> None:
 
 @pytest.mark.parametrize(
     "item",
-    [{"text": "a"}, {}, {"text_a": "a", "text_b": "b", "query": "q", "candidates": ["c"]}, {"text_a": "a", "text_b": "b", "top_k": 2}],
+    [
+        {"text": "a"},
+        {},
+        {"text_a": "a", "text_b": "b", "query": "q", "candidates": ["c"]},
+        {"text_a": "a", "text_b": "b", "top_k": 2},
+    ],
     ids=["text", "nothing", "both-shapes", "pair-with-top_k"],
 )
 def test_similarity_item_of_no_or_both_shapes_says_which_shapes_exist(item: dict[str, Any]) -> None:
@@ -277,7 +280,9 @@ def test_similarity_item_of_no_or_both_shapes_says_which_shapes_exist(item: dict
         ({"text_a": "x" * 11, "text_b": "b"}, "items[0].text_a", "limit of 10 (BERTQ_MAX_TEXT_CHARS)"),
     ],
 )
-def test_similarity_item_errors_name_the_field_inside_its_shape(item: dict[str, Any], field: str, fragment: str) -> None:
+def test_similarity_item_errors_name_the_field_inside_its_shape(
+    item: dict[str, Any], field: str, fragment: str
+) -> None:
     with pytest.raises(InvalidInput) as caught:
         validate_item(TaskName.similarity, 0, item, LIMITS)
     assert_names(caught.value, field, fragment)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from bertq.schemas import EmbeddingResult, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
@@ -29,7 +28,9 @@ def minilm_loaded(minilm: Path):  # type: ignore[no-untyped-def]
 
 def embed(loaded, texts: list[str], max_tokens: int = 8192, **options):  # type: ignore[no-untyped-def]
     items = validate_items(TaskName.embedding, [{"text": t} for t in texts], Limits())
-    results = run_items(get_task(TaskName.embedding), loaded, items, validate_options(TaskName.embedding, options), max_tokens, 64)
+    results = run_items(
+        get_task(TaskName.embedding), loaded, items, validate_options(TaskName.embedding, options), max_tokens, 64
+    )
     assert all(isinstance(result, EmbeddingResult) for result in results)
     return results
 

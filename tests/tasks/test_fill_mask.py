@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bertq.errors import InvalidInput
 from bertq.schemas import FillMaskOptions, FillMaskResult, TaskName, TextItem
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
 from bertq.workers.runner import load_model, run_items
+
+from bertq.errors import InvalidInput
 
 MAX_TOKENS, MAX_ROWS = 2048, 64
 LONG = "[MASK] was the best film of the year, and the cast carried every scene. " * 60  # ~900 tokens

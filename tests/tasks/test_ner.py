@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from bertq.schemas import Limits, NerResult, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
@@ -79,7 +78,10 @@ def test_matches_the_pipeline(ner: Loaded, reference: dict[str, Any], strategy: 
 
 def test_the_inputs_tell_the_strategies_apart(reference: dict[str, list[list[dict[str, Any]]]]) -> None:
     """Each parity test above can only fail for a wrong strategy if the strategies disagree here."""
-    spans = {s: [[(e.get("entity_group", e.get("entity")), e["start"], e["end"]) for e in r] for r in reference[s]] for s in STRATEGIES}
+    spans = {
+        s: [[(e.get("entity_group", e.get("entity")), e["start"], e["end"]) for e in r] for r in reference[s]]
+        for s in STRATEGIES
+    }
     scores = {s: [[round(float(e["score"]), 4) for e in r] for r in reference[s]] for s in STRATEGIES}
     for i, first in enumerate(STRATEGIES):
         for second in STRATEGIES[i + 1 :]:
@@ -103,7 +105,14 @@ def expected_none_over_windows(ner: Loaded, text: str) -> list[tuple[str, int, i
     labels for the same token, the higher score wins (the earlier window on a tie); ``index`` counts
     tokens over the whole text with [CLS] at 0."""
     tokenizer, model = ner.tokenizer, ner.model
-    windows = tokenizer(text, truncation=True, stride=WINDOW_STRIDE, return_overflowing_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+    windows = tokenizer(
+        text,
+        truncation=True,
+        stride=WINDOW_STRIDE,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
     whole = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
     best: dict[int, tuple[str, int, int, int, float]] = {}
     assert len(windows["input_ids"]) >= 3
@@ -111,7 +120,9 @@ def expected_none_over_windows(ner: Loaded, text: str) -> list[tuple[str, int, i
     for window, ids in enumerate(windows["input_ids"]):
         with torch.inference_mode():
             probabilities = model(input_ids=torch.tensor([ids])).logits[0].softmax(-1).numpy()
-        for index, (special, offsets) in enumerate(zip(windows["special_tokens_mask"][window], windows["offset_mapping"][window])):
+        for index, (special, offsets) in enumerate(
+            zip(windows["special_tokens_mask"][window], windows["offset_mapping"][window])
+        ):
             if special:
                 continue
             glob = position + index - 1

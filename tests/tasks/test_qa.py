@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from bertq.schemas import Limits, QAResult, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
@@ -26,8 +25,16 @@ CASES: list[dict[str, Any]] = [
     {"question": "When did Town42 meet?", "context": LONG_CONTEXT, "options": {}},
     {"question": "When did Town42 meet?", "context": LONG_CONTEXT, "options": {"top_k": 3, "doc_stride": 64}},
     {"question": "Who met Babbage?", "context": "Ada Lovelace met Charles Babbage in London.", "options": {"top_k": 4}},
-    {"question": "Who met Babbage?", "context": "Ada Lovelace met Charles Babbage.", "options": {"handle_impossible_answer": True, "top_k": 2}},
-    {"question": "What was agreed?", "context": LONG_CONTEXT, "options": {"max_answer_len": 4, "handle_impossible_answer": True}},
+    {
+        "question": "Who met Babbage?",
+        "context": "Ada Lovelace met Charles Babbage.",
+        "options": {"handle_impossible_answer": True, "top_k": 2},
+    },
+    {
+        "question": "What was agreed?",
+        "context": LONG_CONTEXT,
+        "options": {"max_answer_len": 4, "handle_impossible_answer": True},
+    },
 ]
 
 
@@ -66,7 +73,10 @@ def test_long_context_uses_several_windows(qa) -> None:  # type: ignore[no-untyp
 def test_same_results_alone_and_packed_with_200_others(qa) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(2)
     words = "the mill bridge council met in town and agreed on plans".split()
-    fillers = [{"question": "Who met?", "context": " ".join(rng.choice(words, size=int(n)))} for n in rng.integers(2, 300, size=200)]
+    fillers = [
+        {"question": "Who met?", "context": " ".join(rng.choice(words, size=int(n)))}
+        for n in rng.integers(2, 300, size=200)
+    ]
     plain = [c for c in CASES if not c["options"]]
     alone = [answer(qa, [case], {})[0] for case in plain]
     packed = answer(qa, fillers[:100] + plain + fillers[100:], {}, max_tokens=2048)[100 : 100 + len(plain)]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from bertq.schemas import SentimentOptions, SentimentResult, TaskName, TextItem
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded

@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from bertq.errors import BertqError
 from bertq.schemas import (
     Limits,
     SimilarityRanking,
@@ -20,6 +18,8 @@ from bertq.schemas import (
 )
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
+
+from bertq.errors import BertqError
 
 TEXTS = [
     "The battery lasts all day and the screen is gorgeous",
@@ -51,9 +51,18 @@ def encoders(models: dict[str, Path]) -> dict[str, Any]:
     return {name: SentenceTransformer(str(path), device="cpu") for name, path in models.items()}
 
 
-def run(loaded: Any, items: list[dict[str, Any]], task: Any = None, max_tokens: int = 8192, **options: Any) -> list[Any]:
+def run(
+    loaded: Any, items: list[dict[str, Any]], task: Any = None, max_tokens: int = 8192, **options: Any
+) -> list[Any]:
     parsed = validate_items(TaskName.similarity, items, Limits())
-    return run_items(task or get_task(TaskName.similarity), loaded, parsed, validate_options(TaskName.similarity, options), max_tokens, 64)
+    return run_items(
+        task or get_task(TaskName.similarity),
+        loaded,
+        parsed,
+        validate_options(TaskName.similarity, options),
+        max_tokens,
+        64,
+    )
 
 
 def cos_sim(encoder: Any, a: list[str], b: list[str]) -> np.ndarray:
@@ -63,7 +72,9 @@ def cos_sim(encoder: Any, a: list[str], b: list[str]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny"])
-def test_pair_scores_equal_sentence_transformers_cos_sim(loaded: dict[str, Any], encoders: dict[str, Any], model: str) -> None:
+def test_pair_scores_equal_sentence_transformers_cos_sim(
+    loaded: dict[str, Any], encoders: dict[str, Any], model: str
+) -> None:
     pairs = [(a, b) for a in TEXTS for b in TEXTS[::3]]
     results = run(loaded[model], [{"text_a": a, "text_b": b} for a, b in pairs])
     expected = cos_sim(encoders[model], TEXTS, TEXTS[::3])
@@ -75,7 +86,9 @@ def test_pair_scores_equal_sentence_transformers_cos_sim(loaded: dict[str, Any],
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny"])
-def test_candidates_ranked_as_sentence_transformers_ranks_them(loaded: dict[str, Any], encoders: dict[str, Any], model: str) -> None:
+def test_candidates_ranked_as_sentence_transformers_ranks_them(
+    loaded: dict[str, Any], encoders: dict[str, Any], model: str
+) -> None:
     (result,) = run(loaded[model], [{"query": QUERY, "candidates": TEXTS}])
     assert isinstance(result, SimilarityRanking)
     expected = cos_sim(encoders[model], [QUERY], TEXTS)[0]

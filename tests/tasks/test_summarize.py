@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from bench.peers.extractive_summarizer import summarize
-from bench.texts import review_document
-from bertq.errors import BertqError
 from bertq.schemas import Limits, SummarizeResult, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.tasks import summarize as summarize_task
 from bertq.tasks.summarize import choose, nearest_to_centroids
 from bertq.workers.runner import load_model, preprocess_items, run_items
+
+from bench.peers.extractive_summarizer import summarize
+from bench.texts import review_document
+from bertq.errors import BertqError
 
 KETTLE = (
     "I bought this kettle in March after my old one started leaking from the base. "
@@ -36,7 +36,10 @@ KETTLE = (
     "Overall it is a decent kettle for the price, but I would not call it durable."
 )
 # two sentences, fewer than any num_sentences below
-HEADPHONES = "Great headphones for the gym, they never fall out of my ears. The battery lasts about a week of workouts between charges."
+HEADPHONES = (
+    "Great headphones for the gym, they never fall out of my ears. "
+    "The battery lasts about a week of workouts between charges."
+)
 STAND = (
     "Short version: it works.   Longer version below.\n\n"
     "The aluminium laptop stand arrived in a crushed box, yet the stand itself was intact and well packed inside. "
@@ -58,10 +61,12 @@ ARTICLE = " ".join(
         "It has stood empty since 2009, when the transport company moved to a larger site in the industrial zone.",
         "Three proposals were on the table: a housing project, a covered market and a museum of local transport.",
         "The housing project, backed by a private developer, would add two hundred flats, a third of them affordable.",
-        "Critics argued that the flats would block the river view that residents of the old town have enjoyed for a century.",
+        "Critics argued that the flats would block the river view that residents of the old town "
+        "have enjoyed for a century.",
         "The market proposal came from a cooperative of farmers who sell at the weekly open-air market on the square.",
         "They want a roof over their stalls so that trade can continue through the winter months.",
-        "The museum plan was presented by a volunteer association that has restored four historic trams over twenty years.",
+        "The museum plan was presented by a volunteer association that has restored four historic trams "
+        "over twenty years.",
         "Its chairwoman said the trams are currently kept in a rented shed where damp is damaging the wooden seats.",
         "Several councillors suggested combining the market and the museum in the same building.",
         "The depot's hall is large enough for both, according to a survey commissioned by the planning department.",
@@ -82,7 +87,8 @@ ARTICLE = " ".join(
         "The regional newspaper launched a poll, and in its first day more than four thousand readers took part.",
         "Early results favour the combined market and museum, followed by the housing project.",
         "The council stressed that the poll is not binding but said it would take public opinion into account.",
-        "Meanwhile, the transport museum volunteers have started a fundraising campaign to move the trams to a dry shed.",
+        "Meanwhile, the transport museum volunteers have started a fundraising campaign to move "
+        "the trams to a dry shed.",
         "They have collected about fifteen thousand euros so far, roughly half of what they need.",
         "A local brewery promised to donate a share of the sales of a special beer named after the first tram line.",
         "The tram line itself closed in 1961, when buses replaced trams across most of the country.",
@@ -130,13 +136,20 @@ def loaded(models: dict[str, Path]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def expected(models: dict[str, Path]) -> list[list[str]]:
     """The reference's sentences per case, in CASES order, from one subprocess."""
-    runs = [{"model": str(models[model]), "documents": [DOCUMENTS[name]], "options": options} for model, name, options in CASES]
+    runs = [
+        {"model": str(models[model]), "documents": [DOCUMENTS[name]], "options": options}
+        for model, name, options in CASES
+    ]
     return [out["sentences"] for (out,) in summarize(runs)]
 
 
-def run(loaded: Any, texts: list[str], options: dict[str, Any], max_tokens: int = 8192) -> list[SummarizeResult | BertqError]:  # type: ignore[no-untyped-def]
+def run(
+    loaded: Any, texts: list[str], options: dict[str, Any], max_tokens: int = 8192
+) -> list[SummarizeResult | BertqError]:  # type: ignore[no-untyped-def]
     items = validate_items(TaskName.summarize, [{"text": text} for text in texts], Limits())
-    return run_items(get_task(TaskName.summarize), loaded, items, validate_options(TaskName.summarize, options), max_tokens, 64)  # type: ignore[return-value]
+    return run_items(
+        get_task(TaskName.summarize), loaded, items, validate_options(TaskName.summarize, options), max_tokens, 64
+    )  # type: ignore[return-value]
 
 
 def embeddings(loaded: Any, text: str, options: dict[str, Any]) -> np.ndarray:

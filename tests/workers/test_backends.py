@@ -15,11 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from bench.texts import review_texts
-from bertq.errors import BertqError, ModelUnavailable
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
-from bertq.settings import Settings
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
 from bertq.workers import accuracy, calibration, conversion, disk_cache
@@ -27,9 +23,19 @@ from bertq.workers.backends import BackendConfig, choose_path, require_packages
 from bertq.workers.cpu import parse_cpuinfo
 from bertq.workers.runner import load_model, run_items
 
+from bench.texts import review_texts
+from bertq.errors import BertqError, ModelUnavailable
+from bertq.settings import Settings
+
 CHECKPOINT = {
-    "sentiment": "sentiment", "ner": "ner", "qa": "qa", "fill_mask": "fill_mask", "nsp": "nsp", "embedding": "base",
-    "similarity": "base", "summarize": "base",
+    "sentiment": "sentiment",
+    "ner": "ner",
+    "qa": "qa",
+    "fill_mask": "fill_mask",
+    "nsp": "nsp",
+    "embedding": "base",
+    "similarity": "base",
+    "summarize": "base",
 }
 #: Paths other than exact torch fp32: (backend, dtype). bf16 ones need a CPU with native bf16.
 PATHS = [("openvino", "fp32"), ("openvino", "auto"), ("openvino-int8", "auto"), ("torch", "bf16")]
@@ -91,7 +97,9 @@ def test_every_task_runs_on_every_path_close_to_torch_fp32(
 ) -> None:
     if dtype == "bf16" and not native_bf16():
         with pytest.raises(ModelUnavailable, match="AVX512-BF16 or AMX"):
-            load_model(get_task(task), str(tiny_models[CHECKPOINT[task.value]]), "cpu", dtype, config(backend, cache_dir))
+            load_model(
+                get_task(task), str(tiny_models[CHECKPOINT[task.value]]), "cpu", dtype, config(backend, cache_dir)
+            )
         return
     model = tiny_models[CHECKPOINT[task.value]]
     loaded = load_model(get_task(task), str(model), "cpu", dtype, config(backend, cache_dir, small_calibration))
@@ -103,7 +111,10 @@ def test_every_task_runs_on_every_path_close_to_torch_fp32(
         return
     exact = backend == "openvino" and dtype == "fp32"
     assert loaded.backend == backend
-    assert loaded.precision == ("fp32" if exact else "bf16" if backend != "openvino-int8" else "int8+bf16") or not native_bf16()
+    assert (
+        loaded.precision == ("fp32" if exact else "bf16" if backend != "openvino-int8" else "int8+bf16")
+        or not native_bf16()
+    )
     assert loaded.info() == {"model": str(model), "backend": backend, "precision": loaded.precision}
     assert (loaded.accuracy is None) == (loaded.precision == "fp32")
     report = accuracy.compare(task, expected, got)
@@ -177,8 +188,12 @@ def test_second_load_does_no_conversion_and_a_corrupted_file_is_rebuilt(
     weights.write_bytes(bytes(data))
     rebuilt = load_model(task, model, backend=config("openvino-int8", tmp_path, small_calibration))
     assert calls == {"convert": 1, "quantize": 2}  # the int8 entry again; the converted model was sound
-    np.testing.assert_allclose([r.embedding for r in results_of(TaskName.embedding, rebuilt)], [r.embedding for r in vectors], atol=1e-6)
-    assert disk_cache.entry(tmp_path, model, "embedding", "openvino-int8", json.loads((entry / "manifest.json").read_text())["key"]).files_valid()
+    np.testing.assert_allclose(
+        [r.embedding for r in results_of(TaskName.embedding, rebuilt)], [r.embedding for r in vectors], atol=1e-6
+    )
+    assert disk_cache.entry(
+        tmp_path, model, "embedding", "openvino-int8", json.loads((entry / "manifest.json").read_text())["key"]
+    ).files_valid()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary or discarded entries left behind"
 
 
@@ -235,17 +250,35 @@ def test_cache_key_follows_the_calibration_text(
 
 
 def test_quantize_command_builds_the_cache_and_prints_the_report(
-    tiny_models: dict[str, Path], small_calibration: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_models: dict[str, Path],
+    small_calibration: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from bertq.cli import main
 
     monkeypatch.setenv("BERTQ_CACHE_DIR", str(tmp_path))
-    code = main(["quantize", "--task", "embedding", "--model", str(tiny_models["base"]), "--calibration", str(small_calibration)])
+    code = main(
+        [
+            "quantize",
+            "--task",
+            "embedding",
+            "--model",
+            str(tiny_models["base"]),
+            "--calibration",
+            str(small_calibration),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "embedding on openvino-int8 (int8+" in printed and "minimum cosine" in printed and "passed" in printed
     calls = count_builds(monkeypatch)
-    load_model(get_task(TaskName.embedding), str(tiny_models["base"]), backend=config("openvino-int8", tmp_path, small_calibration))
+    load_model(
+        get_task(TaskName.embedding),
+        str(tiny_models["base"]),
+        backend=config("openvino-int8", tmp_path, small_calibration),
+    )
     assert calls == {"convert": 0, "quantize": 0}
 
 
@@ -258,7 +291,9 @@ def test_gate_refuses_a_path_naming_the_figure_unless_told_to_accept(
     task, model = get_task(TaskName.embedding), str(tiny_models["base"])
     load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=False))  # passes
     monkeypatch.setattr(accuracy, "MIN_COSINE", 1.01)  # no int8 path can pass this; the stored report is judged again
-    with pytest.raises(ModelUnavailable, match=r"minimum cosine 0\.9\d+ .*threshold 1\.01: FAILED.*BERTQ_ACCEPT_ANY_ACCURACY") as refused:
+    with pytest.raises(
+        ModelUnavailable, match=r"minimum cosine 0\.9\d+ .*threshold 1\.01: FAILED.*BERTQ_ACCEPT_ANY_ACCURACY"
+    ) as refused:
         load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=False))
     assert refused.value.field == "backend"
     loaded = load_model(task, model, backend=config("openvino-int8", cache_dir, small_calibration, accept=True))
@@ -276,13 +311,21 @@ def test_gate_compares_what_a_consumer_reads() -> None:
 
     report = accuracy.compare(TaskName.sentiment, [label("POS")] * 50, [label("POS")] * 49 + [label("NEG")])
     assert report["agreement"] == 0.98 and report["passed"]
-    report = accuracy.compare(TaskName.nsp, [NspResult(is_next=True, score=0.9)] * 10, [NspResult(is_next=False, score=0.4)] + [NspResult(is_next=True, score=0.9)] * 9)
+    report = accuracy.compare(
+        TaskName.nsp,
+        [NspResult(is_next=True, score=0.9)] * 10,
+        [NspResult(is_next=False, score=0.4)] + [NspResult(is_next=True, score=0.9)] * 9,
+    )
     assert report["agreement"] == 0.9 and not report["passed"]
     entity = lambda start: NerEntity(entity_group="PER", score=0.9, word="x", start=start, end=start + 3)  # noqa: E731
-    report = accuracy.compare(TaskName.ner, [NerResult(entities=[entity(0), entity(10)])], [NerResult(entities=[entity(0), entity(11)])])
+    report = accuracy.compare(
+        TaskName.ner, [NerResult(entities=[entity(0), entity(10)])], [NerResult(entities=[entity(0), entity(11)])]
+    )
     assert report["agreement"] == pytest.approx(1 / 3)  # one span shared of three distinct
     with pytest.raises(ModelUnavailable, match=r"top-1 agreement 0\.3333 vs fp32 \(NER entity spans"):
-        accuracy.enforce({**report, "model": "m", "backend": "openvino-int8", "precision": "int8+fp32"}, accept_any=False)
+        accuracy.enforce(
+            {**report, "model": "m", "backend": "openvino-int8", "precision": "int8+fp32"}, accept_any=False
+        )
 
 
 # ---- choosing a path ----------------------------------------------------------------------------
@@ -318,7 +361,13 @@ def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyP
     with pytest.raises(ModelUnavailable, match="AVX512-BF16"):
         BackendConfig.from_settings(Settings(dtype="bf16"))
     made = BackendConfig.from_settings(
-        Settings(backend="openvino-int8", cpu_threads=1, cache_dir=str(tmp_path), calibration_file="x.txt", accept_any_accuracy=True)
+        Settings(
+            backend="openvino-int8",
+            cpu_threads=1,
+            cache_dir=str(tmp_path),
+            calibration_file="x.txt",
+            accept_any_accuracy=True,
+        )
     )
     assert made == BackendConfig("openvino-int8", 1, tmp_path, Path("x.txt"), True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -331,16 +380,26 @@ def test_missing_extra_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> Non
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
     require_packages("openvino")
-    with pytest.raises(ModelUnavailable, match=r"^backend: BERTQ_BACKEND=openvino-int8 needs nncf: pip install 'bertq\[openvino\]'$"):
+    with pytest.raises(
+        ModelUnavailable, match=r"^backend: BERTQ_BACKEND=openvino-int8 needs nncf: pip install 'bertq\[openvino\]'$"
+    ):
         require_packages("openvino-int8")
 
 
-def test_cpu_threads_reach_torch_and_openvino(tiny_models: dict[str, Path], cache_dir: Path, small_calibration: Path) -> None:
+def test_cpu_threads_reach_torch_and_openvino(
+    tiny_models: dict[str, Path], cache_dir: Path, small_calibration: Path
+) -> None:
     import torch
 
     before = torch.get_num_threads()
     try:
-        loaded = load_model(get_task(TaskName.embedding), str(tiny_models["base"]), "cpu", "fp32", BackendConfig("openvino", 1, cache_dir, small_calibration))
+        loaded = load_model(
+            get_task(TaskName.embedding),
+            str(tiny_models["base"]),
+            "cpu",
+            "fp32",
+            BackendConfig("openvino", 1, cache_dir, small_calibration),
+        )
         assert torch.get_num_threads() == 1
         assert loaded.model.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     finally:
@@ -371,7 +430,13 @@ def test_calibration_text_ships_and_reads_user_files(tmp_path: Path) -> None:
 
 def test_cpu_features_are_read_from_cpuinfo() -> None:
     assert BF16_CPU.describe() == "Test CPU (AVX2, AVX512-VNNI, AVX512-BF16)"
-    assert PLAIN_CPU.features() == {"AVX2": True, "AVX512-VNNI": True, "AVX512-BF16": False, "AMX-BF16": False, "AMX-INT8": False}
+    assert PLAIN_CPU.features() == {
+        "AVX2": True,
+        "AVX512-VNNI": True,
+        "AVX512-BF16": False,
+        "AMX-BF16": False,
+        "AMX-INT8": False,
+    }
     assert not parse_cpuinfo("").native_bf16
 
 
@@ -393,8 +458,21 @@ def test_bertq_run_serves_the_chosen_backend_and_keeps_stdout_to_results(
         "BERTQ_ACCEPT_ANY_ACCURACY": "1",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "bertq", "run", "sentiment", "--model", str(tiny_models["sentiment"]), "--input", str(items)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bertq",
+            "run",
+            "sentiment",
+            "--model",
+            str(tiny_models["sentiment"]),
+            "--input",
+            str(items),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]

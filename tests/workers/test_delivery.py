@@ -9,11 +9,7 @@ import uuid
 
 import pytest
 import redis
-
-from bertq.client import Client, celery_message
-from bertq.records import RESULTS_STREAM, JobView, meta_key
 from bertq.schemas import JobStatus, TaskName
-from bertq.settings import Settings
 from bertq.workers.delivery import (
     CONSUMERS,
     DEAD,
@@ -26,6 +22,10 @@ from bertq.workers.delivery import (
     priority_list,
     queue_lists,
 )
+
+from bertq.client import Client, celery_message
+from bertq.records import RESULTS_STREAM, JobView, meta_key
+from bertq.settings import Settings
 
 
 def message(job_id: str | None = None, priority: int = 0) -> bytes:
@@ -44,7 +44,14 @@ def job_id_of(raw: bytes) -> str:
 
 
 def test_priority_lists_follow_kombu() -> None:
-    assert [priority_list("q", p) for p in (None, 0, 2, 3, 5, 9)] == ["q", "q", "q", "q\x06\x163", "q\x06\x163", "q\x06\x169"]
+    assert [priority_list("q", p) for p in (None, 0, 2, 3, 5, 9)] == [
+        "q",
+        "q",
+        "q",
+        "q\x06\x163",
+        "q\x06\x163",
+        "q\x06\x169",
+    ]
     assert queue_lists(["a", "b"])[:3] == ["a", "b", "a\x06\x163"]
 
 

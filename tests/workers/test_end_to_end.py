@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import redis
+from bertq.schemas import JobStatus
 from celery import Celery
 
 from bertq.cli import main as bertq_main
 from bertq.client import Client, celery_message
 from bertq.errors import InvalidInput
 from bertq.records import RESULTS_STREAM, meta_key
-from bertq.schemas import JobStatus
 from bertq.settings import Settings
 
 INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
@@ -34,14 +34,28 @@ INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "similarity": (
         [
             {"text_a": "The battery lasts all day.", "text_b": "Battery life is excellent."},
-            {"query": "Does it ship fast?", "candidates": ["Delivery took two days.", "The screen is gorgeous.", "Shipping was slow."], "top_k": 2},
+            {
+                "query": "Does it ship fast?",
+                "candidates": ["Delivery took two days.", "The screen is gorgeous.", "Shipping was slow."],
+                "top_k": 2,
+            },
             {"text": "not a similarity item"},
         ],
         {},
     ),
     "summarize": (
         [
-            {"text": "I bought this kettle in March after my old one started leaking from the base. It boils a full litre in a little under three minutes, which is noticeably faster than before. The handle stays cool, although the lid hinge feels flimsy and rattles when the water is boiling. After two months of daily use there is already some limescale around the spout, so I descale it every few weeks. Customer service replaced the lid within a week when the hinge finally snapped. Overall it is a decent kettle for the price, but I would not call it durable."},
+            {
+                "text": (
+                    "I bought this kettle in March after my old one started leaking from the base. "
+                    "It boils a full litre in a little under three minutes, which is noticeably faster than before. "
+                    "The handle stays cool, although the lid hinge feels flimsy and rattles when the water is boiling. "
+                    "After two months of daily use there is already some limescale around the spout, "
+                    "so I descale it every few weeks. "
+                    "Customer service replaced the lid within a week when the hinge finally snapped. "
+                    "Overall it is a decent kettle for the price, but I would not call it durable."
+                ),
+            },
             {"text": "Too short. Works."},
         ],
         {"num_sentences": 3},
@@ -94,11 +108,20 @@ def main_worker(redis_url: str, models: dict[str, str]) -> Iterator[str]:
 
 def plain_celery(redis_url: str) -> Celery:
     app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"]
+    )
     return app
 
 
-def bertq_run(task: str, model: str, items: list[dict[str, Any]], options: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+def bertq_run(
+    task: str,
+    model: str,
+    items: list[dict[str, Any]],
+    options: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> list[dict[str, Any]]:
     source = tmp_path / f"{task}.jsonl"
     source.write_text("".join(json.dumps(item) + "\n" for item in items))
     capsys.readouterr()
@@ -123,13 +146,20 @@ def assert_close(ours: Any, theirs: Any) -> None:
 
 @pytest.mark.parametrize("task", list(INPUTS))
 def test_each_task_via_client_and_send_task_equals_bertq_run(
-    task: str, main_worker: str, redis_url: str, models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    task: str,
+    main_worker: str,
+    redis_url: str,
+    models: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     items, options = INPUTS[task]
     client = client_for(redis_url, main_worker)
     by_client = client.submit(task, items, options=options)
     app = plain_celery(redis_url)
-    by_celery = app.send_task(f"bertq.{task}", kwargs={"items": items, "model": None, "options": options}, queue=main_worker)
+    by_celery = app.send_task(
+        f"bertq.{task}", kwargs={"items": items, "model": None, "options": options}, queue=main_worker
+    )
     views = client.wait([by_client, by_celery.id], timeout=120)
     expected = bertq_run(task, models[task], items, options, tmp_path, capsys)
     for job_id in (by_client, by_celery.id):
@@ -156,7 +186,9 @@ def test_an_invalid_item_fails_alone_and_a_bad_option_fails_the_job(main_worker:
     client = client_for(redis_url, main_worker)
     mixed = client.submit("sentiment", [{"text": "good"}, {"text": "   "}, {"text": "bad"}])
     app = plain_celery(redis_url)
-    bad_option = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "x"}], "options": {"top_kk": 1}}, queue=main_worker)
+    bad_option = app.send_task(
+        "bertq.sentiment", kwargs={"items": [{"text": "x"}], "options": {"top_kk": 1}}, queue=main_worker
+    )
     unregistered = app.send_task("bertq.nope", kwargs={"items": [{"text": "x"}]}, queue=main_worker)
     views = client.wait([mixed, bad_option.id, unregistered.id], timeout=120)
     results = views[mixed].results
@@ -181,7 +213,9 @@ def test_a_redelivered_finished_job_is_not_run_or_stored_again(main_worker: str,
     record = store.get(meta_key(job_id))
     from bertq.schemas import TaskName
 
-    message = celery_message(job_id, TaskName.sentiment, {"items": [{"text": "other"}], "model": None, "options": {}}, main_worker)
+    message = celery_message(
+        job_id, TaskName.sentiment, {"items": [{"text": "other"}], "model": None, "options": {}}, main_worker
+    )
     store.lpush(main_worker, message)
     deadline = time.monotonic() + 30
     while store.llen(main_worker) and time.monotonic() < deadline:
@@ -205,17 +239,26 @@ def test_gpus_spawns_one_pinned_process_per_gpu(redis_url: str) -> None:
         deadline = time.monotonic() + 60
         children: list[int] = []
         while time.monotonic() < deadline and len(children) < 2:
-            children = [int(pid) for pid in Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()]
+            children = [
+                int(pid) for pid in Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()
+            ]
             time.sleep(0.1)
         assert len(children) == 2
         seen = {}
         for pid in children:
             environ = dict(
-                entry.split("=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in entry
+                entry.split("=", 1)
+                for entry in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+                if "=" in entry
             )
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             name = cmdline[cmdline.index("--name") + 1]
-            seen[environ["CUDA_VISIBLE_DEVICES"]] = (name, cmdline[cmdline.index("--device") + 1], environ["BERTQ_METRICS_PORT"], "--events" in cmdline)
+            seen[environ["CUDA_VISIBLE_DEVICES"]] = (
+                name,
+                cmdline[cmdline.index("--device") + 1],
+                environ["BERTQ_METRICS_PORT"],
+                "--events" in cmdline,
+            )
         assert set(seen) == {"0", "1"}
         assert seen["0"][0].startswith("bertq-gpu0@") and seen["1"][0].startswith("bertq-gpu1@")
         assert seen["0"][1] == seen["1"][1] == "cuda:0"  # each sees only its own GPU
@@ -244,7 +287,6 @@ def test_real_messages_and_records_validate_against_the_exported_schema(main_wor
     import base64
 
     import jsonschema
-
     from bertq.schemas import json_schemas
 
     schemas = json_schemas()

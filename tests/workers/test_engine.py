@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
-from bertq.settings import Settings
 from bertq.tasks.base import Row
 from bertq.workers.engine import SCAN_BATCHES, Engine, PendingRow
+
+from bertq.settings import Settings
 
 
 def test_batch_holds_the_oldest_row_and_comes_from_the_oldest_rows() -> None:

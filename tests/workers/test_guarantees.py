@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import redis
+from bertq.schemas import JobStatus, TaskName
 from celery import Celery
 
 from bertq.client import Client, celery_message
 from bertq.errors import BrokerUnavailable, SubmitIncomplete
 from bertq.records import meta_key
-from bertq.schemas import JobStatus, TaskName
 from tests.faults.harness import Fleet, Server, client_for, log_lines, raw_message, wait_until, worker_env
 
 
@@ -28,7 +28,9 @@ def models(tiny_models: dict[str, Path]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def worker(redis_url: str, models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Fleet]]:
+def worker(
+    redis_url: str, models: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Fleet]]:
     queue = f"guarantees-{uuid.uuid4().hex[:6]}"
     fleet = Fleet(tmp_path_factory.mktemp("guarantees"), worker_env(redis_url, queue, models))
     fleet.start()
@@ -40,11 +42,15 @@ def worker(redis_url: str, models: dict[str, str], tmp_path_factory: pytest.Temp
 
 
 def started(fleet: Fleet, job_id: str) -> int:
-    return sum(1 for line in log_lines(fleet.logs()) if line.get("event") == "job started" and line.get("job_id") == job_id)
+    return sum(
+        1 for line in log_lines(fleet.logs()) if line.get("event") == "job started" and line.get("job_id") == job_id
+    )
 
 
 def poison(job_id: str, queue: str, **changes: Any) -> bytes:
-    message = json.loads(celery_message(job_id, TaskName.sentiment, {"items": [{"text": "x"}], "model": None, "options": {}}, queue))
+    message = json.loads(
+        celery_message(job_id, TaskName.sentiment, {"items": [{"text": "x"}], "model": None, "options": {}}, queue)
+    )
     for key, value in changes.items():
         if key.startswith("headers."):
             message["headers"][key.removeprefix("headers.")] = value
@@ -61,11 +67,17 @@ def test_each_poison_message_gets_its_record_or_dead_letter_and_harms_no_batch_m
     client = client_for(redis_url, queue)
     dead_before = store.xlen("bertq:dead")
     refused = {
-        "pickle": ({"content-type": "application/x-python-serialize"}, "content type application/x-python-serialize is refused: JSON only"),
+        "pickle": (
+            {"content-type": "application/x-python-serialize"},
+            "content type application/x-python-serialize is refused: JSON only",
+        ),
         "yaml": ({"content-type": "application/x-yaml"}, "refused: JSON only"),
         "not base64": ({"body": "!!!"}, "body is not valid base64"),
         "not json": ({"body": base64.b64encode(b"{oops").decode()}, "body is not valid JSON"),
-        "invalid utf-8": ({"body": base64.b64encode(b'[[], {"items": [{"text": "\xff"}]}, {}]').decode()}, "body is not valid UTF-8"),
+        "invalid utf-8": (
+            {"body": base64.b64encode(b'[[], {"items": [{"text": "\xff"}]}, {}]').decode()},
+            "body is not valid UTF-8",
+        ),
         "wrong kwargs": ({"body": base64.b64encode(b'[[], ["items"], {}]').decode()}, "keyword arguments"),
         "unknown task": ({"headers.task": "bertq.nope"}, "unknown task 'bertq.nope'"),
     }
@@ -103,7 +115,9 @@ def test_cancelled_and_revoked_jobs_are_not_computed_and_stay_cancelled(
     by_client = client.submit("sentiment", ["cancel me"])
     assert client.cancel([by_client]) == {by_client: (True, "cancelled")}
     app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"]
+    )
     by_celery = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "revoke me"}]}, queue=idle)
     by_celery.revoke()  # reaches the live worker of the other queue, which records it
     assert wait_until(lambda: client.get(by_celery.id).status is JobStatus.cancelled, 30)

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bertq.schemas import JobStatus
+
 from tests.faults.harness import Fleet, Server, client_for, log_lines, wait_until, worker_env
 
 
@@ -44,7 +44,11 @@ def test_check_passes_on_a_healthy_worker_and_fails_when_frozen_or_redis_is_gone
         healthy = check(worker.name)
         assert healthy.returncode == 0 and "healthy: live" in healthy.stdout, healthy
         status = subprocess.run(
-            [sys.executable, "-m", "bertq", "status"], capture_output=True, text=True, timeout=60, env={**os.environ, "BERTQ_REDIS_URL": server.url}
+            [sys.executable, "-m", "bertq", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "BERTQ_REDIS_URL": server.url},
         )
         overview = json.loads(status.stdout)
         assert [w["node"] for w in overview["workers"]] == [worker.name] and overview["workers"][0]["alive"]
@@ -72,8 +76,13 @@ def test_check_passes_on_a_healthy_worker_and_fails_when_frozen_or_redis_is_gone
 def test_an_engine_holding_work_without_progress_ends_its_process(server: Server, tmp_path: Path, minilm: Path) -> None:
     # one forward pass far longer than the stall timeout: the engine holds work and makes no progress
     env = worker_env(
-        server.url, "stall", {"embedding": str(minilm)},
-        BERTQ_STALL_TIMEOUT_S="1", BERTQ_MAX_BATCH_TOKENS="131072", BERTQ_MAX_BATCH_ROWS="512", OMP_NUM_THREADS="1",
+        server.url,
+        "stall",
+        {"embedding": str(minilm)},
+        BERTQ_STALL_TIMEOUT_S="1",
+        BERTQ_MAX_BATCH_TOKENS="131072",
+        BERTQ_MAX_BATCH_ROWS="512",
+        OMP_NUM_THREADS="1",
     )
     fleet = Fleet(tmp_path / "logs", env)
     try:

@@ -9,11 +9,11 @@ import uuid
 from typing import Any
 
 import pytest
-
-from bertq.client import celery_message
 from bertq.schemas import TaskName
 from bertq.workers.delivery import Fetched
 from bertq.workers.intake import Undeliverable, decode
+
+from bertq.client import celery_message
 
 JOB = "6f1c3b7e-0000-4000-8000-000000000001"
 
@@ -75,21 +75,51 @@ def test_a_message_without_a_usable_id_is_undeliverable(raw: bytes, reason: str)
 @pytest.mark.parametrize(
     ("changes", "code", "field", "message"),
     [
-        ({"content-type": "application/x-python-serialize"}, "invalid_message", "content-type", "content type application/x-python-serialize is refused: JSON only"),
-        ({"content-type": "application/x-yaml"}, "invalid_message", "content-type", "application/x-yaml is refused: JSON only"),
+        (
+            {"content-type": "application/x-python-serialize"},
+            "invalid_message",
+            "content-type",
+            "content type application/x-python-serialize is refused: JSON only",
+        ),
+        (
+            {"content-type": "application/x-yaml"},
+            "invalid_message",
+            "content-type",
+            "application/x-yaml is refused: JSON only",
+        ),
         ({"content-encoding": "latin-1"}, "invalid_message", "content-encoding", "utf-8 only"),
         ({"body": "%%% not base64 %%%"}, "invalid_message", "body", "body is not valid base64"),
-        ({"body": base64.b64encode(b'[[], {"items": ["\xff"]}, {}]').decode()}, "invalid_message", "body", "body is not valid UTF-8"),
+        (
+            {"body": base64.b64encode(b'[[], {"items": ["\xff"]}, {}]').decode()},
+            "invalid_message",
+            "body",
+            "body is not valid UTF-8",
+        ),
         ({"body": base64.b64encode(b"{nope").decode()}, "invalid_message", "body", "body is not valid JSON"),
         ({"body": body({"items": []})}, "invalid_message", "body", "[args, kwargs, embed]"),
         ({"body": body([["x"], {}, {}])}, "invalid_message", "args", "positional arguments are refused"),
         ({"body": body([[], ["items"], {}])}, "invalid_message", "kwargs", "keyword arguments"),
         ({"body": body([[], {"items": [], "extra": 1}, {}])}, "invalid_message", "kwargs.extra", "unknown argument"),
-        ({"body": body([[], {"items": []}, {"callbacks": [{"task": "x"}]}])}, "unsupported", "callbacks", "callbacks are not supported"),
-        ({"body": body([[], {"items": []}, {"chain": [{"task": "x"}]}])}, "unsupported", "chain", "chain are not supported"),
+        (
+            {"body": body([[], {"items": []}, {"callbacks": [{"task": "x"}]}])},
+            "unsupported",
+            "callbacks",
+            "callbacks are not supported",
+        ),
+        (
+            {"body": body([[], {"items": []}, {"chain": [{"task": "x"}]}])},
+            "unsupported",
+            "chain",
+            "chain are not supported",
+        ),
         ({"headers__eta": "2030-01-01T00:00:00"}, "unsupported", "headers.eta", "eta/countdown is not supported"),
         ({"headers__expires": "tomorrow"}, "invalid_message", "headers.expires", "not an ISO 8601 time"),
-        ({"headers__task": "bertq.nope"}, "invalid_message", "headers.task", "unknown task 'bertq.nope'; bertq workers run bertq.sentiment"),
+        (
+            {"headers__task": "bertq.nope"},
+            "invalid_message",
+            "headers.task",
+            "unknown task 'bertq.nope'; bertq workers run bertq.sentiment",
+        ),
         ({"headers__task": "other.sentiment"}, "invalid_message", "headers.task", "unknown task 'other.sentiment'"),
     ],
 )

@@ -14,17 +14,17 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from bertq.schemas import JobStatus
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertq.records import RESULTS_STREAM
-from bertq.schemas import JobStatus
 from tests.deploy.dashboard import dashboard_series
 from tests.faults.harness import Fleet, WorkerProcess, client_for, log_lines, raw_message, wait_until, worker_env
 
@@ -41,7 +41,9 @@ def models(tiny_models: dict[str, Path]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def operated(redis_url: str, models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Fleet, WorkerProcess, int]]:
+def operated(
+    redis_url: str, models: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Fleet, WorkerProcess, int]]:
     queue = f"ops-{uuid.uuid4().hex[:6]}"
     port = free_port()
     fleet = Fleet(tmp_path_factory.mktemp("ops"), worker_env(redis_url, queue, models, BERTQ_METRICS_PORT=str(port)))
@@ -65,34 +67,68 @@ def sample(families: dict[str, Any], name: str, **labels: str) -> float:
     )
 
 
-def test_metrics_count_the_jobs_just_run_and_cover_the_dashboard(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
+def test_metrics_count_the_jobs_just_run_and_cover_the_dashboard(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
     queue, _, _, port = operated
     client = client_for(redis_url, queue)
     before = scrape(port)
     done = [client.submit("sentiment", ["good", "   "]) for _ in range(5)]  # one bad item each
     failed = str(uuid.uuid4())  # a bad option: the client would refuse it, a foreign producer may not
-    redis.Redis.from_url(redis_url).lpush(queue, raw_message(failed, "sentiment", [{"text": "x"}], queue, {"top_kk": 1}))
+    redis.Redis.from_url(redis_url).lpush(
+        queue, raw_message(failed, "sentiment", [{"text": "x"}], queue, {"top_kk": 1})
+    )
     embedded = client.submit("embedding", ["vector please"])
     client.wait([*done, failed, embedded], timeout=60)
     after = scrape(port)
-    assert sample(after, "bertq_jobs_total", task="sentiment", status="done") - sample(before, "bertq_jobs_total", task="sentiment", status="done") == 5
-    assert sample(after, "bertq_jobs_total", task="sentiment", status="failed") - sample(before, "bertq_jobs_total", task="sentiment", status="failed") == 1
-    assert sample(after, "bertq_jobs_total", task="embedding", status="done") - sample(before, "bertq_jobs_total", task="embedding", status="done") == 1
-    assert sample(after, "bertq_items_total", task="sentiment", outcome="error") - sample(before, "bertq_items_total", task="sentiment", outcome="error") == 5
-    for histogram in ("bertq_batch_rows", "bertq_batch_padded_tokens", "bertq_batch_padding_ratio", "bertq_forward_seconds",
-                      "bertq_job_queued_seconds", "bertq_job_latency_seconds"):
-        assert sample(after, f"{histogram}_count", task="sentiment") > sample(before, f"{histogram}_count", task="sentiment"), histogram
+    assert (
+        sample(after, "bertq_jobs_total", task="sentiment", status="done")
+        - sample(before, "bertq_jobs_total", task="sentiment", status="done")
+        == 5
+    )
+    assert (
+        sample(after, "bertq_jobs_total", task="sentiment", status="failed")
+        - sample(before, "bertq_jobs_total", task="sentiment", status="failed")
+        == 1
+    )
+    assert (
+        sample(after, "bertq_jobs_total", task="embedding", status="done")
+        - sample(before, "bertq_jobs_total", task="embedding", status="done")
+        == 1
+    )
+    assert (
+        sample(after, "bertq_items_total", task="sentiment", outcome="error")
+        - sample(before, "bertq_items_total", task="sentiment", outcome="error")
+        == 5
+    )
+    for histogram in (
+        "bertq_batch_rows",
+        "bertq_batch_padded_tokens",
+        "bertq_batch_padding_ratio",
+        "bertq_forward_seconds",
+        "bertq_job_queued_seconds",
+        "bertq_job_latency_seconds",
+    ):
+        assert sample(after, f"{histogram}_count", task="sentiment") > sample(
+            before, f"{histogram}_count", task="sentiment"
+        ), histogram
     assert sample(after, "bertq_model_load_seconds_count", task="embedding") == 1
-    assert wait_until(lambda: f'queue="{queue}"' in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode(), 20)
+    assert wait_until(
+        lambda: f'queue="{queue}"' in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode(), 20
+    )
     exposed = scrape(port)
     missing = [
-        series for series in dashboard_series()
-        if series.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count").removesuffix("_total") not in exposed
+        series
+        for series in dashboard_series()
+        if series.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count").removesuffix("_total")
+        not in exposed
     ]
     assert missing == []
 
 
-def test_celery_events_tell_received_started_and_succeeded_or_failed(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
+def test_celery_events_tell_received_started_and_succeeded_or_failed(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
     queue, _, _, _ = operated
     app = Celery(broker=redis_url, set_as_current=False)
     seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -101,7 +137,10 @@ def test_celery_events_tell_received_started_and_succeeded_or_failed(operated: t
 
     def listen() -> None:
         with app.connection() as connection:
-            receiver = app.events.Receiver(connection, handlers={"*": lambda event: seen.setdefault(event.get("uuid", ""), []).append((event["type"], event))})
+            receiver = app.events.Receiver(
+                connection,
+                handlers={"*": lambda event: seen.setdefault(event.get("uuid", ""), []).append((event["type"], event))},
+            )
             receivers.append(receiver)
             ready.set()
             try:
@@ -116,7 +155,9 @@ def test_celery_events_tell_received_started_and_succeeded_or_failed(operated: t
     client = client_for(redis_url, queue)
     good = client.submit("sentiment", ["fine"])
     bad = str(uuid.uuid4())
-    redis.Redis.from_url(redis_url).lpush(queue, raw_message(bad, "sentiment", [{"text": "fine"}], queue, {"top_kk": 2}))
+    redis.Redis.from_url(redis_url).lpush(
+        queue, raw_message(bad, "sentiment", [{"text": "fine"}], queue, {"top_kk": 2})
+    )
     client.wait([good, bad], timeout=60)
     assert wait_until(lambda: len(seen.get(good, [])) >= 3 and len(seen.get(bad, [])) >= 2, 20)
     assert [kind for kind, _ in seen[good]] == ["task-received", "task-started", "task-succeeded"]
@@ -131,7 +172,11 @@ def celery_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("BERTQ_")}
     env["BERTQ_REDIS_URL"] = redis_url  # and nothing else: the app reads it
     return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "bertq.workers.app", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "celery", "-A", "bertq.workers.app", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
@@ -142,9 +187,21 @@ def test_flower_shows_done_jobs_as_success_and_failed_ones_as_failure(
     port = free_port()
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "--broker", redis_url, "flower", f"--port={port}", "--address=127.0.0.1",
-         f"--db={tmp_path / 'flower.db'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "--broker",
+            redis_url,
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--db={tmp_path / 'flower.db'}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
     def api(path: str) -> Any:
@@ -162,9 +219,14 @@ def test_flower_shows_done_jobs_as_success_and_failed_ones_as_failure(
         client = client_for(redis_url, queue)
         good = client.submit("sentiment", ["fine"])
         bad = str(uuid.uuid4())
-        redis.Redis.from_url(redis_url).lpush(queue, raw_message(bad, "sentiment", [{"text": "x"}], queue, {"top_kk": 1}))
+        redis.Redis.from_url(redis_url).lpush(
+            queue, raw_message(bad, "sentiment", [{"text": "x"}], queue, {"top_kk": 1})
+        )
         client.wait([good, bad], timeout=60)
-        assert wait_until(lambda: state(good) == "SUCCESS" and state(bad) == "FAILURE", 30, every=0.5), (state(good), state(bad))
+        assert wait_until(lambda: state(good) == "SUCCESS" and state(bad) == "FAILURE", 30, every=0.5), (
+            state(good),
+            state(bad),
+        )
         failure = api(f"/api/task/info/{bad}")
         assert "options.top_kk" in failure["exception"] and failure["worker"] == worker.name
     finally:
@@ -180,7 +242,9 @@ def _answers(port: int) -> bool:
         return False
 
 
-def test_celery_inspect_and_status_answer_with_only_the_redis_url(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
+def test_celery_inspect_and_status_answer_with_only_the_redis_url(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
     _, _, worker, _ = operated
     ping = celery_cli(redis_url, "inspect", "ping", "-d", worker.name, "-t", "5")
     assert ping.returncode == 0 and "pong" in ping.stdout, ping.stderr
@@ -194,20 +258,38 @@ def test_celery_inspect_and_status_answer_with_only_the_redis_url(operated: tupl
     assert worker.name in status.stdout
 
 
-def test_an_expired_job_is_not_computed_and_ends_expired(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
+def test_an_expired_job_is_not_computed_and_ends_expired(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
     queue, fleet, _, _ = operated
     app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json", result_accept_content=["json"])
-    expired = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "too late"}]}, queue=queue,
-                            expires=datetime.now(timezone.utc) - timedelta(seconds=1))
-    fresh = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "in time"}]}, queue=queue,
-                          expires=datetime.now(timezone.utc) + timedelta(minutes=5))
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], result_serializer="json", result_accept_content=["json"]
+    )
+    expired = app.send_task(
+        "bertq.sentiment",
+        kwargs={"items": [{"text": "too late"}]},
+        queue=queue,
+        expires=datetime.now(UTC) - timedelta(seconds=1),
+    )
+    fresh = app.send_task(
+        "bertq.sentiment",
+        kwargs={"items": [{"text": "in time"}]},
+        queue=queue,
+        expires=datetime.now(UTC) + timedelta(minutes=5),
+    )
     countdown = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "later"}]}, queue=queue, countdown=30)
-    linked = app.send_task("bertq.sentiment", kwargs={"items": [{"text": "then"}]}, queue=queue, link=app.signature("bertq.ner"))
+    linked = app.send_task(
+        "bertq.sentiment", kwargs={"items": [{"text": "then"}]}, queue=queue, link=app.signature("bertq.ner")
+    )
     client = client_for(redis_url, queue)
     views = client.wait([expired.id, fresh.id, countdown.id, linked.id], timeout=60)
     assert views[expired.id].status is JobStatus.expired and views[fresh.id].status is JobStatus.done
-    assert not [line for line in log_lines(fleet.logs()) if line.get("event") == "job started" and line.get("job_id") == expired.id]
+    assert not [
+        line
+        for line in log_lines(fleet.logs())
+        if line.get("event") == "job started" and line.get("job_id") == expired.id
+    ]
     for refused, field in ((countdown.id, "headers.eta"), (linked.id, "callbacks")):
         assert views[refused].status is JobStatus.failed and views[refused].error is not None
         assert (views[refused].error["code"], views[refused].error["field"]) == ("unsupported", field)
@@ -226,7 +308,12 @@ def test_a_high_priority_job_overtakes_a_backlog(redis_url: str, models: dict[st
         fleet.start()
         views = client.wait([urgent, *backlog], timeout=120)
         assert all(view.status is JobStatus.done for view in views.values())
-        order = [fields[b"job_id"].decode() for _, fields in store.xrange(RESULTS_STREAM, min=f"({start.decode() if isinstance(start, bytes) else start}")]
+        order = [
+            fields[b"job_id"].decode()
+            for _, fields in store.xrange(
+                RESULTS_STREAM, min=f"({start.decode() if isinstance(start, bytes) else start}"
+            )
+        ]
         finished = [job_id for job_id in order if job_id in views]
         assert finished.index(urgent) < len(backlog) // 10, finished.index(urgent)
     finally:
@@ -252,7 +339,9 @@ def test_a_worker_serving_some_tasks_takes_no_other_job(redis_url: str, models: 
         fleet.close()
 
 
-def test_every_line_of_a_json_worker_run_is_a_json_object(operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str) -> None:
+def test_every_line_of_a_json_worker_run_is_a_json_object(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
     _, fleet, worker, _ = operated
     celery_cli(redis_url, "control", "shutdown", "-d", worker.name, "-t", "2")  # Celery's shutdown sends no reply
     assert worker.wait(60) == 0

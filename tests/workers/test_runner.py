@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
@@ -51,7 +50,10 @@ def test_the_model_cache_keeps_the_most_recently_used(tiny_models: dict[str, Pat
     cache.get(TaskName.ner, str(tiny_models["ner"]))
     assert cache.get(TaskName.sentiment, str(tiny_models["sentiment"])) is sentiment  # used again: kept
     cache.get(TaskName.nsp, str(tiny_models["nsp"]))
-    assert cache.loaded() == [(TaskName.sentiment, str(tiny_models["sentiment"])), (TaskName.nsp, str(tiny_models["nsp"]))]
+    assert cache.loaded() == [
+        (TaskName.sentiment, str(tiny_models["sentiment"])),
+        (TaskName.nsp, str(tiny_models["nsp"])),
+    ]
 
 
 # ---- out of memory: split, don't crawl ------------------------------------------------------------
@@ -89,7 +91,9 @@ def embed_items(count: int) -> list[Any]:
 
 
 @pytest.mark.parametrize("error", ["torch", "openvino"])
-def test_out_of_memory_halves_the_batch_and_lowers_the_budget(tiny_models: dict[str, Path], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_out_of_memory_halves_the_batch_and_lowers_the_budget(
+    tiny_models: dict[str, Path], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     options = validate_options(TaskName.embedding, {})
     items = embed_items(64)  # one batch of 64 rows x 8 tokens = 512 padded tokens
     plain = load_model(get_task(TaskName.embedding), str(tiny_models["base"]))
@@ -127,7 +131,9 @@ def test_budget_rises_slowly_after_successes() -> None:
     assert budget.tokens(1024) == 64 and budget.splits == 2  # never under one row's worth
 
 
-def test_a_row_out_of_memory_alone_fails_alone_and_other_errors_still_go_row_by_row(tiny_models: dict[str, Path]) -> None:
+def test_a_row_out_of_memory_alone_fails_alone_and_other_errors_still_go_row_by_row(
+    tiny_models: dict[str, Path],
+) -> None:
     options = validate_options(TaskName.embedding, {})
     items = validate_items(TaskName.embedding, [{"text": "short"}, {"text": "long " * 30}, {"text": "fine"}], Limits())
     task = OutOfMemoryOver(24)  # a 3-token row fits alone, the 32-token one never does

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import redis
-
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, result_dicts, run_items
 from bertq.workers.streams import parse_sources
+
 from tests.faults.harness import Fleet, Server, same_results, texts, wait_until, worker_env
 
 
@@ -40,8 +40,15 @@ def output(store: redis.Redis, stream: str) -> list[dict[str, str]]:
 
 def test_spec_forms() -> None:
     (short,) = parse_sources(["shop:reviews=sentiment,ner"])
-    assert (short.input, short.output, short.tasks, short.group) == ("shop:reviews", "shop:reviews:enriched", [TaskName.sentiment, TaskName.ner], "bertq")
-    (full,) = parse_sources(['{"input": "r", "tasks": ["embedding"], "id_field": "review_id", "keep": ["stars"], "output": "o"}'])
+    assert (short.input, short.output, short.tasks, short.group) == (
+        "shop:reviews",
+        "shop:reviews:enriched",
+        [TaskName.sentiment, TaskName.ner],
+        "bertq",
+    )
+    (full,) = parse_sources(
+        ['{"input": "r", "tasks": ["embedding"], "id_field": "review_id", "keep": ["stars"], "output": "o"}']
+    )
     assert full.keep == ["review_id", "stars"] and full.output == "o"
     with pytest.raises(ValueError):
         parse_sources(["no-tasks"])
@@ -55,7 +62,10 @@ def test_a_thousand_entries_get_exactly_one_output_each_equal_to_an_in_process_r
     stream = f"reviews-{uuid.uuid4().hex[:6]}"
     store = redis.Redis.from_url(redis_url)
     batch = texts(1000, seed=11)
-    ids = [store.xadd(stream, {"text": text, "review_id": f"r{i}", "stars": str(i % 5 + 1)}).decode() for i, text in enumerate(batch)]
+    ids = [
+        store.xadd(stream, {"text": text, "review_id": f"r{i}", "stars": str(i % 5 + 1)}).decode()
+        for i, text in enumerate(batch)
+    ]
     spec = json.dumps({"input": stream, "tasks": ["sentiment", "ner"], "id_field": "review_id"})
     fleet = Fleet(tmp_path, worker_env(redis_url, f"q-{stream}", models))
     try:
@@ -78,7 +88,9 @@ def test_a_thousand_entries_get_exactly_one_output_each_equal_to_an_in_process_r
     assert (group["pending"], group["lag"]) == (0, 0)
 
 
-def test_poison_entries_get_error_entries_and_the_stream_goes_on(redis_url: str, models: dict[str, str], tmp_path: Path) -> None:
+def test_poison_entries_get_error_entries_and_the_stream_goes_on(
+    redis_url: str, models: dict[str, str], tmp_path: Path
+) -> None:
     stream = f"poison-{uuid.uuid4().hex[:6]}"
     store = redis.Redis.from_url(redis_url)
     before = store.xadd(stream, {"text": "fine before"}).decode()
@@ -113,7 +125,9 @@ def test_a_worker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path: Path,
         first.signal(signal.SIGKILL)
         assert first.wait(30) == -signal.SIGKILL
         assert store.xlen(f"{stream}:enriched") < 3000, "the kill must come mid-stream"
-        assert wait_until(lambda: store.xlen(f"{stream}:enriched") >= 3000 and store.xinfo_groups(stream)[0]["pending"] == 0, 180)
+        assert wait_until(
+            lambda: store.xlen(f"{stream}:enriched") >= 3000 and store.xinfo_groups(stream)[0]["pending"] == 0, 180
+        )
         time.sleep(1.0)
         sources = [entry["source_id"] for entry in output(store, f"{stream}:enriched")]
         assert second.alive()
@@ -135,7 +149,10 @@ def test_status_shows_each_sources_lag_and_pending(redis_url: str) -> None:
     state = stream_state(store, stream, "bertq")
     assert (state["lag"], state["pending"]) == (3, 2)
     done = subprocess.run(
-        [sys.executable, "-m", "bertq", "status"], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "bertq", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATH": "", "BERTQ_REDIS_URL": redis_url, "BERTQ_STREAMS": f"{stream}=sentiment", "HOME": "/tmp"},
     )
     overview = json.loads(done.stdout)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import redis
-
-from bertq.records import meta_key
 from bertq.schemas import JobStatus
 from bertq.workers.webhooks import SIGNATURE_HEADER, sign
+
+from bertq.records import meta_key
 from tests.faults.harness import Fleet, client_for, wait_until, worker_env
 
 SECRET = "s3cret"
@@ -55,8 +55,12 @@ class Receiver(ThreadingHTTPServer):
 def hooked(redis_url: str, tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     queue = f"hooks-{uuid.uuid4().hex[:6]}"
     env = worker_env(
-        redis_url, queue, {"sentiment": str(tiny_models["sentiment"])},
-        BERTQ_WEBHOOK_SECRET=SECRET, BERTQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1", BERTQ_WEBHOOK_MAX_ATTEMPTS="4",
+        redis_url,
+        queue,
+        {"sentiment": str(tiny_models["sentiment"])},
+        BERTQ_WEBHOOK_SECRET=SECRET,
+        BERTQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        BERTQ_WEBHOOK_MAX_ATTEMPTS="4",
     )
     fleet = Fleet(tmp_path_factory.mktemp("hooks"), env)
     fleet.start()
