@@ -150,9 +150,10 @@ class Engine:
             return 0
         return max(0, self.settings.prefetch - len(self._held))
 
-    def wait_for_room(self, timeout: float) -> None:
+    def wait_for_room(self, timeout: float, needed: int = 1) -> None:
+        """Wait up to ``timeout`` while fewer than ``needed`` deliveries fit."""
         with self._held_lock:
-            if self.room() == 0:
+            if self.room() < needed:
                 self._held_lock.wait(timeout)
 
     def stage_states(self) -> dict[str, str]:

@@ -203,7 +203,7 @@ class QueueIntake:
     def _step(self) -> None:
         if self._isolating is not None:
             if any(held is self._isolating for held in self.engine.held()):
-                self.engine.wait_for_room(0.05)
+                self.stopping.wait(0.05)  # not wait_for_room: there is room, and spinning would starve the engine
                 return
             self._isolating = None
         if time.monotonic() - self._quarantine_checked > QUARANTINE_CHECK_S:

@@ -283,9 +283,9 @@ class StreamIntake:
         if self._isolating is not None or self._quarantine:
             self._run_quarantined()
             return
-        room = self.engine.room()
-        if room < max(len(source.tasks) for source in self.sources):
-            self.engine.wait_for_room(0.5)
+        needed = max(len(source.tasks) for source in self.sources)
+        if self.engine.room() < needed:
+            self.engine.wait_for_room(0.5, needed)
             return
         for group, sources in self._groups.items():
             reply = self._retry(
@@ -308,7 +308,7 @@ class StreamIntake:
         """One entry on its last delivery at a time, with nothing else held."""
         if self._isolating is not None:
             if any(d.ref is self._isolating for d in self.engine.held()):
-                self.engine.wait_for_room(0.05)
+                self.stopping.wait(0.05)  # not wait_for_room: there is room, and spinning would starve the engine
                 return
             self._isolating = None
         if not self._quarantine:

@@ -238,7 +238,7 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_job
     server: Server, fleet_dir: Path, tiny_models: dict[str, Path], fault_table: list[dict[str, Any]]
 ) -> None:
     models = {"sentiment": str(tiny_models["sentiment"]), "embedding": str(tiny_models["base"])}
-    with memory_cgroup(900 * 2**20) as enter:
+    with memory_cgroup(1200 * 2**20) as enter:
         if enter is None:
             pytest.skip("no memory cgroup can be made here (needs root): the out-of-memory kill cannot be injected")
         fleet = Fleet(
