@@ -303,7 +303,12 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
         log.info("converted to OpenVINO", task=name, model=model_id, entry=str(item.directory))
     if path.backend == "openvino-int8":
         ir = item
-        key = {**key, "nncf": version("nncf"), "calibration": calibration.fingerprint(calibration_texts)}
+        key = {
+            **key,
+            "nncf": version("nncf"),
+            "recipe": conversion.QUANTIZATION_RECIPE,
+            "calibration": calibration.fingerprint(calibration_texts),
+        }
         item = disk_cache.entry(config.cache_dir, model_id, name, "openvino-int8", key)
 
         def build_int8(directory: Path) -> None:
