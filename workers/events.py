@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bertq.schemas import JobStatus
-from bertq.workers.sink import Delivery, Outcome
+from bertq.workers.sink import Delivery, Observer, Outcome
 from celery import Celery
 
 from bertq.log import get_logger
@@ -27,7 +27,7 @@ log = get_logger(__name__)
 QUEUE_MOST = 10_000
 
 
-class CeleryEvents:
+class CeleryEvents(Observer):
     """An ``Observer`` that sends Celery task events from a thread of its own."""
 
     def __init__(self, app: Celery, hostname: str) -> None:
@@ -117,18 +117,6 @@ class CeleryEvents:
             exception = f"{type(error).__name__}({str(error)!r})" if error is not None else "unknown"
             self._put("task-failed", uuid=job_id, exception=exception, traceback="")
 
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
-        pass
-
-    def model_loaded(self, task: str, seconds: float) -> None:
-        pass
-
-    def redis_error(self, operation: str) -> None:
-        pass
-
-    def redis_back(self, operation: str) -> None:
-        pass
-
 
 class ActiveJob:
     """What ``celery inspect active`` shows of a job being computed (Celery's Request has more)."""
@@ -155,7 +143,7 @@ class ActiveJob:
         }
 
 
-class ActiveRequests:
+class ActiveRequests(Observer):
     """An ``Observer`` that keeps Celery's set of active requests true, for ``inspect active``."""
 
     def __init__(self, hostname: str) -> None:
@@ -177,15 +165,3 @@ class ActiveRequests:
         job = self._by_id.pop(outcome.delivery.job_id, None)
         if job is not None:
             self.active.discard(job)
-
-    def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
-        pass
-
-    def model_loaded(self, task: str, seconds: float) -> None:
-        pass
-
-    def redis_error(self, operation: str) -> None:
-        pass
-
-    def redis_back(self, operation: str) -> None:
-        pass

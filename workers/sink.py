@@ -77,24 +77,31 @@ class Sink(Protocol):
         ...
 
 
-class Observer(Protocol):
+class Observer:
     """What watches the engine at work (Celery events, metrics). Called from the engine's threads:
-    each call must return at once and never raise."""
+    each call must return at once and never raise. Every call does nothing here: an observer
+    overrides the ones it watches."""
 
-    def received(self, delivery: Delivery) -> None: ...
+    def received(self, delivery: Delivery) -> None:
+        pass
 
-    def started(self, delivery: Delivery) -> None: ...
+    def started(self, delivery: Delivery) -> None:
+        pass
 
-    def finished(self, outcome: Outcome, stored: bool) -> None: ...
+    def finished(self, outcome: Outcome, stored: bool) -> None:
+        pass
 
     def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         """A forward batch ran; ``splits``: times it was halved after running out of memory."""
 
-    def model_loaded(self, task: str, seconds: float) -> None: ...
+    def model_loaded(self, task: str, seconds: float) -> None:
+        pass
 
-    def redis_error(self, operation: str) -> None: ...
+    def redis_error(self, operation: str) -> None:
+        pass
 
-    def redis_back(self, operation: str) -> None: ...
+    def redis_back(self, operation: str) -> None:
+        pass
 
 
 class Observers:
