@@ -143,7 +143,7 @@ def inflight_jobs(server: Server, worker: WorkerProcess) -> list[str]:
 
 
 KILLS = 50 if FULL else 6
-JOBS_PER_S = 40 if FULL else 150  # the full run spreads its 10k jobs over the 50 kills
+JOBS_PER_S = 55 if FULL else 150  # the full run spreads its 10k jobs over the 50 kills (about 3 minutes)
 JOB_LIMIT = 10_000 if FULL else None
 
 
@@ -213,6 +213,8 @@ def test_sigkill_at_random_moments_loses_nothing(
                 wait_until(lambda held=held: count_final(client, held) == len(held), 120, every=0.1)
             if not producer.is_alive() and count_final(client, list(producer.jobs)) == len(producer.jobs):
                 break  # nothing left to kill a worker over
+        if JOB_LIMIT is not None:
+            producer.join(600)  # every one of the full run's jobs is submitted, the last ones after the kills
         producer.stop.set()
         producer.join(30)
         ids = list(producer.jobs)
