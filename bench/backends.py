@@ -537,7 +537,7 @@ def _load_note(figures: dict[str, Any]) -> str:
     if "load_average" not in figures:
         return ""
     start, end = figures["load_average"]
-    return (
-        f"Load average of the 2-core machine at the start and the end of this table: {start:.1f} and {end:.1f} "
-        "(above 2, other processes competed for the cores; the round-by-round ratios hold better than the rates)."
-    )
+    note = f"Load average of the 2-core machine at the start and the end of this table: {start:.1f} and {end:.1f}"
+    if max(start, end) <= 2:
+        return note + "."
+    return note + " (above 2: other processes competed for the cores; the round-by-round ratios hold better)."

@@ -10,6 +10,7 @@ never retried at the cost of jobs. And the jobs being computed, for ``celery ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -25,6 +26,8 @@ from bertq.log import get_logger
 log = get_logger(__name__)
 
 QUEUE_MOST = 10_000
+SEND_MOST = 500  # events in one publish batch
+SEND_EVERY = 0.1  # seconds an event may wait for others to share its batch
 
 
 class CeleryEvents(Observer):
@@ -54,23 +57,47 @@ class CeleryEvents(Observer):
         except queue.Full:
             self._dropped += 1
 
-    def _send_loop(self) -> None:
-        dispatcher = None
-        while True:
-            entry = self._queue.get()
-            if entry is None:
+    def _next_events(self) -> list[tuple[str, dict[str, Any]] | None]:
+        """The next event, waiting for it, and every one queued behind it within SEND_EVERY seconds
+        (up to SEND_MOST): a thread that woke for every event would take the GIL from the engine's
+        threads thousands of times a second."""
+        events = [self._queue.get()]
+        if events[0] is not None:
+            time.sleep(SEND_EVERY)
+        while events[-1] is not None and len(events) < SEND_MOST:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
                 break
-            kind, fields = entry
+        return events
+
+    def _send_loop(self) -> None:
+        """Sends what is queued in one kombu publish batch (one pipelined round trip): a publish of
+        its own costs an event about 0.3 ms of CPU, which one-text jobs on a cheap model feel."""
+        dispatcher = None
+        stopping = False
+        while not stopping:
+            events = self._next_events()
+            stopping = events[-1] is None
+            sending = [event for event in events if event is not None]
+            if not sending:
+                continue
             try:
                 if dispatcher is None:
                     dispatcher = self.app.events.Dispatcher(
                         self.app.connection_for_write(), hostname=self.hostname, enabled=True
                     )
-                dispatcher.send(kind, **fields)
+                batch = getattr(dispatcher.producer, "batch", None)  # kombu 5.7 or later
+                with batch() if batch is not None else contextlib.nullcontext():
+                    for kind, fields in sending:
+                        dispatcher.send(kind, **fields)
             except Exception as error:  # events are best effort: a lost one never costs a job
-                self._dropped += 1
+                self._dropped += len(sending)
                 log.warning(
-                    "task event dropped", kind=kind, error=f"{type(error).__name__}: {error}", dropped=self._dropped
+                    "task events dropped",
+                    events=len(sending),
+                    error=f"{type(error).__name__}: {error}",
+                    dropped=self._dropped,
                 )
                 if dispatcher is not None:
                     try:
