@@ -31,11 +31,14 @@ SEND_EVERY = 0.1  # seconds an event may wait for others to share its batch
 
 
 class CeleryEvents(Observer):
-    """An ``Observer`` that sends Celery task events from a thread of its own."""
+    """An ``Observer`` that sends Celery task events from a thread of its own while ``enabled``
+    (``bertq worker --events``, or Celery's ``enable_events`` / ``disable_events`` control commands,
+    Flower's buttons among them)."""
 
-    def __init__(self, app: Celery, hostname: str) -> None:
+    def __init__(self, app: Celery, hostname: str, enabled: bool = True) -> None:
         self.app = app
         self.hostname = hostname
+        self.enabled = enabled
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(QUEUE_MOST)
         self._started: dict[str, float] = {}
         self._dropped = 0
@@ -112,6 +115,8 @@ class CeleryEvents(Observer):
     # ---- Observer ------------------------------------------------------------------------------
 
     def received(self, delivery: Delivery) -> None:
+        if not self.enabled:
+            return
         self._put(
             "task-received",
             uuid=delivery.job_id,
@@ -126,12 +131,16 @@ class CeleryEvents(Observer):
         )
 
     def started(self, delivery: Delivery) -> None:
+        if not self.enabled:
+            return
         self._started[delivery.job_id] = time.monotonic()
         self._put("task-started", uuid=delivery.job_id)
 
     def finished(self, outcome: Outcome, stored: bool) -> None:
         job_id = outcome.delivery.job_id
         began = self._started.pop(job_id, None)
+        if not self.enabled:
+            return
         runtime = time.monotonic() - began if began is not None else 0.0
         if outcome.status is JobStatus.done:
             self._put("task-succeeded", uuid=job_id, result=f"<{len(outcome.results or [])} results>", runtime=runtime)

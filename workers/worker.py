@@ -182,16 +182,15 @@ def run_worker(
     node = name or node_name(settings.device)
     queues = queues or [settings.queue]
     metrics = Metrics() if settings.metrics_port else None
-    celery_events = CeleryEvents(app, node) if events else None
+    celery_events = CeleryEvents(app, node, enabled=events)
     observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node)) if o is not None]
     worker = Worker(settings, queues, node, observers, metrics, sources or [])
     if metrics is not None:
         metrics.read_held_items(lambda: worker.engine.held_items)
         metrics.serve(int(settings.metrics_port or 0))
         log.info("metrics served", port=settings.metrics_port, path="/metrics")
-    if celery_events is not None:
-        celery_events.start()
-    install_control_commands(worker)
+    celery_events.start()
+    install_control_commands(worker, celery_events)
     from celery import signals
 
     asked = threading.Event()
@@ -218,8 +217,7 @@ def run_worker(
         celery_worker.start()
     finally:
         released = worker.drain()
-        if celery_events is not None:
-            celery_events.stop()
+        celery_events.stop()
         log.info("worker stopped", node=node, released=released)
     if not (asked.is_set() or celery_worker.exitcode == 0):
         log.error("Celery's worker stopped without being asked to", node=node, exit_code=celery_worker.exitcode)
@@ -239,10 +237,11 @@ def quiet_celery(json_lines: bool) -> None:
         celery_worker.safe_say = lambda message, *_: say.info(str(message).strip())  # type: ignore[attr-defined]
 
 
-def install_control_commands(worker: Worker) -> None:
+def install_control_commands(worker: Worker, events: CeleryEvents) -> None:
     """``revoke`` (``AsyncResult.revoke()``, ``celery control revoke``) cancels queued jobs in their
     records, where every worker and client sees it. Celery's own handler would overwrite any record,
-    finished ones included, with REVOKED."""
+    finished ones included, with REVOKED. ``enable_events`` and ``disable_events`` (``celery control``,
+    Flower) switch bertq's task events, which Celery's own handlers do not reach."""
     from celery.worker import state as worker_state
     from celery.worker.control import Panel, ok
 
@@ -257,6 +256,17 @@ def install_control_commands(worker: Worker) -> None:
         return ok({job_id: outcome for job_id, outcome in zip(ids, outcomes)})
 
     Panel.register(type="control", name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
+
+    def switch_events(on: bool) -> Any:
+        def handler(state: Any) -> dict[str, Any]:
+            events.enabled = on
+            log.info("task events switched by remote control", enabled=on)
+            return ok(f"task events {'enabled' if on else 'disabled'}")
+
+        return handler
+
+    Panel.register(type="control", name="enable_events")(switch_events(True))
+    Panel.register(type="control", name="disable_events")(switch_events(False))
 
 
 def gpu_commands(

@@ -14,6 +14,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,9 @@ def test_metrics_count_the_jobs_just_run_and_cover_the_dashboard(
     assert missing == []
 
 
-def test_celery_events_tell_received_started_and_succeeded_or_failed(
-    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
-) -> None:
-    queue, _, _, _ = operated
+@contextmanager
+def captured_events(redis_url: str) -> Iterator[dict[str, list[tuple[str, dict[str, Any]]]]]:
+    """Task events by job id, as ``app.events.Receiver`` (Flower's way) sees them while the block runs."""
     app = Celery(broker=redis_url, set_as_current=False)
     seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     ready = threading.Event()
@@ -152,20 +152,53 @@ def test_celery_events_tell_received_started_and_succeeded_or_failed(
     listener.start()
     assert ready.wait(10)
     time.sleep(0.5)
-    client = client_for(redis_url, queue)
-    good = client.submit("sentiment", ["fine"])
-    bad = str(uuid.uuid4())
-    redis.Redis.from_url(redis_url).lpush(
-        queue, raw_message(bad, "sentiment", [{"text": "fine"}], queue, {"top_kk": 2})
-    )
-    client.wait([good, bad], timeout=60)
-    assert wait_until(lambda: len(seen.get(good, [])) >= 3 and len(seen.get(bad, [])) >= 2, 20)
+    try:
+        yield seen
+    finally:
+        receivers[0].should_stop = True
+        listener.join(10)
+
+
+def test_celery_events_tell_received_started_and_succeeded_or_failed(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
+    queue, _, _, _ = operated
+    with captured_events(redis_url) as seen:
+        client = client_for(redis_url, queue)
+        good = client.submit("sentiment", ["fine"])
+        bad = str(uuid.uuid4())
+        redis.Redis.from_url(redis_url).lpush(
+            queue, raw_message(bad, "sentiment", [{"text": "fine"}], queue, {"top_kk": 2})
+        )
+        client.wait([good, bad], timeout=60)
+        assert wait_until(lambda: len(seen.get(good, [])) >= 3 and len(seen.get(bad, [])) >= 2, 20)
     assert [kind for kind, _ in seen[good]] == ["task-received", "task-started", "task-succeeded"]
     assert seen[good][0][1]["name"] == "bertq.sentiment" and seen[good][2][1]["runtime"] > 0
     assert [kind for kind, _ in seen[bad]] == ["task-received", "task-failed"]
     assert "options.top_kk" in seen[bad][1][1]["exception"]
-    receivers[0].should_stop = True
-    listener.join(10)
+
+
+def test_remote_control_switches_task_events_off_and_on(
+    operated: tuple[str, Fleet, WorkerProcess, int], redis_url: str
+) -> None:
+    """``celery control disable_events`` / ``enable_events`` (Flower's buttons) reach bertq's events."""
+    queue, _, worker, _ = operated
+    control = Celery(broker=redis_url, set_as_current=False).control
+    client = client_for(redis_url, queue)
+    with captured_events(redis_url) as seen:
+        try:
+            replies = control.broadcast("disable_events", destination=[worker.name], reply=True, timeout=5, limit=1)
+            assert replies == [{worker.name: {"ok": "task events disabled"}}]
+            quiet = client.submit("sentiment", ["nobody hears this"])
+            assert client.wait([quiet], timeout=60)[quiet].status is JobStatus.done
+        finally:
+            control.broadcast("enable_events", destination=[worker.name], reply=True, timeout=5, limit=1)
+        heard = client.submit("sentiment", ["everybody hears this"])
+        assert client.wait([heard], timeout=60)[heard].status is JobStatus.done
+        assert wait_until(lambda: len(seen.get(heard, [])) >= 3, 20)
+        time.sleep(0.5)  # a batch of events goes out every 0.1 s
+    assert quiet not in seen
+    assert [kind for kind, _ in seen[heard]] == ["task-received", "task-started", "task-succeeded"]
 
 
 def celery_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
