@@ -184,7 +184,8 @@ def _systems(ctx: Context, task: str, model: str, texts: list[str], worker: Any,
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> Iterator[None]:
+    """In-process runs on one thread, like the worker: two threads on two shared cores crawl."""
     import torch
 
     before = torch.get_num_threads()
@@ -198,7 +199,7 @@ def _one_torch_thread() -> Iterator[None]:
 def run(ctx: Context) -> dict[str, Any]:
     tables: dict[str, list[Row]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
-    with ctx.bertq_worker("enrich", QUEUE_NAME, threads=1) as worker, _one_torch_thread():
+    with ctx.bertq_worker("enrich", QUEUE_NAME, threads=1) as worker, one_torch_thread():
         ctx.section(
             "bertq enrich through one worker against bertq run: embedding (real all-MiniLM-L6-v2)",
             "enrich through the queue about 0.95x of run (the model's work dominates; the producer's CSV and "

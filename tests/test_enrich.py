@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from bertq.schemas import JobStatus, Limits
 
+from bench.enrich import one_torch_thread
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
 from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, LocalBackend, Summary, task_specs
 from bertq.files import FileFormat, RowReader
@@ -68,19 +69,6 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_url: str, models: dict[str, str])
     for task, path in models.items():
         monkeypatch.setenv(f"BERTQ_MODEL_{task.upper()}", path)
     return monkeypatch
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """In-process runs on one thread, like the worker: two threads on two shared cores crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def review_texts(count: int) -> list[str]:

@@ -20,6 +20,7 @@ from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
 
 from bertq.errors import BertqError
+from tests.counting import CountingTask
 
 TEXTS = [
     "The battery lasts all day and the screen is gorgeous",
@@ -126,21 +127,6 @@ def test_cls_pooling_matches_a_cls_pooled_sentence_transformer(minilm: Path, loa
     assert max(abs(a - b) for a, b in zip(cls, mean)) > 0.01  # the option reached the forward pass
 
 
-class CountingTask:
-    """The real similarity task, counting the rows its forward pass sees."""
-
-    def __init__(self) -> None:
-        self.inner = get_task(TaskName.similarity)
-        self.rows = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def forward(self, loaded: Any, batch: Any) -> list[Any]:
-        self.rows += len(batch.rows)
-        return self.inner.forward(loaded, batch)
-
-
 def test_a_job_of_200_pairs_embeds_each_distinct_text_once(loaded: dict[str, Any], encoders: dict[str, Any]) -> None:
     rng = np.random.default_rng(1)
     words = "the battery screen delivery was great slow cracked happy price value".split()
@@ -148,7 +134,7 @@ def test_a_job_of_200_pairs_embeds_each_distinct_text_once(loaded: dict[str, Any
     distinct = sorted(set(pool))
     pairs = [(pool[int(i)], pool[int(j)]) for i, j in rng.integers(0, len(pool), size=(200, 2))]
     used = {text for pair in pairs for text in pair}
-    task = CountingTask()
+    task = CountingTask(TaskName.similarity)
     results = run(loaded["minilm"], [{"text_a": a, "text_b": b} for a, b in pairs], task=task, max_tokens=1024)
     assert task.rows == len(used) < 400  # 400 texts, each distinct one computed once
     matrix = cos_sim(encoders["minilm"], distinct, distinct)

@@ -26,6 +26,7 @@ from bertq.workers.runner import load_model, preprocess_items, run_items
 from bench.peers.extractive_summarizer import summarize
 from bench.texts import review_document
 from bertq.errors import BertqError
+from tests.counting import CountingTask
 
 KETTLE = (
     "I bought this kettle in March after my old one started leaking from the base. "
@@ -245,28 +246,13 @@ def test_equally_near_sentences_go_to_the_earlier_one_whatever_the_rounding() ->
     assert nearest_to_centroids(np.stack([far, a + 1e-7, a, a]), 2) == [0, 1]
 
 
-class CountingTask:
-    """The real summarize task, counting the batches and rows its forward pass sees."""
-
-    def __init__(self) -> None:
-        self.inner = get_task(TaskName.summarize)
-        self.batches: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def forward(self, loaded: Any, batch: Any) -> list[Any]:
-        self.batches.append(len(batch.rows))
-        return self.inner.forward(loaded, batch)
-
-
 def test_a_300_sentence_document_across_many_batches_gives_the_one_batch_summary(loaded: dict[str, Any]) -> None:
     text = review_document(random.Random(3), 300)
     options = {"num_sentences": 5}
     assert_holds_under_noise(embeddings(loaded["tiny"], text, options), options)
     items = validate_items(TaskName.summarize, [{"text": text}], Limits())
     parsed = validate_options(TaskName.summarize, options)
-    one, many = CountingTask(), CountingTask()
+    one, many = CountingTask(TaskName.summarize), CountingTask(TaskName.summarize)
     (whole,) = run_items(one, loaded["tiny"], items, parsed, 1_000_000, 10_000)  # type: ignore[arg-type]
     (split,) = run_items(many, loaded["tiny"], items, parsed, 256, 64)  # type: ignore[arg-type]
     assert len(one.batches) == 1 and len(many.batches) >= 10

@@ -82,26 +82,14 @@ def test_metrics_count_the_jobs_just_run_and_cover_the_dashboard(
     embedded = client.submit("embedding", ["vector please"])
     client.wait([*done, failed, embedded], timeout=60)
     after = scrape(port)
-    assert (
-        sample(after, "bertq_jobs_total", task="sentiment", status="done")
-        - sample(before, "bertq_jobs_total", task="sentiment", status="done")
-        == 5
-    )
-    assert (
-        sample(after, "bertq_jobs_total", task="sentiment", status="failed")
-        - sample(before, "bertq_jobs_total", task="sentiment", status="failed")
-        == 1
-    )
-    assert (
-        sample(after, "bertq_jobs_total", task="embedding", status="done")
-        - sample(before, "bertq_jobs_total", task="embedding", status="done")
-        == 1
-    )
-    assert (
-        sample(after, "bertq_items_total", task="sentiment", outcome="error")
-        - sample(before, "bertq_items_total", task="sentiment", outcome="error")
-        == 5
-    )
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert grew("bertq_jobs_total", task="sentiment", status="done") == 5
+    assert grew("bertq_jobs_total", task="sentiment", status="failed") == 1
+    assert grew("bertq_jobs_total", task="embedding", status="done") == 1
+    assert grew("bertq_items_total", task="sentiment", outcome="error") == 5
     for histogram in (
         "bertq_batch_rows",
         "bertq_batch_padded_tokens",

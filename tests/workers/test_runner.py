@@ -11,24 +11,11 @@ from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, run_items
 
-
-class CountingTask:
-    """The real embedding task, counting the rows its forward pass sees."""
-
-    def __init__(self) -> None:
-        self.inner = get_task(TaskName.embedding)
-        self.rows = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def forward(self, loaded: Any, batch: Any) -> list[Any]:
-        self.rows += len(batch.rows)
-        return self.inner.forward(loaded, batch)
+from tests.counting import CountingTask
 
 
 def test_repeated_texts_in_a_job_are_computed_once_with_equal_results(tiny_models: dict[str, Path]) -> None:
-    task = CountingTask()
+    task = CountingTask(TaskName.embedding)
     loaded = load_model(task.inner, str(tiny_models["base"]))
     texts = [f"text number {i % 7}" for i in range(40)]
     items = validate_items(TaskName.embedding, [{"text": t} for t in texts], Limits())
