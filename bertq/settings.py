@@ -154,6 +154,23 @@ class Settings(BaseSettings):
         description="A worker holding jobs without progress this long exits non-zero (and `bertq worker "
         "--check` fails), as it does when Redis stays unreachable this long.",
     )
+    model_load_timeout_s: float = Field(
+        600.0,
+        ge=1,
+        description="A model load (download, conversion, reading its files) that takes longer than this ends the "
+        "worker non-zero, as a stall does: a hung mount must not pin the jobs it holds.",
+    )
+    dead_letter_ttl_s: int = Field(
+        7 * 86_400,
+        ge=60,
+        description="Seconds a dead letter (`bertq:dead`, `<input>:dead`) is kept; older entries are trimmed.",
+    )
+    dead_letter_max_bytes: int = Field(
+        64 * 1024,
+        ge=256,
+        description="Most bytes of a message kept in its dead letter; a longer one keeps its first bytes, marked "
+        "`truncated`.",
+    )
     allowed_models: str = Field(
         "",
         description="Comma-separated hub ids or paths a job may name besides the configured task models "
