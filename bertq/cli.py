@@ -237,59 +237,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.job_id:
         print(client.get(args.job_id).status.value)
         return 0
-    print(json.dumps(_overview(client, settings), indent=2, ensure_ascii=False))
-    return 0
-
-
-def _overview(client: Any, settings: Settings) -> dict[str, Any]:
-    """Queues and their depth, live workers, dead letters."""
     import redis
 
-    from bertq.workers.delivery import QUARANTINE_PREFIX, DeadLetters, priority_list
-    from bertq.workers.health import live_workers
-    from bertq.workers.streams import parse_sources, stream_state
+    from bertq.connection import broker_error
+    from bertq.status import overview
 
     try:
-        workers = live_workers(client.redis)
-        queues = sorted({settings.queue, *(q for w in workers for q in w.get("queues", []))})
-        depths = {}
-        for queue in queues:
-            lists = {step: priority_list(queue, step) for step in (0, 3, 6, 9)}
-            by_priority = {str(step): int(client.redis.llen(key)) for step, key in lists.items()}
-            quarantined = sum(int(client.redis.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
-            depths[queue] = {
-                "queued": sum(by_priority.values()),
-                "by_priority": by_priority,
-                "quarantined": quarantined,
-            }
-        dead = DeadLetters(client.redis, settings.result_ttl_s).count()
-        sources = {(s.input, s.group) for s in parse_sources(settings.stream_specs())}
-        sources |= {(s["input"], s["group"]) for w in workers for s in w.get("streams", [])}
-        streams = [stream_state(client.redis, stream, group) for stream, group in sorted(sources)]
+        shown = overview(client.redis, settings)
     except redis.RedisError as error:
-        from bertq.connection import broker_error
-
         raise broker_error(error, client.url) from error
-    shown = [
-        {
-            key: worker.get(key)
-            for key in (
-                "node",
-                "consumer",
-                "host",
-                "pid",
-                "queues",
-                "device",
-                "held_jobs",
-                "held_items",
-                "progress_s_ago",
-                "heartbeat_s_ago",
-                "alive",
-            )
-        }
-        for worker in workers
-    ]
-    return {"queues": depths, "workers": shown, "dead_letters": dead, "streams": streams}
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_result(args: argparse.Namespace, settings: Settings) -> int:

@@ -596,7 +596,7 @@ class QueueBackend:
         import redis
 
         from bertq.connection import broker_error
-        from bertq.workers.health import live_workers
+        from bertq.status import live_workers
 
         try:
             workers = live_workers(self.client.redis)

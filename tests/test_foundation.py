@@ -30,7 +30,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 # ---- light imports ---------------------------------------------------------------------------------
 
-HEAVY = ("torch", "transformers")
+#: The worker extras: a producer's `pip install bertq` has none of them (tests/test_producer_install.py).
+HEAVY = ("torch", "transformers", "numpy", "prometheus_client")
 
 
 @pytest.mark.parametrize(
@@ -41,8 +42,10 @@ HEAVY = ("torch", "transformers")
         ("bertq.client",),
         ("bertq.workers.app",),
         ("bertq.enrich", "bertq.files"),  # `bertq enrich` through the queue is a producer
+        ("bertq.status", "bertq.workers.delivery"),  # `bertq status`, `bertq dead`
+        ("bertq.cli",),
     ],
-    ids=["foundation", "client", "celery-app", "enrich"],
+    ids=["foundation", "client", "celery-app", "enrich", "status", "cli"],
 )
 def test_producer_side_imports_stay_light(modules: tuple[str, ...]) -> None:
     # An invalid BERTQ_ value also proves that importing reads no settings: only constructing does.

@@ -22,13 +22,13 @@ import pytest
 import redis
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.health import live_workers
 from bertq.workers.runner import load_model, result_dicts, run_items
 
 from bertq.client import Client
 from bertq.errors import BrokerUnavailable, SubmitIncomplete
 from bertq.records import JobView
 from bertq.settings import Settings
+from bertq.status import live_workers
 from tests.faults.conftest import FULL, record
 from tests.faults.harness import (
     Fleet,
