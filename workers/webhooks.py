@@ -1,18 +1,23 @@
 """Webhooks: a job may carry ``callback_url``; when it reaches a final state, a worker POSTs its final
-record there, signed, and records each attempt on the job record.
+record there, signed, and records each attempt beside the job record.
 
 Durable and shared: storing a final record (or cancelling, or dead-lettering, a job) adds its id to the
 ``bertq:webhooks`` sorted set in the same script, scored by when its next attempt is due. Any worker's
-webhook thread takes due entries by pushing their score a lease into the future, so two workers never
-call at once and a worker that dies mid-call leaves the entry to be retried after the lease. Calls
-never block the forward pass: they run in a thread of their own.
+webhook thread takes the entry due first by pushing its score a lease into the future. A worker takes one
+entry at a time and the lease covers the worst case of one call, so two workers never call one webhook at
+once, and a worker that dies mid-call leaves the entry to be retried after the lease. Due times, leases and
+attempt times are all Redis's clock (``TIME``). Calls never block the forward pass: they run in a thread
+of their own.
 
-- Only hosts in ``BERTQ_WEBHOOK_ALLOWED_HOSTS`` are called (an empty list calls none); any other is
-  refused and the refusal recorded, so no job can make a worker call arbitrary internal addresses.
-- The body is the record as ``Client.get`` shows it (JSON); ``X-Bertq-Signature: sha256=<hex>`` is
-  HMAC-SHA256 of the body with ``BERTQ_WEBHOOK_SECRET``.
-- A call that fails (no answer within ``BERTQ_WEBHOOK_TIMEOUT_S``, or a status other than 2xx) is
-  retried with exponential backoff (1 s, 2 s, 4 s, ...) up to ``BERTQ_WEBHOOK_MAX_ATTEMPTS`` attempts.
+- Only URLs that ``BERTQ_WEBHOOK_ALLOWED_HOSTS`` allows are called (an empty list calls none); any other
+  is refused and the refusal recorded, so no job can make a worker call arbitrary internal addresses.
+- The body is the record as ``Client.get`` shows it (JSON). ``X-Bertq-Timestamp`` is the unix time of the
+  call and ``X-Bertq-Signature: sha256=<hex>`` the HMAC-SHA256 of ``"<timestamp>.<body>"`` with
+  ``BERTQ_WEBHOOK_SECRET``, so a receiver can refuse a replayed call.
+- A call that fails (a step of it takes longer than ``BERTQ_WEBHOOK_TIMEOUT_S``, or a status other than
+  2xx) is retried with exponential backoff (1 s, 2 s, 4 s, ...) up to ``BERTQ_WEBHOOK_MAX_ATTEMPTS``.
+- Attempts go to ``bertq:webhook:<job id>``, a small hash that expires with the record, never to the
+  record itself (which may hold a large result); ``webhook_state`` reads it.
 """
 
 from __future__ import annotations
@@ -34,34 +39,87 @@ from bertq.settings import Settings
 
 log = get_logger(__name__)
 
-LEASE_S = 60.0
-TAKE_MOST = 16
 SIGNATURE_HEADER = "X-Bertq-Signature"
+TIMESTAMP_HEADER = "X-Bertq-Timestamp"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+STATE_PREFIX = "bertq:webhook:"
+#: Steps of a call that each get BERTQ_WEBHOOK_TIMEOUT_S: connect, TLS handshake, send, read the answer's head.
+CALL_STEPS = 4
+#: What a lease covers beyond the call: reading the record, resolving the host name, recording the attempt.
+LEASE_MARGIN_S = 10.0
+MOST_BACKOFF_S = 300.0
 
-# Lua: take due webhooks: push each one's score a lease ahead. KEYS: the zset. ARGV: lease, most.
+# Lua: take the webhook due first and push its score a lease ahead. KEYS: the zset. ARGV: lease.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, job_id in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), job_id) end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)[1]
+if due then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), due) end
 return due
 """
 
+# Lua: record one attempt in the job's webhook state, with the record's TTL, then schedule the next one or
+# end the webhook; 0 (nothing written) when the record is gone. KEYS: record, state, zset. ARGV: job id,
+# attempt (JSON), outcome (delivered, failed, refused), most attempts, url, most backoff.
+_ATTEMPT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local attempt = cjson.decode(ARGV[2])
+attempt['at'] = now
+local n = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+local delivered = ARGV[3] == 'delivered' and '1' or '0'
+redis.call('HSET', KEYS[2], 'url', ARGV[5], 'delivered', delivered, tostring(n), cjson.encode(attempt))
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+if ARGV[3] ~= 'failed' or n >= tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], now + math.min(tonumber(ARGV[6]), 2 ^ (n - 1)), ARGV[1])
+end
+return n
+"""
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>``: the HMAC-SHA256 of ``"<timestamp>.<body>"`` with ``secret``."""
+    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 def host_allowed(url: str, allowed: list[str]) -> bool:
+    """Whether ``url`` may be called: ``host:port`` listed exactly, or ``host`` listed alone and the URL on
+    its scheme's default port (80, 443)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return False
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError:  # a port that is no number, or out of range
         return False
     host = parts.hostname.lower()
-    return any(entry in (host, f"{host}:{parts.port}") for entry in allowed)
+    return f"{host}:{port}" in allowed or (host in allowed and port == DEFAULT_PORTS[parts.scheme])
+
+
+def state_key(job_id: str) -> str:
+    return STATE_PREFIX + job_id
+
+
+def webhook_state(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    """A job's webhook as its attempts left it: ``url``, ``delivered`` and ``attempts`` (each with ``at``,
+    the Redis time it ended, and ``status`` or ``error``), oldest first. None before the first attempt."""
+    fields = {_text(name): _text(value) for name, value in client.hgetall(state_key(job_id)).items()}
+    if not fields:
+        return None
+    attempts = [json.loads(fields[str(n)]) for n in range(1, int(fields["attempts"]) + 1)]
+    return {"url": fields["url"] or None, "delivered": fields["delivered"] == "1", "attempts": attempts}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Webhooks:
-    """The thread that calls due webhooks."""
+    """The thread that calls due webhooks, one at a time."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         import httpx
@@ -69,9 +127,11 @@ class Webhooks:
         self.client = client
         self.settings = settings
         self.allowed = [host.strip().lower() for host in settings.webhook_allowed_hosts.split(",") if host.strip()]
+        self.lease_s = CALL_STEPS * settings.webhook_timeout_s + LEASE_MARGIN_S
         self.http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
         self.stopping = threading.Event()
         self._take = client.register_script(_TAKE)
+        self._attempt = client.register_script(_ATTEMPT)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -79,81 +139,73 @@ class Webhooks:
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                due = [job_id.decode() for job_id in self._take(keys=[WEBHOOKS], args=[LEASE_S, TAKE_MOST])]
+                job_id = self.take()
             except Exception as error:
                 if not is_transient(error):
                     raise
                 self.stopping.wait(1.0)
                 continue
-            for job_id in due:
-                try:
-                    self.deliver(job_id)
-                except Exception as error:  # a webhook never ends a worker
-                    if is_transient(error):
-                        continue  # its lease runs out and a worker tries again
-                    log.exception("webhook dropped: its record cannot be read", job_id=job_id)
-                    self.client.zrem(WEBHOOKS, job_id)
-            if not due:
+            if job_id is None:
                 self.stopping.wait(0.5)
+                continue
+            try:
+                self.deliver(job_id)
+            except Exception as error:  # a webhook never ends a worker
+                if is_transient(error):
+                    continue  # its lease runs out and a worker tries again
+                log.exception("webhook dropped: its record cannot be read", job_id=job_id)
+                self.client.zrem(WEBHOOKS, job_id)
+
+    def take(self) -> str | None:
+        """The webhook due first, leased to this worker for one call; None when none is due."""
+        job_id = self._take(keys=[WEBHOOKS], args=[self.lease_s])
+        return _text(job_id) if job_id else None
 
     def deliver(self, job_id: str) -> None:
+        """One attempt at the webhook of ``job_id``, recorded."""
+        started = time.monotonic()
         raw = self.client.get(meta_key(job_id))
-        if raw is None:  # expired meanwhile: nothing to send
-            self.client.zrem(WEBHOOKS, job_id)
+        if raw is None:
+            self._dropped(job_id)
             return
-        record = json.loads(raw)
-        ours = record.get("bertq") or {}
-        hook = ours.get("webhook") or {"url": ours.get("callback_url"), "attempts": []}
-        url = hook["url"]
-        attempt: dict[str, Any] = {"at": time.time()}
+        view = JobView.from_record(job_id, raw)
+        url = view.info.get("callback_url")
         if not url or not host_allowed(url, self.allowed):
-            attempt["error"] = f"host of {url!r} is not in BERTQ_WEBHOOK_ALLOWED_HOSTS: not called"
-            self._record(job_id, hook, attempt, final=True, delivered=False)
+            refusal = {"error": f"host of {url!r} is not in BERTQ_WEBHOOK_ALLOWED_HOSTS: not called"}
+            self._record(job_id, url, refusal, "refused")
             log.warning("webhook refused", job_id=job_id, url=url)
             return
-        body = json.dumps(JobView.from_record(job_id, raw).to_dict(), ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json", "X-Bertq-Job-Id": job_id}
-        if self.settings.webhook_secret:
-            headers[SIGNATURE_HEADER] = sign(self.settings.webhook_secret, body)
-        try:
-            response = self.http.post(url, content=body, headers=headers)
-            attempt["status"] = response.status_code
-            delivered = 200 <= response.status_code < 300
-        except Exception as error:  # any failure of the call is the webhook's, never the job's
-            attempt["error"] = f"{type(error).__name__}: {error}"
-            delivered = False
-        attempts = len(hook["attempts"]) + 1
-        final = delivered or attempts >= self.settings.webhook_max_attempts
-        self._record(job_id, hook, attempt, final=final, delivered=delivered)
-        if not final:
-            self.client.zadd(WEBHOOKS, {job_id: time.time() + min(300.0, 2.0 ** (attempts - 1))})
-        log.info(
-            "webhook called",
-            job_id=job_id,
-            attempt=attempts,
-            delivered=delivered,
-            **{k: v for k, v in attempt.items() if k != "at"},
-        )
+        attempt = self._call(job_id, url, json.dumps(view.to_dict(), ensure_ascii=False).encode())
+        delivered = 200 <= attempt.get("status", 0) < 300
+        number = self._record(job_id, url, attempt, "delivered" if delivered else "failed")
+        if number:
+            log.info("webhook called", job_id=job_id, attempt=number, delivered=delivered, **attempt)
+        if time.monotonic() - started > self.lease_s:
+            log.warning("webhook call outlived its lease: another worker may call it too", job_id=job_id)
 
-    def _record(self, job_id: str, hook: dict[str, Any], attempt: dict[str, Any], final: bool, delivered: bool) -> None:
-        """Add the attempt to the job record (read, change, write back if unchanged meanwhile)."""
-        hook = {**hook, "attempts": [*hook["attempts"], attempt], "delivered": delivered}
-        key = meta_key(job_id)
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        break
-                    record = json.loads(raw)
-                    record["bertq"]["webhook"] = hook
-                    pipe.multi()
-                    pipe.set(key, json.dumps(record), keepttl=True)
-                    if final:
-                        pipe.zrem(WEBHOOKS, job_id)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
+    def _call(self, job_id: str, url: str, body: bytes) -> dict[str, Any]:
+        """POST ``body``: the attempt's ``status``, or its ``error``. The answer's body is never read."""
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "X-Bertq-Job-Id": job_id, TIMESTAMP_HEADER: timestamp}
+        if self.settings.webhook_secret:
+            headers[SIGNATURE_HEADER] = sign(self.settings.webhook_secret, timestamp, body)
+        try:
+            with self.http.stream("POST", url, content=body, headers=headers) as response:
+                return {"status": response.status_code}
+        except Exception as error:  # any failure of the call is the webhook's, never the job's
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    def _record(self, job_id: str, url: str | None, attempt: dict[str, Any], outcome: str) -> int | None:
+        """Write the attempt and schedule the next one; its number, or None when the record is gone."""
+        number = self._attempt(
+            keys=[meta_key(job_id), state_key(job_id), WEBHOOKS],
+            args=[job_id, json.dumps(attempt), outcome, self.settings.webhook_max_attempts, url or "", MOST_BACKOFF_S],
+        )
+        if not number:
+            self._dropped(job_id)
+            return None
+        return int(number)
+
+    def _dropped(self, job_id: str) -> None:
+        self.client.zrem(WEBHOOKS, job_id)
+        log.warning("webhook dropped: its job record expired", job_id=job_id)
