@@ -20,11 +20,12 @@ import redis
 
 from bertq.connection import broker_error, connect
 from bertq.errors import InvalidInput, SubmitIncomplete
-from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, meta_key, queued_record
+from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, message_digest, meta_key, queued_record
 from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
 from bertq.settings import Settings
 
 _ORIGIN = f"bertq-client@{socket.gethostname()}"
+WAIT_CHUNK = 200  # records per MGET of ``wait``: large results make a reply of many MiB otherwise
 
 
 def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: str, priority: int = 0) -> str:
@@ -143,7 +144,8 @@ class Client:
             if callback_url:
                 kwargs["callback_url"] = callback_url
             message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0)
-            jobs.append((job_id, queued_record(job_id, task.value, len(items), callback_url), message))
+            record = queued_record(job_id, task.value, len(items), callback_url, message_digest(message))
+            jobs.append((job_id, record, message))
         queued: list[str] = []
         for start in range(0, len(jobs), 500):
             batch = jobs[start : start + 500]
@@ -194,28 +196,38 @@ class Client:
 
     def wait(self, job_ids: Sequence[str], timeout: float | None = None) -> dict[str, JobView]:
         """Poll until every job is done or failed, or ``timeout`` seconds pass; then unfinished jobs
-        come back with their current status. One pipelined MGET per poll, over unfinished jobs only."""
+        come back with their current status. One pipelined MGET per poll, over unfinished jobs only.
+
+        A job whose record was seen and then vanished (its TTL passed) comes back ``unknown`` at once.
+        Without a timeout, a job never seen at all is waited for up to ``BERTQ_RESULT_TTL_S``: a record
+        cannot outlive it, so ``unknown`` then is final."""
         try:
             return self._wait(job_ids, timeout)
         except redis.RedisError as error:
             raise broker_error(error, self.url) from error
 
     def _wait(self, job_ids: Sequence[str], timeout: float | None) -> dict[str, JobView]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = self.settings.result_ttl_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
         views: dict[str, JobView] = {}
+        seen: set[str] = set()
         pending = list(dict.fromkeys(job_ids))
         delay = 0.002
         while pending:
             still = []
-            for start in range(0, len(pending), 1000):
-                chunk = pending[start : start + 1000]
+            for start in range(0, len(pending), WAIT_CHUNK):
+                chunk = pending[start : start + WAIT_CHUNK]
                 for job_id, raw in zip(chunk, self.redis.mget([meta_key(j) for j in chunk])):
                     view = JobView.from_record(job_id, raw)
                     views[job_id] = view
+                    if raw is not None:
+                        seen.add(job_id)
+                    elif job_id in seen:
+                        continue  # expired while waited for: it will not come back
                     if not view.finished:
                         still.append(job_id)
             pending = still
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(delay)
             delay = min(delay * 1.5, 0.05)

@@ -35,6 +35,8 @@ CONNECT_TIMEOUT_S = 5.0
 #: Sentinels answer one small command each; a dead one should not hold up finding the master for long.
 SENTINEL_TIMEOUT_S = 2.0
 SENTINEL_PORT = 26379
+#: While a fault lasts, ``retry`` logs it again at most this often (it always logs a change of reply).
+RETRY_LOG_EVERY_S = 30.0
 
 #: Error replies that say "not now" rather than "never": the server is busy, loading, or failing over,
 #: or (NOREPLICAS) refusing writes while fewer replicas than its ``min-replicas-to-write`` keep up.
@@ -48,6 +50,7 @@ _TRANSIENT_REPLIES = (
     "OOM",
     "NOSCRIPT",
     "NOREPLICAS",
+    "MISCONF",  # the server cannot persist (disk full, AOF write error) and refuses writes until it can
 )
 _PIPELINE_ERROR = " of pipeline caused error: "  # how redis-py prefixes the error of one command of a pipeline
 
@@ -198,6 +201,13 @@ class Backoff:
         return random.uniform(delay / 2, delay)
 
 
+def deadline_timer(seconds: float, event: threading.Event) -> None:
+    """Set ``event`` after ``seconds``, from a daemon thread: a process that is done does not wait for it."""
+    timer = threading.Timer(seconds, event.set)
+    timer.daemon = True
+    timer.start()
+
+
 class GiveUp(Exception):
     """``retry`` stopped because its ``stop`` event was set before Redis came back."""
 
@@ -208,29 +218,68 @@ def retry(
     stop: threading.Event | None = None,
     on_error: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Run ``operation`` until it succeeds, retrying transient Redis faults; log each failed attempt
-    once. Raises ``GiveUp`` when ``stop`` is set while waiting, and any non-transient error at once."""
+    """Run ``operation`` until it succeeds, retrying transient Redis faults. A fault is logged when it
+    starts, when its reply changes, at most every ``RETRY_LOG_EVERY_S`` while it lasts, and once when it
+    passes. Raises ``GiveUp`` when ``stop`` is set while waiting, and any non-transient error at once."""
     backoff = Backoff()
+    began = logged_at = 0.0
+    logged = ""
     while True:
         try:
-            return operation()
+            result = operation()
         except Exception as error:
             if not is_transient(error):
                 raise
             if on_error is not None:
                 on_error(error)
             delay = backoff.next_delay()
-            log.warning(
-                "redis call failed, retrying",
-                operation=what,
-                attempt=backoff.attempts,
-                retry_in_s=round(delay, 2),
-                error=f"{type(error).__name__}: {error}",
-            )
+            now = time.monotonic()
+            began = began or now
+            described = f"{type(error).__name__}: {error}"
+            if reply_code(error) != logged or now - logged_at >= RETRY_LOG_EVERY_S:
+                logged, logged_at = reply_code(error), now
+                log.warning(
+                    "redis call failed, retrying",
+                    operation=what,
+                    attempt=backoff.attempts,
+                    retry_in_s=round(delay, 2),
+                    error=described,
+                )
             if stop is None:
                 time.sleep(delay)
             elif stop.wait(delay):
                 raise GiveUp(what) from error
+            continue
+        if backoff.attempts:
+            log.info(
+                "redis call succeeded again",
+                operation=what,
+                attempts=backoff.attempts + 1,
+                failing_s=round(time.monotonic() - began, 1),
+            )
+        return result
+
+
+def unsuitable_server(client: redis.Redis) -> str | None:
+    """Why a worker must not run on this server, or None: a Redis Cluster (bertq's keys of one job sit in
+    several slots), or an eviction policy that may drop queues and in-flight messages (``allkeys-*``)."""
+    cluster = client.info("cluster")
+    if str(cluster.get("cluster_enabled", "0")) == "1":
+        return (
+            "this Redis is a Cluster (cluster_enabled:1): bertq needs one primary (optionally with replicas and "
+            "Sentinel); point BERTQ_REDIS_URL at a non-cluster server"
+        )
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+    except redis.ResponseError:  # CONFIG renamed or refused (managed Redis): cannot tell, do not refuse
+        log.warning("could not read maxmemory-policy (CONFIG GET refused): make sure it is noeviction or volatile-*")
+        return None
+    if policy.startswith("allkeys-"):
+        return (
+            f"maxmemory-policy is {policy}: Redis may evict queued jobs and in-flight messages when full; set "
+            "maxmemory-policy noeviction (or a volatile-* policy) on the server"
+        )
+    return None
 
 
 def broker_error(error: Exception, url: str | None = None) -> BrokerUnavailable:
@@ -240,6 +289,11 @@ def broker_error(error: Exception, url: str | None = None) -> BrokerUnavailable:
         hint = "Redis is out of memory (maxmemory reached with noeviction): free memory or raise maxmemory"
     elif isinstance(error, redis.exceptions.ReadOnlyError):
         hint = "Redis is a read-only replica: point BERTQ_REDIS_URL at the primary (or a Sentinel URL)"
+    elif reply_code(error) == "MISCONF":
+        hint = (
+            "Redis refuses writes because it cannot persist them (MISCONF: disk full or an AOF/RDB write error): "
+            "nothing was queued; free disk space on the Redis host"
+        )
     elif reply_code(error) == "NOREPLICAS":
         hint = (
             "Redis refused the write: fewer replicas keep up than its min-replicas-to-write (a replica is down "

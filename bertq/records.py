@@ -16,6 +16,7 @@ write records check ``IS_FINAL`` first). Items that fail inside a done job carry
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -39,50 +40,72 @@ _STATUS_OF_CELERY_STATE = {
     "REVOKED": JobStatus.cancelled,  # or expired: the record's bertq.status says which
 }
 
-#: Lua: ``is_final(key)``, whether the record at ``key`` is final, and ``is_queued(key)``. ``status`` is
-#: the first field, so a record's first bytes tell.
+#: Lua: ``state_of(key)``, the Celery state of the record at ``key``; ``is_final(key)``; and
+#: ``digest_of(key)``, the SHA-1 of the message the record belongs to ('' when it names none). Both sit in
+#: the record's first bytes (``status`` first, ``message_sha1`` second), so GETRANGE tells without reading a
+#: large result. Compact JSON, as other languages' producers write it, reads the same.
 RECORD_STATE = """
+local function head_of(key)
+  return redis.call('GETRANGE', key, 0, 127)
+end
 local function state_of(key)
-  local head = redis.call('GETRANGE', key, 0, 31)
-  return string.match(head, '^{"status": "(%u+)"')
+  return string.match(head_of(key), '^{%s*"status"%s*:%s*"(%u+)"')
 end
 local function is_final(key)
   local state = state_of(key)
   return state == 'SUCCESS' or state == 'FAILURE' or state == 'REVOKED'
 end
+local function digest_of(key)
+  return string.match(head_of(key), '^{%s*"status"%s*:%s*"%u+"%s*,%s*"message_sha1"%s*:%s*"(%x+)"') or ''
+end
+-- another message under this job's id: the record names a message, and not this one
+local function is_impostor(key, digest)
+  local named = digest_of(key)
+  return named ~= '' and digest ~= '' and named ~= digest
+end
 """
+
+
+def message_digest(message: bytes | str) -> str:
+    """The SHA-1 (hex) of a job's message as it sits in the queue. Records carry it, so a worker can
+    tell the job's own message from another one that reuses its id."""
+    return hashlib.sha1(message.encode() if isinstance(message, str) else message).hexdigest()
 
 
 def meta_key(job_id: str) -> str:
     return META_PREFIX + job_id
 
 
-def _record(state: str, job_id: str, result: Any, info: dict[str, Any]) -> str:
-    return json.dumps(
-        {
-            "status": state,
-            "result": result,
-            "traceback": None,
-            "children": [],
-            "date_done": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) if state in FINAL_STATES else None,
-            "task_id": job_id,
-            "bertq": info,
-        }
+def _record(state: str, job_id: str, result: Any, info: dict[str, Any], digest: str = "") -> str:
+    record: dict[str, Any] = {"status": state}
+    if digest:
+        record["message_sha1"] = digest
+    record.update(
+        result=result,
+        traceback=None,
+        children=[],
+        date_done=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) if state in FINAL_STATES else None,
+        task_id=job_id,
+        bertq=info,
     )
+    return json.dumps(record)
 
 
-def queued_record(job_id: str, task: str, items: int, callback_url: str | None = None) -> str:
+def queued_record(job_id: str, task: str, items: int, callback_url: str | None = None, digest: str = "") -> str:
     info: dict[str, Any] = {"task": task, "items": items, "queued_at": time.time()}
     if callback_url:
         info["callback_url"] = callback_url
-    return _record("PENDING", job_id, None, info)
+    return _record("PENDING", job_id, None, info, digest)
 
 
-def running_record(job_id: str, task: str, items: int, worker: str) -> str:
-    return _record("STARTED", job_id, None, {"task": task, "items": items, "worker": worker, "started_at": time.time()})
+def running_record(job_id: str, task: str, items: int, worker: str, digest: str = "") -> str:
+    info = {"task": task, "items": items, "worker": worker, "started_at": time.time()}
+    return _record("STARTED", job_id, None, info, digest)
 
 
-def revoked_record(job_id: str, status: JobStatus, reason: str, info: dict[str, Any] | None = None) -> str:
+def revoked_record(
+    job_id: str, status: JobStatus, reason: str, info: dict[str, Any] | None = None, digest: str = ""
+) -> str:
     """Cancelled or expired before it ran. ``result`` is Celery's TaskRevokedError, so
     ``AsyncResult.get()`` raises it."""
     celery_exception = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
@@ -91,16 +114,17 @@ def revoked_record(job_id: str, status: JobStatus, reason: str, info: dict[str, 
         job_id,
         celery_exception,
         {**(info or {}), "status": status.value, "reason": reason, "finished_at": time.time()},
+        digest,
     )
 
 
-def done_record(job_id: str, task: str, results: list[dict[str, Any]], info: dict[str, Any]) -> str:
+def done_record(job_id: str, task: str, results: list[dict[str, Any]], info: dict[str, Any], digest: str = "") -> str:
     failed = sum(1 for result in results if "error" in result)
     info = {"task": task, "items": len(results), "failed_items": failed, "finished_at": time.time(), **info}
-    return _record("SUCCESS", job_id, results, info)
+    return _record("SUCCESS", job_id, results, info, digest)
 
 
-def failed_record(job_id: str, task: str | None, error: BertqError, info: dict[str, Any]) -> str:
+def failed_record(job_id: str, task: str | None, error: BertqError, info: dict[str, Any], digest: str = "") -> str:
     """A job refused as a whole. ``result`` is in Celery's exception format, so ``AsyncResult.get()``
     raises the same bertq error on the consumer's side."""
     celery_exception = {
@@ -109,7 +133,7 @@ def failed_record(job_id: str, task: str | None, error: BertqError, info: dict[s
         "exc_module": type(error).__module__,
     }
     info = {"task": task, "error": error.to_record(), "finished_at": time.time(), **info}
-    return _record("FAILURE", job_id, celery_exception, info)
+    return _record("FAILURE", job_id, celery_exception, info, digest)
 
 
 @dataclass
@@ -170,6 +194,11 @@ local state = state_of(KEYS[1])
 local absent = redis.call('EXISTS', KEYS[1]) == 0
 if state == 'PENDING' or state == 'RECEIVED' or (absent and ARGV[5] == '1') then
   local record = ARGV[1]
+  local digest = absent and '' or digest_of(KEYS[1])
+  if digest ~= '' then  -- the record keeps naming its message: another one under this id stays refused
+    local named = '{"status": "REVOKED", "message_sha1": "' .. digest .. '", '
+    record = string.gsub(record, '^{"status": "REVOKED", ', named, 1)
+  end
   if not absent then  -- a webhook asked for at submit time is called for the cancellation too
     local url = (cjson.decode(redis.call('GET', KEYS[1]))['bertq'] or {})['callback_url']
     if type(url) == 'string' then

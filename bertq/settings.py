@@ -38,6 +38,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
+        repr=False,  # it may hold a password: repr(settings) and tracebacks must not show it
         description="Broker and result store, e.g. redis://host:6379/0, or a Sentinel URL "
         "sentinel://[:password@]host:26379[,host:26379...]/master-name[/db] (see Scaling out). Unset: `bertq demo` "
         "starts an embedded server; other commands refuse to guess.",
@@ -166,7 +167,7 @@ class Settings(BaseSettings):
         description="Seconds a dead letter (`bertq:dead`, `<input>:dead`) is kept; older entries are trimmed.",
     )
     dead_letter_max_bytes: int = Field(
-        64 * 1024,
+        1024 * 1024,
         ge=256,
         description="Most bytes of a message kept in its dead letter; a longer one keeps its first bytes, marked "
         "`truncated`.",
@@ -179,14 +180,19 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(8, ge=1, description="Models a worker keeps loaded; the least recently used goes.")
 
     webhook_secret: str | None = Field(
-        None, description="Key of the HMAC-SHA256 signature (header X-Bertq-Signature) of every webhook call."
+        None,
+        repr=False,  # repr(settings) and tracebacks must not show it
+        description="Key of the HMAC-SHA256 signature (header X-Bertq-Signature) of `<X-Bertq-Timestamp>.<body>` "
+        "of every webhook call.",
     )
     webhook_allowed_hosts: str = Field(
         "",
-        description="Comma-separated hosts (or host:port) a job's `callback_url` may call; empty: none. Others "
-        "are refused, and the refusal recorded on the job.",
+        description="Comma-separated hosts a job's `callback_url` may call: `host` on its scheme's default port "
+        "(80, 443) only, `host:port` on that port; empty: none. Others are refused, and the refusal recorded.",
     )
-    webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds a webhook call may take.")
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds each step of a webhook call (connect, TLS, send, answer) may take."
+    )
     webhook_max_attempts: int = Field(
         5, ge=1, description="Calls of a webhook before it is given up (backoff 1 s, 2 s, 4 s...)."
     )
@@ -247,9 +253,11 @@ class Settings(BaseSettings):
                 )
         return queues
 
-    def model_allowed(self, model_id: str) -> bool:
+    def model_allowed(self, task: TaskName, model_id: str) -> bool:
+        """Whether a job of ``task`` may name ``model_id``: the task's own configured model, or one listed in
+        BERTQ_ALLOWED_MODELS. Another task's model is not implied: it would load with a head it lacks."""
         listed = {model.strip() for model in self.allowed_models.split(",") if model.strip()}
-        return "*" in listed or model_id in listed or model_id in {self.model_for(task) for task in TaskName}
+        return "*" in listed or model_id in listed or model_id == self.model_for(task)
 
     def limits(self) -> Limits:
         return Limits(

@@ -134,3 +134,15 @@ def test_producers_are_told_what_to_check_without_the_passwords() -> None:
     for error in (no_replicas, no_master):
         assert "p%40ss" not in str(error) and "s%26p" not in str(error) and "sentinel_password" not in str(error)
         assert "sentinel://:***@10.0.0.1:26380,sentinel-b,[::1]:26381/cache-main/3" in str(error)
+
+
+def test_settings_never_show_the_redis_password() -> None:
+    settings = Settings(redis_url="redis://:s3cret@cache.internal:6379/0")
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+    assert settings.redis_url == "redis://:s3cret@cache.internal:6379/0"
+
+
+def test_misconf_is_a_passing_fault_that_producers_hear_named() -> None:
+    error = redis.ResponseError("MISCONF Errors writing to the AOF file: No space left on device")
+    assert is_transient(error)
+    assert "cannot persist" in broker_error(error).message

@@ -10,33 +10,40 @@ moment loses nothing. (kombu's transport pops with BRPOP and records the message
 second round trip; a kill between the two lost the message.) When a worker is idle it blocks with
 ``BLMOVE`` into a landing list of its own, which is just as atomic; the next fetch drains it.
 
-A worker owns its in-flight hash for as long as its heartbeat is fresh (``bertq:consumers``, scored by
-Redis's own clock). When a worker stops heartbeating for longer than the visibility timeout, any live
-worker reclaims its hash: each message goes back to the front of its queue, and its job's delivery
-count goes up by one; a job whose count reaches ``max_deliveries`` goes to the dead-letter stream and
-its record is failed with code ``dead_lettered``. A live worker's messages are never redelivered,
-however long its batches take.
+A worker is listed in ``bertq:consumers`` by its first fetch, before it holds anything, and owns its
+in-flight hash for as long as its heartbeat keeps that entry's score moving; workers/reaper.py gives
+back the messages of one that stopped. A graceful stop gives back what it landed or holds unreceived,
+then leaves the registry, in one script. A live worker's messages are never redelivered, however long
+its batches take.
 
 A job whose next delivery is its last goes to a quarantine list instead of its queue. A worker takes a
 quarantined job only when it holds nothing else, and holds nothing else until it is done: if the job
 is what kills workers, it dies alone, and the healthy jobs that happened to share its worker's
 in-flight hash twice are not dead-lettered with it.
+
+Dead letters keep a message's first ``BERTQ_DEAD_LETTER_MAX_BYTES`` for ``BERTQ_DEAD_LETTER_TTL_S``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import time
 from bisect import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from bertq.errors import DeadLettered
-from bertq.records import RECORD_STATE, RESULTS_STREAM, WEBHOOKS, failed_record, meta_key, queued_record
+from bertq.messages import Unreadable, loads, peek_id
+from bertq.records import (
+    RECORD_STATE,
+    message_digest,
+    meta_key,
+    queued_record,
+)
 
 #: kombu's Redis transport keeps one list per priority step; step 0 is served first.
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -48,6 +55,8 @@ SEQUENCE = "bertq:seq"  # in-flight tags
 DELIVERIES = "bertq:deliveries"  # hash: job id -> deliveries that ended with the worker gone
 DEAD = "bertq:dead"  # stream of dead-lettered messages
 DEAD_MAXLEN = 100_000
+#: The largest message the reaper and ``bertq dead`` parse; a larger one is only peeked at for its id.
+READ_MOST_BYTES = 16 * 1024 * 1024
 QUARANTINE_PREFIX = "bertq:quarantine:"  # + a queue list: jobs on their last delivery, run one at a time
 
 
@@ -80,15 +89,23 @@ def queue_of(source: str) -> str:
 
 def identity(raw: bytes) -> tuple[str, str | None]:
     """The key a message's deliveries are counted under, and its task name when readable: the job id
-    of a Celery message, else a digest of the bytes (a message without an id is still counted)."""
-    try:
-        headers = json.loads(raw).get("headers") or {}
-        job_id, task = headers.get("id"), headers.get("task")
-        if isinstance(job_id, str) and job_id:
-            return job_id, task if isinstance(task, str) else None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        pass
+    of a Celery message, else a digest of the bytes (a message without an id is still counted). Never
+    raises, and parses nothing larger than ``READ_MOST_BYTES`` (it peeks for the id instead)."""
+    job_id, task = _read_headers(raw)
+    if job_id:
+        return job_id, task
     return "sha1:" + hashlib.sha1(raw).hexdigest(), None
+
+
+def _read_headers(raw: bytes) -> tuple[str | None, str | None]:
+    if len(raw) > READ_MOST_BYTES:
+        return peek_id(raw), None
+    try:
+        headers = loads(raw).get("headers") or {}
+        job_id, task = headers.get("id"), headers.get("task")
+    except (Unreadable, AttributeError):
+        return None, None
+    return (job_id if isinstance(job_id, str) and job_id else None), (task if isinstance(task, str) else None)
 
 
 @dataclass
@@ -106,15 +123,50 @@ class Fetched:
 
 
 # In-flight values are "<source list>\n<message>": list names never hold a newline.
-_SPLIT_VALUE = """
+SPLIT_VALUE = """
 local function split(value)
   local at = string.find(value, '\\n', 1, true)
   return string.sub(value, 1, at - 1), string.sub(value, at + 1)
 end
 """
 
-# KEYS: in-flight hash, sequence, landing lists (k of them), then queue lists in service order.
-# ARGV: most messages, most bytes, k, then the source list of each landing list.
+# A dead letter: entries older than the ttl are trimmed (by Redis's clock), the stream is capped by count,
+# and a message over the byte cap keeps only its first bytes. ``limits``: ttl seconds, maxlen, most bytes.
+DEAD_LETTER_FN = """
+local function dead_letter(stream, limits, fields, raw)
+  local t = redis.call('TIME')
+  local minid = string.format('%.0f', (tonumber(t[1]) - tonumber(limits[1])) * 1000)
+  if string.len(raw) > tonumber(limits[3]) then
+    raw = string.sub(raw, 1, tonumber(limits[3]))
+    fields[#fields + 1] = 'truncated'
+    fields[#fields + 1] = '1'
+  end
+  fields[#fields + 1] = 'message'
+  fields[#fields + 1] = raw
+  redis.call('XADD', stream, 'MINID', minid, '*', unpack(fields))
+  redis.call('XTRIM', stream, 'MAXLEN', '~', limits[2])
+end
+"""
+
+# Landing lists back to their queues. KEYS from ``first`` on are landing lists; ARGV from ``first - 2``
+# on, their queues.
+RETURN_LANDED = """
+local function return_landed(first)
+  local moved = 0
+  for i = first, #KEYS do
+    while true do
+      local raw = redis.call('RPOP', KEYS[i])
+      if not raw then break end
+      redis.call('RPUSH', ARGV[i - first + 2], raw)
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+"""
+
+# KEYS: in-flight hash, sequence, consumers zset, landing lists (k of them), then queue lists in service
+# order. ARGV: most messages, most bytes, k, consumer, then the source list of each landing list.
 _FETCH = """
 local inflight, sequence = KEYS[1], KEYS[2]
 local most, budget, landings = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -122,6 +174,9 @@ local out, count, bytes = {}, 0, 0
 -- the clock makes tags unique even if a failover loses writes and the sequence goes back
 local now = redis.call('TIME')
 local stamp = now[1] .. string.format('%06d', tonumber(now[2]))
+-- listed where the reaper looks before it holds anything; when Redis is full this write is refused
+-- first, so a worker never holds what no reaper can see
+redis.call('ZADD', KEYS[3], 'NX', tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[4])
 local function take(list, source)
   if count >= most or (count > 0 and bytes >= budget) then return false end
   local raw = redis.call('RPOP', list)
@@ -136,9 +191,9 @@ local function take(list, source)
   return true
 end
 for i = 1, landings do
-  while take(KEYS[2 + i], ARGV[3 + i]) do end
+  while take(KEYS[3 + i], ARGV[4 + i]) do end
 end
-for i = 3 + landings, #KEYS do
+for i = 4 + landings, #KEYS do
   while take(KEYS[i], KEYS[i]) do end
 end
 return out
@@ -152,79 +207,41 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return 1
 """
 
-_SILENT_CONSUMERS = """
-local now = redis.call('TIME')
-local cutoff = tonumber(now[1]) + tonumber(now[2]) / 1e6 - tonumber(ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.6f', cutoff))
-"""
-
-# One message of a dead consumer. KEYS: in-flight hash, deliveries, dead stream, record, results stream,
-# webhooks. ARGV: tag, identity, max deliveries, dead-letter record, record ttl, reason, consumer,
-# stream maxlen, job id ('' when the message has none), task, quarantine prefix, '1' for a webhook.
-_RECLAIM = (
-    _SPLIT_VALUE
-    + RECORD_STATE
+# A graceful stop, once the engine holds nothing: what landed and what is in flight without the engine
+# having it (a fetch whose reply was lost) goes back to its queue, not counted as a delivery, and only then
+# does the consumer leave the registry. KEYS and ARGV as ``_FORGET_CONSUMER``.
+_UNREGISTER = (
+    SPLIT_VALUE
+    + RETURN_LANDED
     + """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local source, raw = split(value)
-local prefix = ARGV[11]
-local queue_list = source
-if string.sub(source, 1, #prefix) == prefix then queue_list = string.sub(source, #prefix + 1) end
-local count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if count + 1 == tonumber(ARGV[3]) then
-  redis.call('RPUSH', prefix .. queue_list, raw)  -- its last delivery: it will run alone
-  return 3
-elseif count < tonumber(ARGV[3]) then
-  redis.call('RPUSH', queue_list, raw)
-  return 1
+local moved = return_landed(5)
+local held = redis.call('HGETALL', KEYS[4])
+for i = 2, #held, 2 do
+  local source, raw = split(held[i])
+  redis.call('RPUSH', source, raw)
+  moved = moved + 1
 end
-redis.call('HDEL', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[9], 'task', ARGV[10], 'reason', ARGV[6],
-  'deliveries', count, 'source', queue_list, 'worker', ARGV[7], 'message', raw)
-if ARGV[9] ~= '' and not is_final(KEYS[4]) then
-  redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
-  redis.call('PUBLISH', KEYS[4], ARGV[4])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[9], 'status', 'failed')
-  if ARGV[12] == '1' then
-    local t = redis.call('TIME')
-    redis.call('ZADD', KEYS[6], tonumber(t[1]), ARGV[9])
-  end
-end
-return 2
-"""
-)
-
-# The landing lists and registry entries of a dead consumer. KEYS: consumers zset, lists hash,
-# heartbeat key, landing lists. ARGV: consumer, then the source of each landing list.
-_FORGET_CONSUMER = """
-local moved = 0
-for i = 4, #KEYS do
-  while true do
-    local raw = redis.call('RPOP', KEYS[i])
-    if not raw then break end
-    redis.call('RPUSH', ARGV[i - 2], raw)
-    moved = moved + 1
-  end
-end
+redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
 return moved
 """
+)
 
-# A message that cannot be read well enough to fail its job. KEYS: in-flight hash, dead stream.
-# ARGV: tag, reason, consumer, maxlen.
+# A message that cannot be read well enough to fail its job. KEYS: in-flight hash, dead stream,
+# deliveries. ARGV: tag, reason, consumer, identity, then the dead-letter limits (ttl, maxlen, most bytes).
 _DEAD_LETTER = (
-    _SPLIT_VALUE
+    SPLIT_VALUE
+    + DEAD_LETTER_FN
     + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[4])
 local source, raw = split(value)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'job_id', '', 'task', '', 'reason', ARGV[2],
-  'deliveries', 1, 'source', source, 'worker', ARGV[3], 'message', raw)
+dead_letter(KEYS[2], {ARGV[5], ARGV[6], ARGV[7]}, {'job_id', '', 'task', '', 'reason', ARGV[2],
+  'deliveries', 1, 'source', source, 'worker', ARGV[3]}, raw)
 return 1
 """
 )
@@ -232,7 +249,7 @@ return 1
 # Back to the front of its queue, not counted as a delivery: a worker shutting down gives back what
 # it has not started. KEYS: in-flight hash, record. ARGV: tag, queued record, ttl.
 RELEASE = (
-    _SPLIT_VALUE
+    SPLIT_VALUE
     + RECORD_STATE
     + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
@@ -259,37 +276,57 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class DeadLetterLimits:
+    """How long dead letters are kept, how many, and how much of each message."""
+
+    ttl_s: int = 7 * 86_400
+    maxlen: int = DEAD_MAXLEN
+    max_bytes: int = 1024 * 1024
+
+    def args(self) -> list[int]:
+        return [self.ttl_s, self.maxlen, self.max_bytes]
+
+
 class Inbox:
     """One worker process's side of the queues: fetch into its in-flight hash, wait for work,
     heartbeat, dead-letter what cannot be read. Called from one intake thread, except ``heartbeat``."""
 
-    def __init__(self, client: redis.Redis, consumer: str, queues: list[str], block_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        consumer: str,
+        queues: list[str],
+        block_s: float = 0.5,
+        dead_letters: DeadLetterLimits | None = None,
+    ) -> None:
         self.client = client
         self.consumer = consumer
         self.queues = list(queues)
         self.block_s = block_s
+        self.dead_letters = dead_letters or DeadLetterLimits()
         self.inflight = inflight_key(consumer)
         self._lists = queue_lists(self.queues)
         self._turn = 0
         self._fetch = client.register_script(_FETCH)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._dead_letter = client.register_script(_DEAD_LETTER)
+        self._unregister = client.register_script(_UNREGISTER)
 
     def fetch(self, most: int, budget_bytes: int) -> list[Fetched]:
         """Up to ``most`` messages (at least one even if it is bigger than ``budget_bytes``), moved into
         the in-flight hash: first whatever ``wait`` landed, then the queues by priority step."""
         landings = [landing_key(self.consumer, queue) for queue in self.queues]
-        reply = self._fetch(
-            keys=[self.inflight, SEQUENCE, *landings, *self._lists],
-            args=[most, budget_bytes, len(landings), *self.queues],
-        )
-        return [Fetched(_text(reply[i]), _text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
+        return self._take([*landings, *self._lists], [most, budget_bytes, len(landings), self.consumer, *self.queues])
 
     def fetch_quarantined(self) -> Fetched | None:
         """One quarantined job of this worker's queues, moved into the in-flight hash."""
-        lists = [QUARANTINE_PREFIX + source for source in self._lists]
-        reply = self._fetch(keys=[self.inflight, SEQUENCE, *lists], args=[1, 1, 0])
-        return Fetched(_text(reply[0]), _text(reply[1]), reply[2]) if reply else None
+        fetched = self._take([QUARANTINE_PREFIX + source for source in self._lists], [1, 1, 0, self.consumer])
+        return fetched[0] if fetched else None
+
+    def _take(self, lists: list[str], args: list[Any]) -> list[Fetched]:
+        reply = self._fetch(keys=[self.inflight, SEQUENCE, CONSUMERS, *lists], args=args)
+        return [Fetched(as_text(reply[i]), as_text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
 
     def quarantined(self) -> int:
         pipe = self.client.pipeline(transaction=False)
@@ -314,8 +351,8 @@ class Inbox:
         entries = self.client.hgetall(self.inflight)
         held = {}
         for tag, value in entries.items():
-            source, _, raw = _bytes(value).partition(b"\n")
-            held[_text(tag)] = Fetched(_text(tag), _text(source), raw)
+            source, _, raw = as_bytes(value).partition(b"\n")
+            held[as_text(tag)] = Fetched(as_text(tag), as_text(source), raw)
         return held
 
     def heartbeat(self, info: dict[str, Any], ttl_s: int) -> None:
@@ -326,7 +363,10 @@ class Inbox:
 
     def dead_letter(self, fetched: Fetched, reason: str) -> None:
         """A message with no usable job id: kept in the dead-letter stream with the reason."""
-        self._dead_letter(keys=[self.inflight, DEAD], args=[fetched.tag, reason, self.consumer, DEAD_MAXLEN])
+        self._dead_letter(
+            keys=[self.inflight, DEAD, DELIVERIES],
+            args=[fetched.tag, reason, self.consumer, identity(fetched.raw)[0], *self.dead_letters.args()],
+        )
 
     def depths(self) -> dict[str, int]:
         """Jobs waiting in each of this worker's queues (every priority), and dead letters."""
@@ -340,85 +380,17 @@ class Inbox:
             depths[queue_of(source)] += int(length)
         return {**depths, DEAD: int(dead)}
 
-    def unregister(self) -> None:
-        """A worker that stops with nothing held leaves no entry to reclaim."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(CONSUMERS, self.consumer)
-        pipe.hdel(CONSUMER_LISTS, self.consumer)
-        pipe.delete(heartbeat_key(self.consumer))
-        pipe.execute()
-
-
-@dataclass
-class Reclaimed:
-    consumer: str
-    requeued: int = 0
-    quarantined: int = 0  # of the requeued: on their last delivery, so they run alone
-    dead_lettered: int = 0
-    landed: int = 0  # messages a worker had landed but not fetched: requeued, not counted
-    dead_lettered_tasks: list[str] = field(default_factory=list)
-
-
-class Reaper:
-    """Gives back the messages of workers that stopped heartbeating."""
-
-    def __init__(self, client: redis.Redis, visibility_timeout_s: int, max_deliveries: int, record_ttl_s: int) -> None:
-        self.client = client
-        self.visibility_timeout_s = visibility_timeout_s
-        self.max_deliveries = max_deliveries
-        self.record_ttl_s = record_ttl_s
-        self._silent = client.register_script(_SILENT_CONSUMERS)
-        self._reclaim = client.register_script(_RECLAIM)
-        self._forget = client.register_script(_FORGET_CONSUMER)
-
-    def silent_consumers(self) -> list[str]:
-        return [_text(c) for c in self._silent(keys=[CONSUMERS], args=[self.visibility_timeout_s])]
-
-    def reclaim(self, consumer: str) -> Reclaimed:
-        report = Reclaimed(consumer)
-        inflight = inflight_key(consumer)
-        cause = (
-            f"its worker {consumer} stopped heartbeating for over {self.visibility_timeout_s} s while holding "
-            "it (killed, out of memory, or frozen)"
-        )
-        for tag, value in self.client.hgetall(inflight).items():
-            _, _, raw = _bytes(value).partition(b"\n")
-            key, task = identity(raw)
-            job_id = "" if key.startswith("sha1:") else key
-            reason = f"delivered {self.max_deliveries} times without finishing; each time {cause}"
-            callback_url = _kwargs(raw).get("callback_url")
-            info: dict[str, Any] = {"deliveries": self.max_deliveries}
-            if isinstance(callback_url, str):
-                info["callback_url"] = callback_url
-            record = failed_record(job_id, _task_name(task), DeadLettered(reason), info) if job_id else ""
-            outcome = self._reclaim(
-                keys=[inflight, DELIVERIES, DEAD, meta_key(job_id), RESULTS_STREAM, WEBHOOKS],
-                args=[
-                    tag,
-                    key,
-                    self.max_deliveries,
-                    record,
-                    self.record_ttl_s,
-                    reason,
-                    consumer,
-                    DEAD_MAXLEN,
-                    job_id,
-                    task or "",
-                    QUARANTINE_PREFIX,
-                    "1" if "callback_url" in info else "",
-                ],
+    def unregister(self) -> int:
+        """A worker that stops holding nothing in its engine: what it landed or has in flight without
+        having received it goes back to the queues, then it leaves the registry, in one script. Returns
+        how many messages went back."""
+        return int(
+            self._unregister(
+                keys=[CONSUMERS, CONSUMER_LISTS, heartbeat_key(self.consumer), self.inflight]
+                + [landing_key(self.consumer, queue) for queue in self.queues],
+                args=[self.consumer, *self.queues],
             )
-            report.requeued += outcome in (1, 3)
-            report.quarantined += outcome == 3
-            report.dead_lettered += outcome == 2
-            if outcome == 2:
-                report.dead_lettered_tasks.append(_task_name(task) or "unknown")
-        sources = json.loads(self.client.hget(CONSUMER_LISTS, consumer) or "[]")
-        report.landed = self._forget(
-            keys=[CONSUMERS, CONSUMER_LISTS, heartbeat_key(consumer), *(landing_key(consumer, s) for s in sources)],
-            args=[consumer, *sources],
         )
-        return report
 
 
 @dataclass
@@ -431,6 +403,7 @@ class DeadLetter:
     source: str
     worker: str
     message: bytes
+    truncated: bool = False  # only the message's first bytes were kept (BERTQ_DEAD_LETTER_MAX_BYTES)
 
     @property
     def at(self) -> float:
@@ -445,6 +418,7 @@ class DeadLetter:
             "deliveries": self.deliveries,
             "reason": self.reason,
             "worker": self.worker,
+            "truncated": self.truncated,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
         }
 
@@ -473,10 +447,15 @@ class DeadLetters:
         return next((letter for letter in self.list() if letter.job_id == key), None)
 
     def requeue(self, letter: DeadLetter) -> bool:
+        """Back to the front of its queue; False when it is gone, or kept only the first bytes of its
+        message (``truncated``: its job could only fail as unreadable)."""
+        if letter.truncated:
+            return False
         key, _ = identity(letter.message)
         record = ""
         if letter.job_id:
-            record = queued_record(letter.job_id, _task_name(letter.task) or "", _item_count(letter.message))
+            task, items = task_name(letter.task) or "", _item_count(letter.message)
+            record = queued_record(letter.job_id, task, items, digest=message_digest(letter.message))
         done = self._requeue(
             keys=[DEAD, DELIVERIES, meta_key(letter.job_id or "none")],
             args=[letter.entry_id, letter.source, letter.message, key, record, self.record_ttl_s],
@@ -494,7 +473,7 @@ def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
         return fields.get(name.encode(), b"").decode("utf-8", "replace")
 
     return DeadLetter(
-        _text(entry_id),
+        as_text(entry_id),
         text("job_id"),
         text("task"),
         text("reason"),
@@ -502,32 +481,35 @@ def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
         text("source"),
         text("worker"),
         fields.get(b"message", b""),
+        text("truncated") == "1",
     )
 
 
-def _task_name(task: str | None) -> str | None:
+def task_name(task: str | None) -> str | None:
     return task.removeprefix("bertq.") if task else None
 
 
-def _kwargs(raw: bytes) -> dict[str, Any]:
-    """The kwargs of a Celery protocol 2 message, {} when unreadable."""
-    try:
-        kwargs = json.loads(base64.b64decode(json.loads(raw)["body"]))[1]
-        return kwargs if isinstance(kwargs, dict) else {}
-    except Exception:
+def message_kwargs(raw: bytes) -> dict[str, Any]:
+    """The kwargs of a Celery protocol 2 message, {} when unreadable or too large to read."""
+    if len(raw) > READ_MOST_BYTES:
         return {}
+    try:
+        kwargs = loads(base64.b64decode(loads(raw)["body"]), "the body")[1]
+    except (Unreadable, ValueError, TypeError, KeyError, IndexError, binascii.Error):
+        return {}
+    return kwargs if isinstance(kwargs, dict) else {}
 
 
 def _item_count(raw: bytes) -> int:
     """Items in a message, 0 when unreadable (only for the record's display)."""
-    items = _kwargs(raw).get("items")
+    items = message_kwargs(raw).get("items")
     return len(items) if isinstance(items, list) else 0
 
 
-def _bytes(value: Any) -> bytes:
+def as_bytes(value: Any) -> bytes:
     """A reply of a client without decode_responses: bytes (redis-py's hints also allow str)."""
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -31,8 +31,8 @@ from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward
 from bertq.workers.sink import Claim, Delivery, Observer, Observers, Outcome
 from pydantic import BaseModel
 
-from bertq.connection import GiveUp, retry
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
+from bertq.connection import GiveUp, deadline_timer, retry
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed, ResultTooLarge
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -57,6 +57,8 @@ class Job:
     outputs: dict[int, list[tuple[Row, Any]]] = field(default_factory=dict)
     claimed: float = field(default_factory=time.monotonic)
     started: bool = False  # a row of it went into a forward batch
+    result_bytes: int = 0  # JSON bytes of the item results finished so far
+    too_large: ResultTooLarge | None = None  # its results outgrew BERTQ_MAX_RESULT_BYTES: they are dropped
 
     @property
     def job_id(self) -> str:
@@ -100,6 +102,9 @@ class Engine:
         self._held: dict[int, Delivery] = {}  # every delivery taken and not yet stored or released
         self._held_lock = threading.Condition()
         self._held_items = 0
+        self._alone_wanted: set[str] = set()  # sources with a delivery to run alone (on its last delivery)
+        self._alone: str | None = None  # the source whose turn it is to run deliveries alone
+        self._alone_left: set[int] = set()  # its deliveries not yet stored or released
         self._stop = threading.Event()  # stage loops end; retries give up
         self._draining = False
         self.last_progress = time.monotonic()
@@ -120,11 +125,18 @@ class Engine:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, deliveries: list[Delivery]) -> None:
-        """Hand over deliveries (from a source's thread); returns at once."""
+    def submit(self, deliveries: list[Delivery], alone: bool = False) -> None:
+        """Hand over deliveries (from a source's thread); returns at once. ``alone``: the deliveries of
+        one job (or stream entry) of the source whose turn ``take_turn_alone`` gave; nothing else gets
+        room until they are all stored."""
         if not deliveries:
+            if alone:
+                self.end_turn_alone()
             return
         with self._held_lock:
+            if alone:
+                assert self._alone is not None
+                self._alone_left = {id(delivery) for delivery in deliveries}
             for delivery in deliveries:
                 self._held[id(delivery)] = delivery
                 self._held_items += delivery.item_count
@@ -145,10 +157,46 @@ class Engine:
             return list(self._held.values())
 
     def room(self) -> int:
-        """Deliveries a source may still hand over: under both the prefetch and the held-items caps."""
-        if self._draining or self._held_items >= self.settings.max_held_items:
+        """Deliveries a source may still hand over: under both the prefetch and the held-items caps, and
+        none while a delivery waits to run alone or runs alone, whatever its source."""
+        if self._draining or self._alone_wanted or self._alone is not None:
+            return 0
+        if self._held_items >= self.settings.max_held_items:
             return 0
         return max(0, self.settings.prefetch - len(self._held))
+
+    # ---- running one delivery alone ---------------------------------------------------------------
+    # A job on its last delivery runs with nothing beside it, from whichever source: if it is what kills
+    # workers, it dies alone, and no healthy job of any source shares its fate (or its delivery count).
+
+    def want_alone(self, source: str, wanted: bool) -> None:
+        """``source`` has (or no longer has) a delivery to run alone: while any source has, no source
+        gets room, so the engine empties."""
+        with self._held_lock:
+            (self._alone_wanted.add if wanted else self._alone_wanted.discard)(source)
+            self._held_lock.notify_all()
+
+    def take_turn_alone(self, source: str) -> bool:
+        """Whether ``source`` may hand over what it runs alone now (``submit(..., alone=True)``): the
+        engine holds nothing and no other source's turn is under way."""
+        with self._held_lock:
+            if self._held or self._alone is not None:
+                return False
+            self._alone = source
+            return True
+
+    def end_turn_alone(self) -> None:
+        with self._held_lock:
+            self._alone, self._alone_left = None, set()
+            self._held_lock.notify_all()
+
+    def running_alone(self) -> bool:
+        return self._alone is not None
+
+    def wait_until_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until every delivery handed over is stored or released."""
+        with self._held_lock:
+            return self._held_lock.wait_for(lambda: not self._held, timeout)
 
     def wait_for_room(self, timeout: float, needed: int = 1) -> None:
         """Wait up to ``timeout`` while fewer than ``needed`` deliveries fit."""
@@ -168,6 +216,11 @@ class Engine:
         if not self._held or self.loading_since is not None:
             return 0.0
         return time.monotonic() - max(self.last_progress, self.redis_trouble_at)
+
+    def loading_for(self) -> float:
+        """Seconds the model load under way has taken (0 when none is)."""
+        since = self.loading_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def drain(self, timeout: float, hurry: threading.Event) -> int:
         """Graceful stop. The source must have stopped submitting. Jobs with rows already in a batch
@@ -197,7 +250,7 @@ class Engine:
         if left:
             log.warning("drain ended with jobs unfinished, releasing them", jobs=len(left), timeout_s=timeout)
             last_try = threading.Event()
-            threading.Timer(5.0, last_try.set).start()
+            deadline_timer(5.0, last_try)
             released += self._release(left, last_try)
         return released
 
@@ -230,6 +283,10 @@ class Engine:
             for delivery in deliveries:
                 if self._held.pop(id(delivery), None) is not None:
                     self._held_items -= delivery.item_count
+                if id(delivery) in self._alone_left:
+                    self._alone_left.discard(id(delivery))
+                    if not self._alone_left:
+                        self._alone = None
             self._held_lock.notify_all()
 
     def _retry(self, operation: Callable[[], Any], what: str) -> Any:
@@ -298,33 +355,35 @@ class Engine:
         self._release(waiting)
 
     def _prepare(self, group: list[Delivery]) -> None:
-        now = time.time()
-        outcomes = [Outcome(d, JobStatus.failed, error=d.refusal) for d in group if d.refusal is not None]
-        outcomes += [
-            Outcome(d, JobStatus.expired, error=InvalidInput("expired before it ran", field="expires"))
-            for d in group
-            if d.refusal is None and d.expires_at is not None and d.expires_at <= now
-        ]
-        decided = {id(o.delivery) for o in outcomes}
-        to_claim = [d for d in group if id(d) not in decided]
-        if outcomes:
-            self._finish.put(outcomes)
-        for sink, deliveries in _by_sink(to_claim):
+        # every delivery is claimed first, refused and expired ones too: only a job's own message may
+        # store anything in its record (another message under its id is refused as a duplicate)
+        for sink, deliveries in _by_sink(group):
             claims = self._retry(partial(sink.claim, deliveries), "claim")
             final = [d for d, c in zip(deliveries, claims) if c is Claim.final]
             cancelled = [d for d, c in zip(deliveries, claims) if c is Claim.cancelled]
-            lost = [d for d, c in zip(deliveries, claims) if c is Claim.lost]
+            gone = [d for d, c in zip(deliveries, claims) if c in (Claim.lost, Claim.duplicate)]
             if final:
                 log.info("jobs already final, not run again", jobs=len(final), job_ids=[d.job_id for d in final][:5])
                 self._finish.put(("acknowledge", final))
             if cancelled:
                 log.info("cancelled jobs skipped", jobs=len(cancelled), job_ids=[d.job_id for d in cancelled][:5])
                 self._finish.put(("cancelled", cancelled))
-            if lost:
-                log.warning("jobs reclaimed by another worker, dropped", jobs=len(lost))
-                self._forget(lost)
             for delivery, claim in zip(deliveries, claims):
-                if claim is Claim.run:
+                if claim is Claim.lost:
+                    log.warning("job reclaimed by another worker, dropped", job_id=delivery.job_id)
+                elif claim is Claim.duplicate:
+                    log.warning("message refused: its job id belongs to another message", job_id=delivery.job_id)
+            self._forget(gone)
+            now = time.time()
+            for delivery, claim in zip(deliveries, claims):
+                if claim is not Claim.run:
+                    continue
+                if delivery.refusal is not None:
+                    self._finish.put([Outcome(delivery, JobStatus.failed, error=delivery.refusal)])
+                elif delivery.expires_at is not None and delivery.expires_at <= now:
+                    expired = InvalidInput("expired before it ran", field="expires")
+                    self._finish.put([Outcome(delivery, JobStatus.expired, error=expired)])
+                else:
                     self._start_job(delivery)
 
     def _start_job(self, delivery: Delivery) -> None:
@@ -363,10 +422,10 @@ class Engine:
         model_id = delivery.model or self.settings.model_for(task_name)
         if not isinstance(model_id, str):
             raise InvalidInput("must be a hub id or a local path", field="model")
-        if not self.settings.model_allowed(model_id):
+        if not self.settings.model_allowed(task_name, model_id):
             raise ModelNotAllowed(
-                f"model {model_id!r} is not served by this worker; allowed: the configured task models "
-                "(BERTQ_MODEL_<TASK>) and BERTQ_ALLOWED_MODELS",
+                f"model {model_id!r} is not served by this worker for {task_name.value}; allowed: "
+                f"BERTQ_MODEL_{task_name.name.upper()} and BERTQ_ALLOWED_MODELS",
                 field="model",
             )
         cached = self.models.has(task_name, model_id)
@@ -529,16 +588,42 @@ class Engine:
                 if job.rows_left[index]:
                     continue
                 done = job.outputs.pop(index)
-                job.results[index] = finish_item(
-                    job.task, job.loaded, job.items[index], job.options, [r for r, _ in done], [o for _, o in done]
-                )
+                if job.too_large is None:
+                    result = finish_item(
+                        job.task, job.loaded, job.items[index], job.options, [r for r, _ in done], [o for _, o in done]
+                    )
+                    job.results[index] = self._within_result_cap(job, result)
                 del job.rows_left[index]
                 if not job.rows_left:
                     completed.append(job)
         return completed
 
+    def _within_result_cap(self, job: Job, result: BaseModel | BertqError) -> BaseModel | BertqError:
+        """The item's result, counted against the job's result cap as it is built: an item over the cap
+        alone becomes an item error; a job whose items add up to more fails, and its results are dropped
+        at once rather than held until the record would be refused."""
+        size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
+        most = self.settings.max_result_bytes
+        if size > most:
+            return ResultTooLarge(
+                f"this item's result is {size} bytes, over the limit of {most} (BERTQ_MAX_RESULT_BYTES)",
+                field="results",
+            )
+        job.result_bytes += size
+        if job.result_bytes > most:
+            finished = sum(1 for done in job.results if done is not None)
+            job.too_large = ResultTooLarge(
+                f"the results passed {most} bytes (BERTQ_MAX_RESULT_BYTES) after {finished + 1} of "
+                f"{len(job.items)} items: send fewer items per job or ask for less",
+                field="results",
+            )
+            job.results = [None] * len(job.items)
+        return result if job.too_large is None else job.too_large
+
     def _done(self, job: Job) -> Outcome:
         info = {"worker": self.worker_name, **job.loaded.info(), "deliveries": job.delivery.deliveries}
+        if job.too_large is not None:
+            return Outcome(job.delivery, JobStatus.failed, error=job.too_large, info=info)
         return Outcome(job.delivery, JobStatus.done, results=result_dicts(job.results), info=info)
 
     def _acknowledge(self, deliveries: list[Delivery]) -> None:

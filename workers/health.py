@@ -1,5 +1,4 @@
-"""Liveness: the heartbeat, the reclaiming of dead workers' jobs, and the checks that make a live but
-wedged worker impossible.
+"""Liveness: the heartbeat, and the checks that make a live but wedged worker impossible.
 
 A heartbeat thread, beside the engine's stages, every few seconds:
   - writes the worker's heartbeat to Redis (its entry in ``bertq:consumers``, which keeps its
@@ -7,11 +6,10 @@ A heartbeat thread, beside the engine's stages, every few seconds:
   - writes the same to a local file, read by ``bertq worker --check`` (a liveness probe that works
     when Redis does not);
   - exits the process (non-zero) when the engine has held work without progress for
-    ``BERTQ_STALL_TIMEOUT_S``, so that a supervisor restarts it;
-  - every ``BERTQ_SWEEP_INTERVAL_S``, reclaims the messages of workers whose heartbeat stopped for
-    longer than the visibility timeout. Only after its own connection has been healthy for a whole
-    visibility timeout: after a Redis outage every heartbeat is old, and the live workers need a
-    moment to write theirs again before anyone is declared dead.
+    ``BERTQ_STALL_TIMEOUT_S``, or a model load has taken longer than ``BERTQ_MODEL_LOAD_TIMEOUT_S``, so
+    that a supervisor restarts it;
+  - counts its outages (failed or late beats), which tell the sweeper (workers/reaper.py) to watch
+    every worker afresh.
 """
 
 from __future__ import annotations
@@ -25,15 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import redis
-from bertq.workers.delivery import CONSUMERS, DEAD, Inbox, Reaper, heartbeat_key
+from bertq.workers.delivery import DEAD, Inbox
 from bertq.workers.engine import Engine
 from bertq.workers.metrics import Metrics
 from bertq.workers.streams import StreamSource, stream_state
 
-from bertq.connection import is_transient
+from bertq.connection import is_transient, safe
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -54,7 +51,6 @@ class Heartbeat:
         settings: Settings,
         engine: Engine,
         inbox: Inbox,
-        reaper: Reaper,
         node: str,
         on_wedged: Callable[[str], None],
         metrics: Metrics | None = None,
@@ -63,17 +59,15 @@ class Heartbeat:
         self.settings = settings
         self.engine = engine
         self.inbox = inbox
-        self.reaper = reaper
         self.node = node
         self.on_wedged = on_wedged
         self.metrics = metrics
         self.sources = sources or []
         self.interval = heartbeat_interval(settings)
         self.started_at = time.time()
-        self.redis_ok_at: float | None = None
-        self.healthy_since: float | None = None
+        self.redis_ok_at: float | None = None  # unix time, for `bertq worker --check`
+        self._beat_ok_at: float | None = None  # monotonic
         self.outages = 0
-        self.last_sweep = 0.0
         self.stopping = threading.Event()
         self.file = health_dir() / f"{os.getpid()}.json"
 
@@ -92,56 +86,27 @@ class Heartbeat:
         except Exception as error:
             if not is_transient(error):
                 raise
-            if self.healthy_since is not None:
+            if self._beat_ok_at is not None:
                 log.warning("heartbeat failed: Redis unreachable", error=f"{type(error).__name__}: {error}")
             self.outages += 1
-            self.healthy_since = None
+            self._beat_ok_at = None
         else:
-            self.gauge_queues()
             now = time.monotonic()
-            if self.redis_ok_at is not None and time.time() - self.redis_ok_at > 2 * self.interval + 1:
-                # a beat that took long means Redis was paused or slow: everyone's heartbeat is late
-                self.healthy_since = now
-                self.outages += 1
+            if self._beat_ok_at is not None and now - self._beat_ok_at > 2 * self.interval + 1:
+                self.outages += 1  # a beat that took long means Redis was paused or slow: every heartbeat is late
+            self._beat_ok_at = now
             self.redis_ok_at = time.time()
-            if self.healthy_since is None:
-                self.healthy_since = now
+            safe(self.gauge_queues, None)
         self.write_file(info)
         stalled = self.engine.stalled_for()
         if stalled > self.settings.stall_timeout_s:
             self.on_wedged(f"the engine has held {self.engine.held_messages} jobs for {stalled:.0f} s without progress")
-        if self.healthy_since is not None and time.monotonic() - self.last_sweep >= self.settings.sweep_interval_s:
-            self.last_sweep = time.monotonic()
-            self.sweep()
-
-    def sweep(self) -> None:
-        # after an outage, wait a whole visibility timeout: every heartbeat is late, not every worker dead
-        grace = (
-            self.settings.visibility_timeout_s
-            if self.outages
-            else min(self.settings.visibility_timeout_s, 2 * self.interval + 2)
-        )
-        if time.monotonic() - (self.healthy_since or time.monotonic()) < grace:
-            return
-        try:
-            for consumer in self.reaper.silent_consumers():
-                if consumer == self.inbox.consumer:
-                    continue
-                report = self.reaper.reclaim(consumer)
-                if self.metrics is not None:
-                    for task in report.dead_lettered_tasks:
-                        self.metrics.jobs.labels(task, "dead_lettered").inc()
-                log.warning(
-                    "reclaimed the jobs of a silent worker",
-                    worker=consumer,
-                    requeued=report.requeued,
-                    dead_lettered=report.dead_lettered,
-                    landed=report.landed,
-                )
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            log.warning("sweep for silent workers failed", error=f"{type(error).__name__}: {error}")
+        loading = self.engine.loading_for()
+        if loading > self.settings.model_load_timeout_s:
+            self.on_wedged(
+                f"a model load has taken {loading:.0f} s, over BERTQ_MODEL_LOAD_TIMEOUT_S "
+                f"({self.settings.model_load_timeout_s:.0f} s)"
+            )
 
     def gauge_queues(self) -> None:
         if self.metrics is None:
@@ -241,16 +206,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
-    """Workers with a heartbeat in Redis, newest first, each with the age of its last heartbeat."""
-    now = float(client.time()[0])
-    entries = cast(list[tuple[bytes, float]], client.zrevrange(CONSUMERS, 0, -1, withscores=True))
-    keys = [heartbeat_key(consumer.decode()) for consumer, _ in entries]
-    infos = client.mget(keys) if keys else []
-    workers = []
-    for (consumer, seen), raw in zip(entries, infos):
-        info = json.loads(raw) if raw else {"consumer": consumer.decode()}
-        workers.append({**info, "heartbeat_s_ago": round(now - seen, 1), "alive": raw is not None})
-    return workers

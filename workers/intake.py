@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bertq.schemas import TaskName
@@ -26,6 +25,8 @@ from bertq.workers.sink import Delivery, Sink
 from bertq.connection import GiveUp, retry
 from bertq.errors import BertqError, InvalidMessage, Unsupported
 from bertq.log import get_logger
+from bertq.messages import Unreadable, loads, peek_id
+from bertq.records import message_digest
 from bertq.settings import Settings
 
 log = get_logger(__name__)
@@ -37,21 +38,26 @@ KWARGS = {"items", "model", "options", "callback_url"}
 KNOWN_TASKS = [task.value for task in TaskName]
 RECONCILE_EVERY_S = 10.0
 QUARANTINE_CHECK_S = 1.0
+SOURCE = "queues"  # this source's name where the engine runs a delivery alone
 
 
 class Undeliverable(Exception):
     """A message with no usable job id: it can only be dead-lettered."""
 
 
-def decode(fetched: Fetched, sink: Sink) -> Delivery:
+def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
     """One Celery protocol 2 message (kombu's Redis envelope) as a Delivery. Raises ``Undeliverable``
-    when it has no usable job id."""
+    when it has no usable job id. Its size is checked on the raw bytes and its nesting before it is
+    parsed (``bertq.messages``), so no message costs more than a scan of its bytes."""
+    raw = fetched.raw
+    if len(raw) > max_message_bytes:
+        return _unread(
+            fetched, sink, f"{len(raw)} bytes is over the limit of {max_message_bytes} (BERTQ_MAX_MESSAGE_BYTES)"
+        )
     try:
-        envelope = json.loads(fetched.raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise Undeliverable(f"the message is not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    except ValueError as error:
-        raise Undeliverable(f"the message is not valid JSON: {error}") from None
+        envelope = loads(raw)
+    except Unreadable as error:
+        return _unread(fetched, sink, str(error))
     if not isinstance(envelope, dict):
         raise Undeliverable("the message is not a JSON object (kombu's envelope)")
     headers = envelope.get("headers")
@@ -73,6 +79,7 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
         ref=fetched,
         priority=_priority(properties.get("priority")),
         submitted_at=_number(headers.get("bertq_submitted_at")),
+        digest=message_digest(raw),
     )
     try:
         if (
@@ -100,6 +107,18 @@ def decode(fetched: Fetched, sink: Sink) -> Delivery:
     return delivery
 
 
+def _unread(fetched: Fetched, sink: Sink, reason: str) -> Delivery:
+    """A message not parsed (too large, too deep, not JSON): refused under the id it names, found
+    without parsing, or dead-lettered when it names none."""
+    job_id = peek_id(fetched.raw)
+    if job_id is None:
+        raise Undeliverable(reason)
+    delivery = Delivery(job_id, "", None, size=len(fetched.raw), sink=sink, ref=fetched)
+    delivery.digest = message_digest(fetched.raw)
+    delivery.refusal = InvalidMessage(f"{reason}: not read", field="message")
+    return delivery
+
+
 def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
     content_type = envelope.get("content-type")
     if content_type != "application/json":
@@ -112,21 +131,16 @@ def _kwargs(envelope: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
     body = envelope.get("body")
     if not isinstance(body, str):
         raise InvalidMessage("body must be a string", field="body")
+    raw_body = body.encode("utf-8")
     if properties.get("body_encoding", "base64") == "base64":
         try:
             raw_body = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidMessage("body is not valid base64", field="body") from None
-        try:
-            body = raw_body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidMessage(
-                f"body is not valid UTF-8 ({error.reason} at byte {error.start})", field="body"
-            ) from None
     try:
-        decoded = json.loads(body)
-    except ValueError as error:
-        raise InvalidMessage(f"body is not valid JSON: {error}", field="body") from None
+        decoded = loads(raw_body, "body")
+    except Unreadable as error:
+        raise InvalidMessage(str(error), field="body") from None
     if not (isinstance(decoded, list) and len(decoded) == 3):
         raise InvalidMessage("body must be [args, kwargs, embed] (Celery task protocol 2)", field="body")
     args, kwargs, embed = decoded
@@ -156,9 +170,11 @@ def _expires(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     try:
-        return datetime.fromisoformat(str(value)).timestamp()
+        moment = datetime.fromisoformat(str(value))
     except ValueError:
         raise InvalidMessage(f"expires is not an ISO 8601 time: {value!r}", field="headers.expires") from None
+    # a time without a zone is UTC, as Celery writes it, whatever this worker's local zone
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _priority(value: Any) -> int:
@@ -186,7 +202,6 @@ class QueueIntake:
         self.last_fetch = time.monotonic()
         self._suspect = True  # look for orphans first: a previous life may have left some
         self._reconciled = 0.0
-        self._isolating: Delivery | None = None
         self._quarantine_waiting = False
         self._quarantine_checked = 0.0
 
@@ -201,14 +216,13 @@ class QueueIntake:
             return
 
     def _step(self) -> None:
-        if self._isolating is not None:
-            if any(held is self._isolating for held in self.engine.held()):
-                self.stopping.wait(0.05)  # not wait_for_room: there is room, and spinning would starve the engine
-                return
-            self._isolating = None
+        if self.engine.running_alone():  # a job on its last delivery, of this source or another
+            self.stopping.wait(0.05)  # not wait_for_room: spinning would starve the engine
+            return
         if time.monotonic() - self._quarantine_checked > QUARANTINE_CHECK_S:
             self._quarantine_checked = time.monotonic()
             self._quarantine_waiting = self._retry(self.inbox.quarantined, "look at the quarantine") > 0
+            self.engine.want_alone(SOURCE, self._quarantine_waiting)
         if self._quarantine_waiting:
             self._take_quarantined()
             return
@@ -226,16 +240,21 @@ class QueueIntake:
             self._retry(self.inbox.wait, "wait for jobs")
 
     def _take_quarantined(self) -> None:
-        if self.engine.held_messages:  # let the engine empty first
-            time.sleep(0.05)
+        if not self.engine.take_turn_alone(SOURCE):  # no source gets room meanwhile: the engine empties
+            self.stopping.wait(0.05)
             return
-        fetched = self._retry(self.inbox.fetch_quarantined, "fetch a quarantined job")
+        try:
+            fetched = self._retry(self.inbox.fetch_quarantined, "fetch a quarantined job")
+        except BaseException:
+            self.engine.end_turn_alone()
+            raise
         if fetched is None:
             self._quarantine_waiting = False
+            self.engine.want_alone(SOURCE, False)
+            self.engine.end_turn_alone()
             return
         log.warning("running a job on its last delivery alone", source=fetched.source)
-        delivered = self._hand_over([fetched])
-        self._isolating = delivered[0] if delivered else None
+        self._hand_over([fetched], alone=True)
 
     def _retry(self, operation: Any, what: str) -> Any:
         def suspect(_: BaseException) -> None:
@@ -256,16 +275,16 @@ class QueueIntake:
             log.warning("adopting in-flight messages this worker never received", messages=len(orphans))
             self._hand_over(sorted(orphans, key=lambda f: f.order))
 
-    def _hand_over(self, fetched: list[Fetched]) -> list[Delivery]:
+    def _hand_over(self, fetched: list[Fetched], alone: bool = False) -> list[Delivery]:
         deliveries = []
         for message in fetched:
             try:
-                deliveries.append(decode(message, self.sink))
-            except Undeliverable as error:
-                reason = str(error)
+                deliveries.append(decode(message, self.sink, self.settings.max_message_bytes))
+            except Exception as error:  # whatever a message holds, it harms nobody else
+                reason = str(error) if isinstance(error, Undeliverable) else f"unreadable: {type(error).__name__}"
                 log.warning("message dead-lettered", reason=reason, source=message.source, bytes=len(message.raw))
                 self._retry(
                     lambda message=message, reason=reason: self.inbox.dead_letter(message, reason), "dead-letter"
                 )
-        self.engine.submit(deliveries)
+        self.engine.submit(deliveries, alone=alone)
         return deliveries

@@ -12,7 +12,15 @@ from typing import Any
 
 import redis
 from bertq.schemas import JobStatus
-from bertq.workers.delivery import DELIVERIES, RELEASE, Fetched, identity
+from bertq.workers.delivery import (
+    DEAD,
+    DEAD_LETTER_FN,
+    DELIVERIES,
+    RELEASE,
+    SPLIT_VALUE,
+    DeadLetterLimits,
+    Fetched,
+)
 from bertq.workers.sink import Claim, Delivery, Outcome
 
 from bertq.errors import ResultTooLarge
@@ -28,12 +36,24 @@ from bertq.records import (
     running_record,
 )
 
-# KEYS: record, in-flight hash, deliveries. ARGV: running record, ttl, tag, delivery key.
+# KEYS: record, in-flight hash, deliveries, dead stream. ARGV: running record, ttl, tag, delivery key,
+# the message's digest, consumer, then the dead-letter limits (ttl, maxlen, most bytes).
 _CLAIM = (
-    RECORD_STATE
+    SPLIT_VALUE
+    + RECORD_STATE
+    + DEAD_LETTER_FN
     + """
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {'lost', 0} end
 local failed = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
+if is_impostor(KEYS[1], ARGV[5]) then
+  local source, raw = split(redis.call('HGET', KEYS[2], ARGV[3]))
+  redis.call('HDEL', KEYS[2], ARGV[3])
+  local state = state_of(KEYS[1]) or 'unknown'
+  dead_letter(KEYS[4], {ARGV[7], ARGV[8], ARGV[9]}, {'job_id', ARGV[4], 'task', '', 'reason',
+    'duplicate: job ' .. ARGV[4] .. ' (' .. state .. ') belongs to another message; this one was refused '
+    .. 'and the job left as it is', 'deliveries', 1, 'source', source, 'worker', ARGV[6]}, raw)
+  return {'duplicate', failed}
+end
 if state_of(KEYS[1]) == 'REVOKED' then return {'cancelled', failed} end
 if is_final(KEYS[1]) then return {'final', failed} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -69,11 +89,21 @@ class JobRecords:
     by removing the message from the worker's in-flight hash (``ref`` is a ``Fetched``)."""
 
     def __init__(
-        self, client: redis.Redis, inflight: str, worker: str, ttl_s: int, stream_maxlen: int, max_record_bytes: int
+        self,
+        client: redis.Redis,
+        inflight: str,
+        worker: str,
+        ttl_s: int,
+        stream_maxlen: int,
+        max_record_bytes: int,
+        consumer: str = "",
+        dead_letters: DeadLetterLimits | None = None,
     ) -> None:
         self.client = client
         self.inflight = inflight
         self.worker = worker
+        self.consumer = consumer or worker
+        self.dead_letters = dead_letters or DeadLetterLimits()
         self.ttl_s = ttl_s
         self.stream_maxlen = stream_maxlen
         self.max_record_bytes = max_record_bytes
@@ -84,10 +114,18 @@ class JobRecords:
     def claim(self, deliveries: list[Delivery]) -> list[Claim]:
         pipe = self.client.pipeline(transaction=False)
         for delivery in deliveries:
-            record = running_record(delivery.job_id, delivery.task, delivery.item_count, self.worker)
+            record = running_record(delivery.job_id, delivery.task, delivery.item_count, self.worker, delivery.digest)
             self._claim(
-                keys=[meta_key(delivery.job_id), self.inflight, DELIVERIES],
-                args=[record, self.ttl_s, _tag(delivery), _delivery_key(delivery)],
+                keys=[meta_key(delivery.job_id), self.inflight, DELIVERIES, DEAD],
+                args=[
+                    record,
+                    self.ttl_s,
+                    _tag(delivery),
+                    delivery.job_id,
+                    delivery.digest,
+                    self.consumer,
+                    *self.dead_letters.args(),
+                ],
                 client=pipe,
             )
         claims = []
@@ -121,7 +159,7 @@ class JobRecords:
         pipe = self.client.pipeline(transaction=False)
         # newest first: each goes to the front of its queue, so the oldest ends up served first
         for delivery in reversed(deliveries):
-            record = queued_record(delivery.job_id, delivery.task, delivery.item_count)
+            record = queued_record(delivery.job_id, delivery.task, delivery.item_count, digest=delivery.digest)
             self._release(
                 keys=[self.inflight, meta_key(delivery.job_id)], args=[_tag(delivery), record, self.ttl_s], client=pipe
             )
@@ -138,7 +176,7 @@ class JobRecords:
                 delivery.job_id,
                 status,
                 _tag(delivery),
-                _delivery_key(delivery),
+                delivery.job_id,
                 webhook,
             ],
             client=pipe,
@@ -151,20 +189,14 @@ def _record(outcome: Outcome) -> str:
     if delivery.callback_url:
         info["callback_url"] = delivery.callback_url
     if outcome.status is JobStatus.done:
-        return done_record(delivery.job_id, delivery.task, outcome.results or [], info)
+        return done_record(delivery.job_id, delivery.task, outcome.results or [], info, delivery.digest)
     if outcome.status is JobStatus.expired:
-        return revoked_record(
-            delivery.job_id, JobStatus.expired, "expired before it ran", {"task": delivery.task, **info}
-        )
+        info = {"task": delivery.task, **info}
+        return revoked_record(delivery.job_id, JobStatus.expired, "expired before it ran", info, delivery.digest)
     assert outcome.error is not None
-    return failed_record(delivery.job_id, delivery.task, outcome.error, info)
+    return failed_record(delivery.job_id, delivery.task, outcome.error, info, delivery.digest)
 
 
 def _tag(delivery: Delivery) -> str:
     fetched: Fetched = delivery.ref
     return fetched.tag
-
-
-def _delivery_key(delivery: Delivery) -> str:
-    fetched: Fetched = delivery.ref
-    return identity(fetched.raw)[0]

@@ -32,6 +32,7 @@ class Delivery:
     callback_url: str | None = None  # a webhook to call once the job is final
     refusal: BertqError | None = None
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
+    digest: str = ""  # SHA-1 of the message: its records name it, so another message under this id is refused
 
     @property
     def item_count(self) -> int:
@@ -54,13 +55,15 @@ class Claim(str, Enum):
     final = "final"  # its record is already final (done or failed): acknowledge only
     cancelled = "cancelled"  # cancelled (or expired) before it ran: acknowledge only
     lost = "lost"  # no longer this worker's (reclaimed while it was unreachable): drop it
+    duplicate = "duplicate"  # another message already holds this job id: dead-lettered, the job untouched
 
 
 class Sink(Protocol):
     """Where a source's outcomes go. Every method may raise a transient Redis error; the engine retries."""
 
     def claim(self, deliveries: list[Delivery]) -> list[Claim]:
-        """Mark the jobs running; set each delivery's ``deliveries``."""
+        """Mark the jobs running; set each delivery's ``deliveries``. Every delivery is claimed before
+        anything is stored for it, refused or expired ones too: only the job's own message may finish it."""
         ...
 
     def finish(self, outcomes: list[Outcome]) -> list[bool]:

@@ -11,10 +11,19 @@ Exactly once: the script writes an entry only while it is still pending for this
 acknowledges it in the same step. If another consumer claimed it meanwhile (this one was frozen), this
 one writes nothing for it; if this one wrote first, the entry is no longer pending for anyone. A crash
 before the script leaves the entries pending: live workers claim them (``XAUTOCLAIM``) once they have
-been idle for the visibility timeout; a worker keeps the entries it holds from going idle. An entry
-delivered more than ``BERTQ_MAX_DELIVERIES`` times goes to the dead-letter stream ``<input>:dead`` with
-the reason, and is acknowledged. An entry on its last delivery runs alone (as quarantined queue jobs
-do), so entries that were read with one that kills workers are not dead-lettered with it.
+been idle for the visibility timeout; a worker keeps the entries it holds (in the engine, or waiting to
+run alone) from going idle, refreshes them before each sweep, and never takes back its own. After a
+Redis outage a worker sweeps only once a whole visibility timeout has passed (everyone's entries went
+idle, not everyone died), and a claim that reaches Redis late (queued through a freeze) claims nothing.
+An entry delivered more than ``BERTQ_MAX_DELIVERIES`` times goes to the dead-letter stream
+``<input>:dead`` with the reason, and is acknowledged; dead letters older than
+``BERTQ_DEAD_LETTER_TTL_S`` are trimmed, and each field is cut to ``BERTQ_DEAD_LETTER_MAX_BYTES``. An
+entry on its last delivery runs alone (as quarantined queue jobs do), so entries that were read with one
+that kills workers are not dead-lettered with it.
+
+Consumers: each worker process is one consumer of each group. A sweep deletes the consumers that hold
+nothing and have been idle for the visibility timeout (stopped workers'); a worker that stops
+gracefully deletes its own once nothing is pending for it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from bertq.log import get_logger
 log = get_logger(__name__)
 
 READ_MOST = 64  # entries per read: one delivery per task
+SOURCE = "streams"  # this source's name where the engine runs a delivery alone
+READ_BLOCK_S = 0.5  # longest blocking read
 DEAD_SUFFIX = ":dead"
 
 
@@ -125,6 +136,61 @@ end
 return written
 """
 
+# KEYS: source stream. ARGV: group, consumer. Deletes the consumer while nothing is pending for it.
+_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# KEYS: source stream. ARGV: group, idle ms, this consumer. Deletes the other consumers that hold nothing
+# and have been idle that long; returns their names.
+_FORGET_IDLE = """
+local deleted = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    deleted[#deleted + 1] = info['name']
+  end
+end
+return deleted
+"""
+
+# KEYS: source stream. ARGV: group, consumer, min idle ms, start, count, latest (Redis ms). XAUTOCLAIM,
+# unless the script runs after ``latest``: a claim queued through a freeze would take entries whose
+# holders could not refresh them meanwhile.
+_CLAIM = """
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[6]) then return false end
+return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+"""
+
+# KEYS: source stream, dead-letter stream. ARGV: group, consumer, ttl s, maxlen, then per entry: id,
+# reason, fields (JSON), truncated (0 or 1). Dead-letters and acknowledges each entry still pending for
+# this consumer; trims dead letters older than the ttl (by Redis's clock), then caps them by count.
+_DEAD_LETTER = """
+local group, consumer = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local minid = string.format('%.0f', (tonumber(t[1]) - tonumber(ARGV[3])) * 1000)
+local written = 0
+for i = 5, #ARGV, 4 do
+  local id = ARGV[i]
+  if #redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer) > 0 then
+    local fields = {'source_id', id, 'reason', ARGV[i + 1], 'fields', ARGV[i + 2]}
+    if ARGV[i + 3] == '1' then
+      fields[7] = 'truncated'
+      fields[8] = '1'
+    end
+    redis.call('XADD', KEYS[2], 'MINID', '~', minid, '*', unpack(fields))
+    redis.call('XACK', KEYS[1], group, id)
+    written = written + 1
+  end
+end
+redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[4])
+return written
+"""
+
 
 class StreamSink:
     """The engine's sink for stream deliveries: gathers each read's task results, then writes."""
@@ -134,6 +200,8 @@ class StreamSink:
         self.consumer = consumer
         self.visibility_timeout_s = visibility_timeout_s
         self._write = client.register_script(_WRITE)
+        self._forget = client.register_script(_FORGET)
+        self._leaving: list[StreamSource] = []
         self._lock = threading.Lock()
 
     def claim(self, deliveries: list[Delivery]) -> list[Claim]:
@@ -158,8 +226,22 @@ class StreamSink:
         pipe = self.client.pipeline(transaction=False)
         for read in ready:
             self._write(keys=[read.source.input, read.source.output], args=self._write_args(read), client=pipe)
+        self._forget_if_done(pipe)
         pipe.execute()
         return [True] * len(outcomes)
+
+    def leave(self, sources: list[StreamSource]) -> None:
+        """A graceful stop: delete this worker's consumer from each group once nothing is pending for it,
+        now or after a later write. Entries it released stay pending for it until others claim them; the
+        others' sweeps then delete it."""
+        self._leaving = sources
+        pipe = self.client.pipeline(transaction=False)
+        self._forget_if_done(pipe)
+        pipe.execute()
+
+    def _forget_if_done(self, pipe: Any) -> None:
+        for source in self._leaving:
+            self._forget(keys=[source.input], args=[source.group, self.consumer], client=pipe)
 
     def _write_args(self, read: Read) -> list[Any]:
         source = read.source
@@ -231,6 +313,8 @@ class StreamIntake:
         visibility_timeout_s: int,
         sweep_interval_s: int,
         max_deliveries: int,
+        dead_letter_ttl_s: int,
+        dead_letter_max_bytes: int,
     ) -> None:
         self.client = client
         self.sources = sources
@@ -240,15 +324,22 @@ class StreamIntake:
         self.visibility_timeout_s = visibility_timeout_s
         self.sweep_interval_s = sweep_interval_s
         self.max_deliveries = max_deliveries
+        self.dead_letter_ttl_s = dead_letter_ttl_s
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self.stopping = threading.Event()
         self._by_input = {source.input: source for source in sources}
         self._groups: dict[str, list[StreamSource]] = {}
         for source in sources:
             self._groups.setdefault(source.group, []).append(source)
+        self._claim = client.register_script(_CLAIM)
+        self._forget_idle = client.register_script(_FORGET_IDLE)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
+        # Held entries are refreshed this often; a Redis call slower than that (or failing) was an outage.
+        self._refresh_every = max(0.5, visibility_timeout_s / 3)
         self._swept = 0.0
         self._refreshed = time.monotonic()
+        self._outage_at: float | None = None  # when Redis last failed or answered late
         self._quarantine: list[tuple[StreamSource, tuple[str, dict[str, str]]]] = []
-        self._isolating: Read | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -258,11 +349,29 @@ class StreamIntake:
             self._retry(self._create_groups, "create stream groups")
             while not self.stopping.is_set():
                 self._step()
+            retry(lambda: self.sink.leave(self.sources), "leave stream groups", self.stopping)
         except GiveUp:
             return
 
     def _retry(self, operation: Any, what: str) -> Any:
-        return retry(operation, what, self.stopping)
+        """``retry``, noting an outage when the call failed (at once: the retried sweep must wait too) or
+        took longer than a refresh period."""
+        began = time.monotonic()
+        failures: list[BaseException] = []
+
+        def failed(error: BaseException) -> None:
+            failures.append(error)
+            self._note_outage()
+
+        result = retry(operation, what, self.stopping, failed)
+        if failures or time.monotonic() - began > READ_BLOCK_S + self._refresh_every:
+            self._note_outage()
+        return result
+
+    def _note_outage(self) -> None:
+        """Redis failed or answered late: sweep only a whole visibility timeout from now; refresh at once."""
+        self._outage_at = time.monotonic()
+        self._refreshed = 0.0
 
     def _create_groups(self) -> None:
         for source in self.sources:
@@ -274,13 +383,17 @@ class StreamIntake:
 
     def _step(self) -> None:
         now = time.monotonic()
-        if now - self._swept >= self.sweep_interval_s:
-            self._swept = now
-            self._retry(self._claim_abandoned, "claim abandoned stream entries")
-        if now - self._refreshed >= max(0.5, self.visibility_timeout_s / 3):
+        if now - self._refreshed >= self._refresh_every:
             self._refreshed = now
             self._retry(self._keep_held_fresh, "refresh held stream entries")
-        if self._isolating is not None or self._quarantine:
+        if now - self._swept >= self.sweep_interval_s:
+            self._swept = now
+            self._retry(self._sweep, "sweep stream groups")
+        if self.engine.running_alone():  # an entry of ours, or a job of another source, on its last delivery
+            self.stopping.wait(0.05)  # not wait_for_room: spinning would starve the engine
+            return
+        self.engine.want_alone(SOURCE, bool(self._quarantine))
+        if self._quarantine:
             self._run_quarantined()
             return
         needed = max(len(source.tasks) for source in self.sources)
@@ -294,35 +407,35 @@ class StreamIntake:
                     self.consumer,
                     {source.input: ">" for source in sources},
                     count=READ_MOST,
-                    block=max(1, 500 // len(self._groups)),
+                    block=max(1, int(READ_BLOCK_S * 1000) // len(self._groups)),
                 ),
                 "read streams",
             )
             for stream, entries in reply or []:
                 source = self._by_input[_text(stream)]
                 self._hand_over(
-                    source, [(_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None]
+                    source,
+                    [(_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None],
+                    "read",
                 )
 
     def _run_quarantined(self) -> None:
-        """One entry on its last delivery at a time, with nothing else held."""
-        if self._isolating is not None:
-            if any(d.ref is self._isolating for d in self.engine.held()):
-                self.stopping.wait(0.05)  # not wait_for_room: there is room, and spinning would starve the engine
-                return
-            self._isolating = None
-        if not self._quarantine:
-            return
-        if self.engine.held_messages:
-            time.sleep(0.05)
+        """One entry on its last delivery at a time, with nothing else held, from any source: the
+        engine gives no source room while one waits (``want_alone``)."""
+        if not self.engine.take_turn_alone(SOURCE):
+            self.stopping.wait(0.05)
             return
         source, entry = self._quarantine.pop(0)
-        log.warning("running a stream entry on its last delivery alone", stream=source.input, entry=entry[0])
-        self._isolating = self._hand_over(source, [entry])
+        self._hand_over(source, [entry], "alone")
 
-    def _hand_over(self, source: StreamSource, entries: list[tuple[str, dict[str, str]]]) -> Read | None:
+    def _hand_over(self, source: StreamSource, entries: list[tuple[str, dict[str, str]]], how: str) -> Read | None:
+        """Entries to the engine, one delivery per task; one log line naming them (``how``: read, claimed
+        or alone, for an entry on its last delivery)."""
         if not entries:
             return None
+        (log.info if how == "read" else log.warning)(
+            "stream entries taken", stream=source.input, how=how, entries=[entry_id for entry_id, _ in entries]
+        )
         read = Read(source, entries)
         deliveries = []
         for task in source.tasks:
@@ -339,66 +452,99 @@ class StreamIntake:
                     ref=read,
                 )
             )
-        self.engine.submit(deliveries)
+        self.engine.submit(deliveries, alone=how == "alone")
         return read
 
-    def _claim_abandoned(self) -> None:
-        """Entries idle for the visibility timeout in other consumers' hands: theirs stopped."""
-        for source in self.sources:
-            start = "0-0"
-            while True:
-                reply = self.client.xautoclaim(
-                    source.input, source.group, self.consumer, self.visibility_timeout_s * 1000, start, count=READ_MOST
-                )
-                start = _text(reply[0])
-                claimed = [(_text(i), _fields(f)) for i, f in reply[1] if f is not None]
-                if claimed:
-                    self._take_claimed(source, claimed)
-                if start == "0-0" or not claimed:
-                    break
-
-    def _take_claimed(self, source: StreamSource, claimed: list[tuple[str, dict[str, str]]]) -> None:
-        counts = {
-            _text(entry["message_id"]): int(entry["times_delivered"])
-            for entry in self.client.xpending_range(
-                source.input, source.group, claimed[0][0], claimed[-1][0], len(claimed) * 4, self.consumer
-            )
-        }
-        dead = [(i, f) for i, f in claimed if counts.get(i, 1) > self.max_deliveries]
-        if dead:
-            pipe = self.client.pipeline(transaction=True)
-            for entry_id, fields in dead:
-                reason = (
-                    f"delivered {counts[entry_id]} times without finishing "
-                    f"(over BERTQ_MAX_DELIVERIES={self.max_deliveries})"
-                )
-                pipe.xadd(
-                    source.dead,
-                    {"source_id": entry_id, "reason": reason, "fields": json.dumps(fields)},
-                    maxlen=source.maxlen,
-                    approximate=True,
-                )
-                pipe.xack(source.input, source.group, entry_id)
-            pipe.execute()
-            log.warning("stream entries dead-lettered", stream=source.input, entries=len(dead), dead=source.dead)
-        last = [(i, f) for i, f in claimed if counts.get(i, 1) == self.max_deliveries]
-        self._quarantine += [(source, entry) for entry in last]
-        alive = [(i, f) for i, f in claimed if counts.get(i, 1) < self.max_deliveries]
-        if alive:
-            log.warning("claimed stream entries of a silent consumer", stream=source.input, entries=len(alive))
-            self._hand_over(source, alive)
+    def _holding(self) -> dict[str, list[str]]:
+        """Ids of the entries this worker holds, by source stream: in the engine, or waiting to run alone."""
+        held: dict[str, list[str]] = {}
+        reads = {id(d.ref): d.ref for d in self.engine.held() if isinstance(d.ref, Read)}
+        for read in reads.values():
+            held.setdefault(read.source.input, []).extend(entry_id for entry_id, _ in read.entries)
+        for source, (entry_id, _) in self._quarantine:
+            held.setdefault(source.input, []).append(entry_id)
+        return held
 
     def _keep_held_fresh(self) -> None:
         """Reset the idle time of the entries this worker holds, so no one claims them from it."""
-        reads = {id(d.ref): d.ref for d in self.engine.held() if isinstance(d.ref, Read)}
-        if not reads:
+        held = self._holding()
+        if not held:
             return
         pipe = self.client.pipeline(transaction=False)
-        for read in reads.values():
-            pipe.xclaim(
-                read.source.input, read.source.group, self.consumer, 0, [i for i, _ in read.entries], justid=True
-            )
+        for stream, ids in held.items():
+            pipe.xclaim(stream, self._by_input[stream].group, self.consumer, 0, cast(list[Any], ids), justid=True)
         pipe.execute()
+
+    def _sweep(self) -> None:
+        """Claim what stopped consumers left and delete those consumers; after an outage, only once a
+        whole visibility timeout has passed, so the live ones have refreshed what they hold."""
+        if self._outage_at is not None and time.monotonic() - self._outage_at < self.visibility_timeout_s:
+            return
+        self._keep_held_fresh()
+        for source in self.sources:
+            if not self._claim_abandoned(source):
+                log.warning("Redis answered a stream sweep late; sweeping again after a visibility timeout")
+                self._note_outage()
+                return
+            gone = self._forget_idle(
+                keys=[source.input], args=[source.group, self.visibility_timeout_s * 1000, self.consumer]
+            )
+            if gone:
+                log.info("deleted stopped consumers", stream=source.input, consumers=[_text(name) for name in gone])
+
+    def _claim_abandoned(self, source: StreamSource) -> bool:
+        """Entries idle for the visibility timeout: their consumers stopped. False when Redis answered too
+        late for the idle times to be trusted."""
+        start = "0-0"
+        while True:
+            began = time.monotonic()
+            seconds, micros = self.client.time()
+            if time.monotonic() - began > self._refresh_every:
+                return False
+            latest = seconds * 1000 + micros // 1000 + int(self._refresh_every * 1000)
+            reply = self._claim(
+                keys=[source.input],
+                args=[source.group, self.consumer, self.visibility_timeout_s * 1000, start, READ_MOST, latest],
+            )
+            if reply is None:
+                return False
+            start = _text(reply[0])
+            claimed = [(_text(entry_id), _pairs(fields)) for entry_id, fields in reply[1] if fields]
+            if claimed:
+                self._take_claimed(source, claimed)
+            if start == "0-0":
+                return True
+
+    def _take_claimed(self, source: StreamSource, claimed: list[tuple[str, dict[str, str]]]) -> None:
+        held = set(self._holding().get(source.input, []))
+        counts = self._delivery_counts(source, [entry_id for entry_id, _ in claimed if entry_id not in held])
+        claimed = [(entry_id, fields) for entry_id, fields in claimed if entry_id in counts]
+        dead = [(entry_id, fields) for entry_id, fields in claimed if counts[entry_id] > self.max_deliveries]
+        if dead:
+            self._dead_letter_entries(source, dead, counts)
+        self._quarantine += [(source, entry) for entry in claimed if counts[entry[0]] == self.max_deliveries]
+        self._hand_over(source, [entry for entry in claimed if counts[entry[0]] < self.max_deliveries], "claimed")
+
+    def _delivery_counts(self, source: StreamSource, ids: list[str]) -> dict[str, int]:
+        """Each entry's delivery count, for the entries still pending for this consumer."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(source.input, source.group, entry_id, entry_id, 1, self.consumer)
+        return {_text(rows[0]["message_id"]): int(rows[0]["times_delivered"]) for rows in pipe.execute() if rows}
+
+    def _dead_letter_entries(
+        self, source: StreamSource, dead: list[tuple[str, dict[str, str]]], counts: dict[str, int]
+    ) -> None:
+        args: list[Any] = [source.group, self.consumer, self.dead_letter_ttl_s, source.maxlen]
+        for entry_id, fields in dead:
+            kept, truncated = _cut(fields, self.dead_letter_max_bytes)
+            reason = (
+                f"delivered {counts[entry_id]} times without finishing "
+                f"(over BERTQ_MAX_DELIVERIES={self.max_deliveries})"
+            )
+            args += [entry_id, reason, json.dumps(kept), int(truncated)]
+        written = self._dead_letter(keys=[source.input, source.dead], args=args)
+        log.warning("stream entries dead-lettered", stream=source.input, entries=written, dead=source.dead)
 
 
 def stream_state(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
@@ -413,6 +559,17 @@ def stream_state(client: redis.Redis, stream: str, group: str) -> dict[str, Any]
             state.update(lag=entry.get("lag"), pending=entry.get("pending"))
     state["dead"] = int(client.xlen(stream + DEAD_SUFFIX))
     return state
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    """An entry's fields as a script returns them: field, value, field, value..."""
+    return _fields(dict(zip(flat[::2], flat[1::2])))
+
+
+def _cut(fields: dict[str, str], most_bytes: int) -> tuple[dict[str, str], bool]:
+    """Each value cut to its first ``most_bytes`` bytes (whole characters); True when any was cut."""
+    kept = {name: value.encode()[:most_bytes].decode("utf-8", "ignore") for name, value in fields.items()}
+    return kept, kept != fields
 
 
 def _fields(fields: dict[Any, Any]) -> dict[str, str]:

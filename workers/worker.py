@@ -6,7 +6,8 @@ Threads of a worker process:
     ``revoke``, events for Flower). It consumes no queue itself;
   - intake: fetches job messages into this worker's in-flight hash (workers/intake.py);
   - prepare, forward, finish: the engine (workers/engine.py);
-  - heartbeat: liveness, reclaiming dead workers' jobs (workers/health.py).
+  - heartbeat: liveness (workers/health.py);
+  - sweeper: reclaiming dead workers' jobs (workers/reaper.py).
 A thread that dies for an unexpected reason ends the process with exit code 70, and an engine that
 holds work without progress for BERTQ_STALL_TIMEOUT_S ends it with 71, so that a supervisor (systemd,
 ``--gpus``, Kubernetes) restarts it: a live worker that does no work must not exist. What it held is
@@ -28,19 +29,20 @@ from typing import Any
 
 from bertq.workers.app import configure
 from bertq.workers.backends import BackendConfig
-from bertq.workers.delivery import Inbox, Reaper
+from bertq.workers.delivery import DEAD_MAXLEN, DeadLetterLimits, Inbox
 from bertq.workers.engine import Engine
 from bertq.workers.events import ActiveRequests, CeleryEvents
 from bertq.workers.health import Heartbeat
 from bertq.workers.intake import QueueIntake
 from bertq.workers.metrics import Metrics
+from bertq.workers.reaper import Reaper, Sweeper
 from bertq.workers.results import JobRecords
 from bertq.workers.runner import ModelCache
 from bertq.workers.sink import Observers
 from bertq.workers.streams import StreamIntake, StreamSink, StreamSource
 from bertq.workers.webhooks import Webhooks
 
-from bertq.connection import connect, retry
+from bertq.connection import connect, deadline_timer, retry, unsuitable_server
 from bertq.log import configure_logging, configure_process_logging, get_logger
 from bertq.settings import Settings
 
@@ -49,6 +51,7 @@ log = get_logger(__name__)
 EXIT_STAGE_DIED = 70
 EXIT_WEDGED = 71
 EXIT_UNEXPECTED_STOP = 72
+EXIT_UNSUITABLE_REDIS = 78  # EX_CONFIG: the server would lose jobs (eviction) or shard them (Cluster)
 
 
 def node_name(device: str) -> str:
@@ -91,7 +94,9 @@ class Worker:
         self.node = node
         self.consumer = f"{node}:{os.getpid()}:{secrets.token_hex(3)}"
         client = connect(settings.redis_url, name=f"bertq-worker:{node}")
-        self.inbox = Inbox(client, self.consumer, queues)
+        self.client = client
+        dead_letters = DeadLetterLimits(settings.dead_letter_ttl_s, DEAD_MAXLEN, settings.dead_letter_max_bytes)
+        self.inbox = Inbox(client, self.consumer, queues, dead_letters=dead_letters)
         self.records = JobRecords(
             client,
             self.inbox.inflight,
@@ -99,6 +104,8 @@ class Worker:
             settings.result_ttl_s,
             settings.results_stream_maxlen,
             settings.max_result_bytes,
+            self.consumer,
+            dead_letters,
         )
         self.engine = Engine(
             settings,
@@ -122,11 +129,22 @@ class Worker:
                 settings.visibility_timeout_s,
                 settings.sweep_interval_s,
                 settings.max_deliveries,
+                settings.dead_letter_ttl_s,
+                settings.dead_letter_max_bytes,
             )
         self.webhooks = Webhooks(client, settings)
-        reaper = Reaper(client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s)
         self.heartbeat = Heartbeat(
-            settings, self.engine, self.inbox, reaper, node, lambda why: die(EXIT_WEDGED, why), metrics, sources
+            settings, self.engine, self.inbox, node, lambda why: die(EXIT_WEDGED, why), metrics, sources
+        )
+        reaper = Reaper(
+            client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s, dead_letters
+        )
+        self.sweeper = Sweeper(
+            reaper,
+            self.consumer,
+            settings.sweep_interval_s,
+            lambda: self.heartbeat.outages,
+            (lambda task: metrics.jobs.labels(task, "dead_lettered").inc()) if metrics is not None else None,
         )
 
     def start(self) -> None:
@@ -136,6 +154,7 @@ class Worker:
         supervised("webhooks", self.webhooks.run)
         self.heartbeat.beat()
         supervised("heartbeat", self.heartbeat.run)
+        supervised("sweeper", self.sweeper.run)
 
     def stop_fetching(self) -> None:
         self.intake.stop()
@@ -155,14 +174,19 @@ class Worker:
         log.info("draining", jobs=self.engine.held_messages, timeout_s=self.settings.shutdown_timeout_s)
         released = self.engine.drain(self.settings.shutdown_timeout_s, hurry)
         self.webhooks.stop()
+        self.sweeper.stop()
         self.heartbeat.stop()
-        if self.engine.held_messages == 0:
+        if self.engine.held_messages == 0:  # else what is held stays in flight, for the others to reclaim
             gone = threading.Event()
-            threading.Timer(5.0, gone.set).start()
+            deadline_timer(5.0, gone)
             try:
-                retry(self.inbox.unregister, "unregister", gone)
+                returned = retry(self.inbox.unregister, "unregister", gone)
             except Exception:
-                log.warning("could not unregister; the heartbeat entry expires by itself")
+                log.warning("could not unregister: the others reclaim what this worker leaves in flight")
+            else:
+                if returned:
+                    log.info("gave back messages landed or in flight but never received", messages=returned)
+                    released += returned
         return released
 
 
@@ -185,6 +209,11 @@ def run_worker(
     celery_events = CeleryEvents(app, node, enabled=events)
     observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node)) if o is not None]
     worker = Worker(settings, queues, node, observers, metrics, sources or [])
+    refusal = retry(lambda: unsuitable_server(worker.client), "check the Redis server")
+    if refusal:
+        log.critical("worker refuses this Redis server", reason=refusal)
+        print(f"bertq worker: {refusal}", file=sys.stderr)
+        return EXIT_UNSUITABLE_REDIS
     if metrics is not None:
         metrics.read_held_items(lambda: worker.engine.held_items)
         metrics.serve(int(settings.metrics_port or 0))

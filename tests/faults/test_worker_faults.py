@@ -243,7 +243,16 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_and_healthy_job
         if enter is None:
             pytest.skip("no memory cgroup can be made here (needs root): the out-of-memory kill cannot be injected")
         fleet = Fleet(
-            fleet_dir, worker_env(server.url, QUEUE, models, OMP_NUM_THREADS="1", BERTQ_VISIBILITY_TIMEOUT_S="2")
+            fleet_dir,
+            # a result cap above the cgroup's memory, so the results outgrow the memory before the cap
+            worker_env(
+                server.url,
+                QUEUE,
+                models,
+                OMP_NUM_THREADS="1",
+                BERTQ_VISIBILITY_TIMEOUT_S="2",
+                BERTQ_MAX_RESULT_BYTES=str(8 * 2**30),
+            ),
         )
         try:
             client = client_for(server.url, QUEUE)

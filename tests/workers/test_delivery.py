@@ -4,7 +4,6 @@ landing lists, reclaiming a silent worker's messages with delivery counts, dead 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -14,14 +13,15 @@ from bertq.workers.delivery import (
     CONSUMERS,
     DEAD,
     DELIVERIES,
+    DeadLetterLimits,
     DeadLetters,
     Inbox,
-    Reaper,
     inflight_key,
     landing_key,
     priority_list,
     queue_lists,
 )
+from bertq.workers.reaper import Reaper, Reclaimed
 
 from bertq.client import Client, celery_message
 from bertq.records import RESULTS_STREAM, JobView, meta_key
@@ -41,6 +41,27 @@ def client(redis_db: str) -> redis.Redis:
 
 def job_id_of(raw: bytes) -> str:
     return str(json.loads(raw)["headers"]["id"])
+
+
+class Clock:
+    """The reaper's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reclaim_silent(client: redis.Redis, consumer: str, max_deliveries: int = 3) -> Reclaimed:
+    """Watch ``consumer`` for a visibility timeout (1 s of a test clock) without a beat, then reclaim it."""
+    clock = Clock()
+    reaper = Reaper(client, visibility_timeout_s=1, max_deliveries=max_deliveries, record_ttl_s=60, clock=clock)
+    assert consumer not in reaper.silent_consumers()
+    clock.now = 1.0
+    report = reaper.reclaim(consumer, reaper.silent_consumers()[consumer])
+    assert report is not None
+    return report
 
 
 def test_priority_lists_follow_kombu() -> None:
@@ -94,11 +115,7 @@ def test_a_silent_worker_is_reclaimed_to_the_front_with_its_delivery_counted(cli
     dead.heartbeat({}, 60)
     assert len(dead.fetch(2, 1 << 20)) == 2
     client.lpush("q", waiting)
-    reaper = Reaper(client, visibility_timeout_s=1, max_deliveries=3, record_ttl_s=60)
-    assert reaper.silent_consumers() == []
-    time.sleep(1.2)
-    assert reaper.silent_consumers() == ["dead"]
-    report = reaper.reclaim("dead")
+    report = reclaim_silent(client, "dead")
     assert (report.requeued, report.dead_lettered) == (2, 0)
     assert client.hlen(inflight_key("dead")) == 0
     assert client.zscore(CONSUMERS, "dead") is None
@@ -115,7 +132,7 @@ def test_the_last_delivery_dead_letters_the_job_and_fails_its_record(client: red
     client.hset(DELIVERIES, job_id, 2)
     client.lpush("q", raw)
     Inbox(client, "dead", ["q"]).fetch(1, 1 << 20)
-    report = Reaper(client, 1, max_deliveries=3, record_ttl_s=60).reclaim("dead")
+    report = reclaim_silent(client, "dead", max_deliveries=3)
     assert report.dead_lettered == 1 and client.llen("q") == 0
     view = JobView.from_record(job_id, client.get(meta_key(job_id)))
     assert view.status is JobStatus.failed and view.error is not None
@@ -134,7 +151,7 @@ def test_dead_lettering_never_overwrites_a_final_record(client: redis.Redis) -> 
     client.set(meta_key(job_id), done)
     client.lpush("q", raw)
     Inbox(client, "dead", ["q"]).fetch(1, 1 << 20)
-    Reaper(client, 1, max_deliveries=1, record_ttl_s=60).reclaim("dead")
+    reclaim_silent(client, "dead", max_deliveries=1)
     assert client.get(meta_key(job_id)) == done.encode()
     assert client.xlen(DEAD) == 1
 
@@ -145,7 +162,7 @@ def test_landed_messages_of_a_dead_worker_go_back_uncounted(client: redis.Redis)
     inbox = Inbox(client, "dead", ["q"], block_s=0.1)
     inbox.heartbeat({}, 60)
     assert inbox.wait()
-    report = Reaper(client, 1, 3, 60).reclaim("dead")
+    report = reclaim_silent(client, "dead")
     assert report.landed == 1 and client.lrange("q", 0, -1) == [raw]
     assert client.hlen(DELIVERIES) == 0
 
@@ -156,7 +173,7 @@ def test_dead_letters_requeue_and_purge(client: redis.Redis, redis_db: str) -> N
     raw = client.rpop("q")
     client.lpush("q", raw)
     Inbox(client, "dead", ["q"]).fetch(1, 1 << 20)
-    Reaper(client, 1, max_deliveries=1, record_ttl_s=60).reclaim("dead")
+    reclaim_silent(client, "dead", max_deliveries=1)
     letters = DeadLetters(client, 60)
     assert Client(redis_db, settings).get(job_id).status is JobStatus.failed
     letter = letters.find(job_id)
@@ -166,7 +183,7 @@ def test_dead_letters_requeue_and_purge(client: redis.Redis, redis_db: str) -> N
     assert Client(redis_db, settings).get(job_id).status is JobStatus.queued
     assert not letters.requeue(letter)  # once only
     Inbox(client, "dead2", ["q"]).fetch(1, 1 << 20)
-    Reaper(client, 1, max_deliveries=1, record_ttl_s=60).reclaim("dead2")
+    reclaim_silent(client, "dead2", max_deliveries=1)
     assert letters.purge() == 1 and letters.count() == 0
 
 
@@ -175,7 +192,7 @@ def test_a_job_on_its_last_delivery_is_quarantined_and_fetched_alone(client: red
     client.hset(DELIVERIES, job_id_of(suspect), 1)
     client.lpush("q", suspect, other)
     Inbox(client, "dead", ["q"]).fetch(2, 1 << 20)
-    report = Reaper(client, 1, max_deliveries=3, record_ttl_s=60).reclaim("dead")
+    report = reclaim_silent(client, "dead", max_deliveries=3)
     assert (report.requeued, report.quarantined) == (2, 1)
     assert client.lrange("q", 0, -1) == [other]
     inbox = Inbox(client, "next", ["q"])
@@ -184,6 +201,103 @@ def test_a_job_on_its_last_delivery_is_quarantined_and_fetched_alone(client: red
     assert taken is not None and taken.raw == suspect and taken.source == "bertq:quarantine:q"
     assert inbox.fetch_quarantined() is None and inbox.quarantined() == 0
     # dying with it once more dead-letters it, filed under its queue
-    Reaper(client, 1, max_deliveries=3, record_ttl_s=60).reclaim("next")
+    reclaim_silent(client, "next", max_deliveries=3)
     (letter,) = DeadLetters(client, 60).list()
     assert (letter.job_id, letter.source, letter.deliveries) == (job_id_of(suspect), "q", 3)
+
+
+def test_a_fetch_lists_the_worker_where_the_reaper_looks_before_it_holds_anything(client: redis.Redis) -> None:
+    client.lpush("q", message())
+    Inbox(client, "never-beat", ["q"]).fetch(1, 1 << 20)  # no heartbeat yet
+    assert client.zscore(CONSUMERS, "never-beat") is not None
+    assert reclaim_silent(client, "never-beat").requeued == 1
+
+
+def test_a_full_redis_refuses_the_fetch_before_anything_moves(client: redis.Redis) -> None:
+    raw = message()
+    client.lpush("q", raw)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used // 2)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            Inbox(client, "w", ["q"]).fetch(1, 1 << 20)
+    finally:
+        client.config_set("maxmemory", 0)
+    assert client.lrange("q", 0, -1) == [raw] and client.hlen(inflight_key("w")) == 0
+
+
+def test_a_live_worker_is_never_silent_whatever_its_scores_say(client: redis.Redis) -> None:
+    inbox = Inbox(client, "live", ["q"])
+    inbox.heartbeat({}, 60)
+    clock = Clock()
+    reaper = Reaper(client, visibility_timeout_s=1, max_deliveries=3, record_ttl_s=60, clock=clock)
+    reaper.silent_consumers()
+    for step in (1.0, 2.0, 3.0):
+        client.zadd(CONSUMERS, {"live": 1e9 - step})  # its beats, as a clock stepped back far would score them
+        clock.now = step
+        assert "live" not in reaper.silent_consumers()
+    clock.now = 4.0
+    assert "live" in reaper.silent_consumers()  # no beat for a whole visibility timeout of watching
+
+
+def test_a_beat_between_the_sighting_and_the_reclaim_keeps_the_worker_alive(client: redis.Redis) -> None:
+    client.lpush("q", message())
+    inbox = Inbox(client, "slow", ["q"])
+    inbox.heartbeat({}, 60)
+    inbox.fetch(1, 1 << 20)
+    clock = Clock()
+    reaper = Reaper(client, visibility_timeout_s=1, max_deliveries=3, record_ttl_s=60, clock=clock)
+    reaper.silent_consumers()
+    clock.now = 1.0
+    score = reaper.silent_consumers()["slow"]
+    inbox.heartbeat({}, 60)
+    assert reaper.reclaim("slow", score) is None
+    assert client.hlen(inflight_key("slow")) == 1 and client.llen("q") == 0
+
+
+def test_a_message_no_one_can_read_is_reclaimed_without_raising(client: redis.Redis) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    named = b'{"headers": {"id": "big"}, "pad": "' + b"x" * 64 + b'"}'
+    client.lpush("q", nested, named)
+    Inbox(client, "dead", ["q"]).fetch(2, 1 << 20)
+    report = reclaim_silent(client, "dead", max_deliveries=1)
+    assert report.dead_lettered == 2
+    letters = {letter.job_id: letter for letter in DeadLetters(client, 60).list()}
+    assert letters[""].message == nested and letters["big"].message == named
+    assert client.hlen(DELIVERIES) == 0
+
+
+def test_a_graceful_stop_gives_back_what_landed_and_what_it_never_received(client: redis.Redis) -> None:
+    landed, orphan = message(), message()
+    client.lpush("q", orphan)
+    inbox = Inbox(client, "leaving", ["q"], block_s=0.1)
+    inbox.heartbeat({}, 60)
+    inbox.fetch(1, 1 << 20)  # its reply lost, say: the engine never had it
+    client.lpush("q", landed)
+    assert inbox.wait()
+    assert inbox.unregister() == 2
+    assert sorted(client.lrange("q", 0, -1)) == sorted([landed, orphan])
+    assert client.zscore(CONSUMERS, "leaving") is None
+    assert not client.exists(inflight_key("leaving"), landing_key("leaving", "q"))
+
+
+def test_dead_letters_keep_a_capped_message_for_a_limited_time(client: redis.Redis) -> None:
+    client.xadd(DEAD, {"job_id": "ancient", "message": "x"}, id="1-1")
+    client.lpush("q", b"not json" + b"y" * 1000)
+    inbox = Inbox(client, "w", ["q"], dead_letters=DeadLetterLimits(ttl_s=3600, max_bytes=100))
+    (fetched,) = inbox.fetch(1, 1 << 20)
+    inbox.dead_letter(fetched, "unreadable")
+    (letter,) = DeadLetters(client, 60).list()  # the entry older than the ttl is gone
+    assert letter.truncated and letter.message == (b"not json" + b"y" * 1000)[:100]
+    assert letter.summary()["truncated"] is True
+    assert not DeadLetters(client, 60).requeue(letter)  # a cut message cannot go back
+
+
+def test_a_requeued_job_reads_queued_again_not_running(client: redis.Redis, redis_db: str) -> None:
+    settings = Settings(redis_url=redis_db, queue="q")
+    producer = Client(redis_db, settings)
+    job_id = producer.submit("sentiment", ["hello"])
+    (fetched,) = Inbox(client, "dead", ["q"]).fetch(1, 1 << 20)
+    client.set(meta_key(job_id), json.dumps({"status": "STARTED", "result": None}))  # claimed, then killed
+    reclaim_silent(client, "dead")
+    assert producer.get(job_id).status is JobStatus.queued

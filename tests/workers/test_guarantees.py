@@ -80,6 +80,10 @@ def test_each_poison_message_gets_its_record_or_dead_letter_and_harms_no_batch_m
         ),
         "wrong kwargs": ({"body": base64.b64encode(b'[[], ["items"], {}]').decode()}, "keyword arguments"),
         "unknown task": ({"headers.task": "bertq.nope"}, "unknown task 'bertq.nope'"),
+        "nested body": (
+            {"body": base64.b64encode(b"[" * 100_000 + b"]" * 100_000).decode()},
+            "body nests 100000 levels deep, over the limit of 32",
+        ),
     }
     ids = {name: str(uuid.uuid4()) for name in refused}
     healthy = [str(uuid.uuid4()) for _ in range(10)]
@@ -88,7 +92,8 @@ def test_each_poison_message_gets_its_record_or_dead_letter_and_harms_no_batch_m
         messages.insert(len(messages) // 2, poison(ids[name], queue, **changes))
     no_id = poison("x", queue, **{"headers.id": 17})
     not_json = b"\x00\x01 definitely not a message"
-    messages[3:3] = [no_id, not_json]
+    nested = b"[" * 100_000 + b"]" * 100_000
+    messages[3:3] = [no_id, not_json, nested]
     pid = fleet.workers[0].pid
     store.lpush(queue, *messages)
     views = client.wait([*ids.values(), *healthy], timeout=120)
@@ -97,10 +102,11 @@ def test_each_poison_message_gets_its_record_or_dead_letter_and_harms_no_batch_m
         view = views[ids[name]]
         assert view.status is JobStatus.failed and view.error is not None, name
         assert message in view.error["message"], (name, view.error)
-    assert wait_until(lambda: store.xlen("bertq:dead") >= dead_before + 2, 30)
-    reasons = [fields[b"reason"].decode() for _, fields in store.xrange("bertq:dead")[-2:]]
+    assert wait_until(lambda: store.xlen("bertq:dead") >= dead_before + 3, 30)
+    reasons = [fields[b"reason"].decode() for _, fields in store.xrange("bertq:dead")[-3:]]
     assert any("headers.id is not a non-empty string (int)" in r for r in reasons)
     assert any("not valid" in r for r in reasons)
+    assert any("nests 100000 levels deep" in r for r in reasons)
     assert fleet.workers[0].alive() and fleet.workers[0].pid == pid
     after = client.submit("sentiment", ["still serving"])
     assert client.wait([after], timeout=60)[after].status is JobStatus.done
@@ -153,6 +159,9 @@ def test_a_model_outside_the_allow_list_fails_the_job_and_loads_nothing(
     assert other not in loaded
     served = client.submit("ner", ["Ada in London"], model=str(tiny_models["ner"]))  # its own configured model, named
     assert client.wait([served], timeout=60)[served].status is JobStatus.done
+    crossed = client.submit("sentiment", ["hello"], model=str(tiny_models["ner"]))  # another task's model
+    view = client.wait([crossed], timeout=60)[crossed]
+    assert view.status is JobStatus.failed and view.error is not None and view.error["code"] == "model_not_allowed"
 
 
 def test_submitting_to_an_unreachable_redis_raises_one_typed_error(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ but not its content gets a refusal naming the cause, a message without a usable 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -16,6 +17,8 @@ from bertq.workers.intake import Undeliverable, decode
 from bertq.client import celery_message
 
 JOB = "6f1c3b7e-0000-4000-8000-000000000001"
+LIMIT = 1 << 20
+DEEP = 100_000
 
 
 def envelope(**changes: Any) -> dict[str, Any]:
@@ -47,7 +50,7 @@ def body(value: Any) -> str:
 
 def test_a_valid_message_becomes_a_typed_delivery() -> None:
     message = fetched(envelope())
-    delivery = decode(message, sink=None)  # type: ignore[arg-type]
+    delivery = decode(message, sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
     assert delivery.refusal is None
     assert (delivery.job_id, delivery.task, delivery.priority) == (JOB, "sentiment", 3)
     assert delivery.items == [{"text": "fine"}] and delivery.options == {"top_k": 1} and delivery.model is None
@@ -65,11 +68,14 @@ def test_a_valid_message_becomes_a_typed_delivery() -> None:
         (without_id(), "headers.id is missing"),
         (json.dumps(envelope(headers__id=42)).encode(), "headers.id is not a non-empty string (int)"),
         (json.dumps(envelope(headers__id="  ")).encode(), "headers.id is not a non-empty string"),
+        (b"[" * DEEP + b"]" * DEEP, f"nests {DEEP} levels deep, over the limit of 32"),
+        (b'{"headers": {"deep": ' + b"[" * DEEP + b"]" * DEEP + b"}}", "nests"),
+        (b"x" * (LIMIT + 1), f"{LIMIT + 1} bytes is over the limit of {LIMIT} (BERTQ_MAX_MESSAGE_BYTES)"),
     ],
 )
 def test_a_message_without_a_usable_id_is_undeliverable(raw: bytes, reason: str) -> None:
     with pytest.raises(Undeliverable, match=reason.replace("(", r"\(").replace(")", r"\)")):
-        decode(fetched(raw), sink=None)  # type: ignore[arg-type]
+        decode(fetched(raw), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -96,6 +102,12 @@ def test_a_message_without_a_usable_id_is_undeliverable(raw: bytes, reason: str)
             "body is not valid UTF-8",
         ),
         ({"body": base64.b64encode(b"{nope").decode()}, "invalid_message", "body", "body is not valid JSON"),
+        (
+            {"body": base64.b64encode(b'[[], {"items": ' + b"[" * DEEP + b"]" * DEEP + b"}, {}]").decode()},
+            "invalid_message",
+            "body",
+            f"body nests {DEEP + 2} levels deep, over the limit of 32",
+        ),
         ({"body": body({"items": []})}, "invalid_message", "body", "[args, kwargs, embed]"),
         ({"body": body([["x"], {}, {}])}, "invalid_message", "args", "positional arguments are refused"),
         ({"body": body([[], ["items"], {}])}, "invalid_message", "kwargs", "keyword arguments"),
@@ -126,7 +138,7 @@ def test_a_message_without_a_usable_id_is_undeliverable(raw: bytes, reason: str)
 def test_a_readable_id_with_unreadable_content_is_refused_with_the_cause(
     changes: dict[str, Any], code: str, field: str, message: str
 ) -> None:
-    delivery = decode(fetched(envelope(**changes)), sink=None)  # type: ignore[arg-type]
+    delivery = decode(fetched(envelope(**changes)), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
     assert delivery.job_id == JOB
     assert delivery.refusal is not None, delivery
     record = delivery.refusal.to_record()
@@ -135,12 +147,42 @@ def test_a_readable_id_with_unreadable_content_is_refused_with_the_cause(
 
 
 def test_expires_is_read_as_a_time() -> None:
-    delivery = decode(fetched(envelope(headers__expires="2030-01-01T00:00:00+00:00")), sink=None)  # type: ignore[arg-type]
+    delivery = decode(
+        fetched(envelope(headers__expires="2030-01-01T00:00:00+00:00")), sink=None, max_message_bytes=LIMIT
+    )  # type: ignore[arg-type]
     assert delivery.refusal is None and delivery.expires_at == 1893456000.0
 
 
 def test_each_message_decodes_alone() -> None:
     good = [fetched(envelope(headers__id=str(uuid.uuid4()))) for _ in range(3)]
     bad = fetched(envelope(**{"content-type": "application/x-python-serialize"}))
-    decoded = [decode(f, sink=None) for f in (good[0], bad, *good[1:])]  # type: ignore[arg-type]
+    decoded = [decode(f, sink=None, max_message_bytes=LIMIT) for f in (good[0], bad, *good[1:])]  # type: ignore[arg-type]
     assert [d.refusal is None for d in decoded] == [True, False, True, True]
+
+
+def test_a_message_too_deep_to_read_is_refused_under_the_id_it_names() -> None:
+    raw = b'{"headers": {"id": "%s", "deep": ' % JOB.encode() + b"[" * DEEP + b"]" * DEEP + b"}}"
+    delivery = decode(fetched(raw), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.job_id == JOB and delivery.refusal is not None
+    assert delivery.refusal.to_record()["field"] == "message" and "nests" in str(delivery.refusal)
+
+
+def test_a_message_too_large_to_read_is_refused_under_its_id_without_being_parsed() -> None:
+    message = envelope(body=body([[], {"items": [{"text": "x" * LIMIT}]}, {}]))
+    raw = json.dumps(message).encode()
+    delivery = decode(fetched(raw), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.job_id == JOB and delivery.items is None and delivery.size == len(raw)
+    assert delivery.refusal is not None
+    record = delivery.refusal.to_record()
+    assert record["field"] == "message" and "BERTQ_MAX_MESSAGE_BYTES" in record["message"]
+
+
+def test_a_delivery_names_the_digest_of_its_message() -> None:
+    message = fetched(envelope())
+    delivery = decode(message, sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.digest == hashlib.sha1(message.raw).hexdigest()
+
+
+def test_an_expiry_without_a_zone_is_utc() -> None:
+    delivery = decode(fetched(envelope(headers__expires="2030-01-01T00:00:00")), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.expires_at == 1893456000.0

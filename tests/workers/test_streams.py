@@ -8,18 +8,24 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from bertq.schemas import Limits, TaskName, validate_items, validate_options
+from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.runner import load_model, result_dicts, run_items
-from bertq.workers.streams import parse_sources
+from bertq.workers.sink import Delivery, Outcome
+from bertq.workers.streams import StreamIntake, StreamSink, parse_sources
 
+from bertq.connection import connect
 from tests.faults.harness import Fleet, Server, same_results, texts, wait_until, worker_env
 
 
@@ -157,3 +163,197 @@ def test_status_shows_each_sources_lag_and_pending(redis_url: str) -> None:
     )
     overview = json.loads(done.stdout)
     assert overview["streams"] == [{"stream": stream, "group": "bertq", "lag": 3, "pending": 2, "dead": 0}]
+
+
+class Holding:
+    """The engine's place for in-process intake tests: holds every read it is given until ``finish``;
+    ``busy`` counts queue jobs it also holds. ``taken`` counts, per entry id, the reads it came in."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.taken: Counter[str] = Counter()
+        self.busy = 0
+        self.full = False
+        self.lock = threading.Lock()
+
+    def submit(self, deliveries: list[Delivery], alone: bool = False) -> None:
+        with self.lock:
+            self.deliveries += deliveries
+            for entry_id, _ in deliveries[0].ref.entries:
+                self.taken[entry_id] += 1
+
+    # running alone as the engine does it, for this one source: its turn comes when nothing is held
+    def want_alone(self, source: str, wanted: bool) -> None:
+        pass
+
+    def take_turn_alone(self, source: str) -> bool:
+        return self.held_messages == 0
+
+    def running_alone(self) -> bool:
+        return False
+
+    def held(self) -> list[Delivery]:
+        with self.lock:
+            return list(self.deliveries)
+
+    @property
+    def held_messages(self) -> int:
+        return len(self.deliveries) + self.busy
+
+    def room(self) -> int:
+        return 0 if self.full else 256
+
+    def wait_for_room(self, timeout: float, needed: int = 1) -> None:
+        time.sleep(timeout)
+
+    def finish(self) -> None:
+        with self.lock:
+            held, self.deliveries = self.deliveries, []
+        if held:
+            outcomes = [Outcome(d, JobStatus.done, results=[{"label": "ok"}] * d.item_count) for d in held]
+            held[0].sink.finish(outcomes)
+
+
+def stream_intake(url: str, stream: str, engine: Holding, consumer: str, **settings: int) -> StreamIntake:
+    options = {
+        "visibility_timeout_s": 2,
+        "sweep_interval_s": 1,
+        "max_deliveries": 3,
+        "dead_letter_ttl_s": 86_400,
+        "dead_letter_max_bytes": 1024 * 1024,
+        **settings,
+    }
+    client = connect(url)
+    (source,) = parse_sources([f"{stream}=sentiment"])
+    sink = StreamSink(client, consumer, options["visibility_timeout_s"])
+    return StreamIntake(client, [source], sink, engine, consumer, **options)  # type: ignore[arg-type]
+
+
+@contextmanager
+def running(intake: StreamIntake) -> Iterator[StreamIntake]:
+    thread = threading.Thread(target=intake.run, daemon=True)
+    thread.start()
+    try:
+        yield intake
+    finally:
+        intake.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def pending(store: redis.Redis, stream: str) -> dict[str, tuple[str, int]]:
+    """Each pending entry's consumer and delivery count."""
+    return {
+        row["message_id"].decode(): (row["consumer"].decode(), row["times_delivered"])
+        for row in store.xpending_range(stream, "bertq", "-", "+", 10_000)
+    }
+
+
+def consumers(store: redis.Redis, stream: str) -> list[str]:
+    return sorted(c["name"].decode() for c in store.xinfo_consumers(stream, "bertq"))
+
+
+def abandoned(store: redis.Redis, stream: str, count: int, deliveries: int, idle_ms: int) -> list[str]:
+    """``count`` entries read by a consumer that then died, each delivered ``deliveries`` times."""
+    ids = [store.xadd(stream, {"text": f"left {i}"}).decode() for i in range(count)]
+    store.xgroup_create(stream, "bertq", id="0", mkstream=True)
+    store.xreadgroup("bertq", "gone", {stream: ">"}, count=count)
+    store.xclaim(stream, "bertq", "gone", 0, ids, idle=idle_ms, retrycount=deliveries, justid=True)
+    return ids
+
+
+def test_entries_held_through_a_redis_freeze_longer_than_the_visibility_timeout_are_computed_once(
+    tmp_path: Path,
+) -> None:
+    server = Server(tmp_path / "redis")
+    server.start()
+    store = server.client()
+    ids = [store.xadd("reviews", {"text": f"held {i}"}).decode() for i in range(10)]
+    engine = Holding()
+    try:
+        with running(stream_intake(server.url, "reviews", engine, "me")):
+            assert wait_until(lambda: len(engine.taken) == 10, 10)
+            server.freeze()
+            time.sleep(3.5)  # over the visibility timeout of 2 s
+            server.thaw()
+            time.sleep(4.5)  # through the grace and a few sweeps after it
+            assert {i: count for i, (_, count) in pending(store, "reviews").items()} == dict.fromkeys(ids, 1)
+            engine.finish()
+        assert engine.taken == Counter(dict.fromkeys(ids, 1))
+        assert store.xlen("reviews:enriched") == 10 and store.xlen("reviews:dead") == 0
+    finally:
+        server.close()
+
+
+def test_an_entry_on_its_last_delivery_stays_this_workers_while_it_waits_to_run_alone(redis_url: str) -> None:
+    stream = f"last-{uuid.uuid4().hex[:6]}"
+    store = redis.Redis.from_url(redis_url)
+    (last,) = abandoned(store, stream, 1, deliveries=2, idle_ms=5000)
+    engine = Holding()
+    engine.busy = 1  # a queue job that keeps the engine from being empty
+    with running(stream_intake(redis_url, stream, engine, "me", visibility_timeout_s=1)):
+        assert wait_until(lambda: pending(store, stream)[last][0] == "me", 5)
+        time.sleep(3.5)  # several visibility timeouts
+        assert pending(store, stream) == {last: ("me", 3)} and not engine.taken
+        engine.busy = 0
+        assert wait_until(lambda: engine.taken[last] == 1, 5)
+        engine.finish()
+    assert store.xlen(f"{stream}:dead") == 0 and store.xlen(f"{stream}:enriched") == 1
+
+
+def test_stopped_workers_leave_no_consumers_behind(redis_url: str) -> None:
+    stream = f"consumers-{uuid.uuid4().hex[:6]}"
+    store = redis.Redis.from_url(redis_url)
+    left = abandoned(store, stream, 2, deliveries=1, idle_ms=5000)  # a killed worker's consumer: "gone"
+    for restart in range(3):
+        for i in range(5):
+            store.xadd(stream, {"text": f"restart {restart} entry {i}"})
+        engine, expected = Holding(), 5 + (len(left) if restart == 0 else 0)
+        with running(stream_intake(redis_url, stream, engine, f"worker-{restart}", visibility_timeout_s=1)):
+            assert wait_until(lambda engine=engine, expected=expected: engine.taken.total() == expected, 5)
+            engine.finish()
+            engine.full = True  # no more reads: its consumer goes idle, but it is still this worker's
+            time.sleep(2.5)
+            assert consumers(store, stream) == [f"worker-{restart}"]
+        assert consumers(store, stream) == []
+    assert not pending(store, stream) and store.xlen(f"{stream}:enriched") == 17
+    assert set(left) <= {fields[b"source_id"].decode() for _, fields in store.xrange(f"{stream}:enriched")}
+
+
+def test_dead_letters_are_trimmed_by_age_and_cut_to_the_byte_cap(redis_url: str) -> None:
+    stream = f"dead-{uuid.uuid4().hex[:6]}"
+    store = redis.Redis.from_url(redis_url)
+    for i in range(300):  # dead letters from 1970: a whole node of them goes with approximate trimming
+        store.xadd(f"{stream}:dead", {"source_id": f"old {i}"}, id=f"{i + 1}-0")
+    long_text = "é" * 1000  # 2000 bytes
+    ids = [store.xadd(stream, {"text": text, "n": str(i)}).decode() for i, text in enumerate([long_text, "short"])]
+    store.xgroup_create(stream, "bertq", id="0")
+    store.xreadgroup("bertq", "gone", {stream: ">"})
+    store.xclaim(stream, "bertq", "gone", 0, ids, idle=5000, retrycount=3, justid=True)
+    engine = Holding()
+    with running(stream_intake(redis_url, stream, engine, "me", dead_letter_ttl_s=60, dead_letter_max_bytes=301)):
+        assert wait_until(lambda: not pending(store, stream), 5)
+    letters = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in store.xrange(f"{stream}:dead")]
+    assert len(letters) < 200, "dead letters older than the ttl are trimmed"
+    cut, short = letters[-2:]
+    assert (cut["source_id"], cut["truncated"]) == (ids[0], "1")
+    assert json.loads(cut["fields"]) == {"text": "é" * 150, "n": "0"}
+    assert short["source_id"] == ids[1] and "truncated" not in short
+    assert json.loads(short["fields"]) == {"text": "short", "n": "1"}
+    assert "delivered 4 times" in short["reason"] and not engine.taken
+
+
+def test_claimed_entries_get_their_own_delivery_counts_among_many_of_this_workers(redis_url: str) -> None:
+    stream = f"counts-{uuid.uuid4().hex[:6]}"
+    store = redis.Redis.from_url(redis_url)
+    ids = [store.xadd(stream, {"text": f"t{i}"}).decode() for i in range(10)]
+    store.xgroup_create(stream, "bertq", id="0")
+    store.xreadgroup("bertq", "gone", {stream: ">"}, count=1)
+    store.xreadgroup("bertq", "me", {stream: ">"}, count=8)  # this worker's, fresh, between the two
+    store.xreadgroup("bertq", "gone", {stream: ">"}, count=1)
+    store.xclaim(stream, "bertq", "gone", 0, [ids[0], ids[9]], idle=10_000, retrycount=5, justid=True)
+    engine = Holding()
+    with running(stream_intake(redis_url, stream, engine, "me", visibility_timeout_s=5)):
+        assert wait_until(lambda: store.xlen(f"{stream}:dead") == 2, 5)
+    assert {fields[b"source_id"].decode() for _, fields in store.xrange(f"{stream}:dead")} == {ids[0], ids[9]}
+    assert set(pending(store, stream)) == set(ids[1:9]) and not engine.taken

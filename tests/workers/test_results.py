@@ -1,0 +1,80 @@
+"""Job records as the queue's sink, against a real Redis: a claim names the job's own message, so a
+message that reuses the id of a queued, running or finished job is refused and never touches its record."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis
+from bertq.schemas import JobStatus, TaskName
+from bertq.workers.delivery import DEAD, Inbox
+from bertq.workers.intake import decode
+from bertq.workers.results import JobRecords
+from bertq.workers.sink import Claim, Delivery
+
+from bertq.client import Client, celery_message
+from bertq.records import JobView, meta_key
+from bertq.settings import Settings
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture
+def client(redis_db: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_db)
+
+
+def records(client: redis.Redis) -> JobRecords:
+    return JobRecords(client, Inbox(client, "w", ["q"]).inflight, "w", 60, 1000, 1 << 20, "w")
+
+
+def fetch_all(client: redis.Redis, sink: JobRecords) -> list[Delivery]:
+    return [decode(f, sink, LIMIT) for f in Inbox(client, "w", ["q"]).fetch(10, 1 << 20)]
+
+
+def impostor(job_id: str, **headers: object) -> bytes:
+    kwargs = {"items": [{"text": "not yours"}], "model": None, "options": {}}
+    message = json.loads(celery_message(job_id, TaskName.sentiment, kwargs, "q"))
+    message["headers"].update(headers)
+    return json.dumps(message).encode()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"eta": "2030-01-01T00:00:00"}, {"expires": "2000-01-01T00:00:00+00:00"}],
+    ids=["readable", "refused", "expired"],
+)
+def test_a_message_reusing_a_queued_jobs_id_is_refused_and_the_job_runs(
+    client: redis.Redis, redis_db: str, changes: dict[str, object]
+) -> None:
+    job_id = Client(redis_db, Settings(redis_url=redis_db, queue="q")).submit("sentiment", ["mine"])
+    client.rpush("q", impostor(job_id, **changes))  # jumps the queue: fetched first
+    sink = records(client)
+    first, second = fetch_all(client, sink)
+    assert sink.claim([first, second]) == [Claim.duplicate, Claim.run]
+    assert second.items == [{"text": "mine"}]
+    (letter,) = client.xrange(DEAD)
+    assert b"duplicate" in letter[1][b"reason"] and letter[1][b"job_id"] == job_id.encode()
+    assert JobView.from_record(job_id, client.get(meta_key(job_id))).status is JobStatus.running
+
+
+def test_a_message_reusing_a_finished_jobs_id_leaves_its_record(client: redis.Redis, redis_db: str) -> None:
+    job_id = str(uuid.uuid4())
+    client.lpush("q", impostor(job_id))  # a producer that writes no record: the first claim names its message
+    sink = records(client)
+    (first,) = fetch_all(client, sink)
+    assert sink.claim([first]) == [Claim.run]
+    client.lpush("q", first.ref.raw, impostor(job_id, lang="js"))
+    again, other = fetch_all(client, sink)
+    assert sink.claim([again, other]) == [Claim.run, Claim.duplicate]  # its own message again: a redelivery
+
+
+def test_a_compact_record_from_another_language_is_read_as_final(client: redis.Redis) -> None:
+    job_id = str(uuid.uuid4())
+    client.set(meta_key(job_id), json.dumps({"status": "SUCCESS", "result": []}, separators=(",", ":")))
+    client.lpush("q", impostor(job_id))
+    sink = records(client)
+    (delivery,) = fetch_all(client, sink)
+    assert sink.claim([delivery]) == [Claim.final]

@@ -1,0 +1,53 @@
+"""The worker process: it refuses a Redis server that would lose or shard its jobs, at start, with one line;
+and a model load that hangs ends it, so that what it holds is reclaimed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import Fleet, Server, client_for, worker_env
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy is allkeys-lru"),
+        (("--cluster-enabled", "yes"), "this Redis is a Cluster"),
+    ],
+    ids=["allkeys eviction", "cluster"],
+)
+def test_a_worker_refuses_a_server_that_would_lose_or_shard_jobs(
+    tmp_path: Path, tiny_models: dict[str, Path], setting: tuple[str, str], named: str
+) -> None:
+    server = Server(tmp_path / "redis", None, *setting)
+    server.start()
+    try:
+        fleet = Fleet(tmp_path / "logs", worker_env(server.url, "q", {"sentiment": str(tiny_models["sentiment"])}))
+        worker = fleet.start()
+        assert worker.wait(60) == 78
+        refusals = [line for line in worker.lines() if line.get("event") == "worker refuses this Redis server"]
+        assert refusals and named in refusals[0]["reason"]
+        assert server.client().dbsize() == 0  # it wrote nothing
+    finally:
+        server.close()
+
+
+def test_a_model_load_that_hangs_ends_the_worker_so_its_jobs_are_reclaimed(tmp_path: Path) -> None:
+    hung = tmp_path / "hung-model"
+    hung.mkdir()
+    os.mkfifo(hung / "config.json")  # reading it blocks for ever, as a hung network mount does
+    server = Server(tmp_path / "redis")
+    server.start()
+    try:
+        env = worker_env(server.url, "q", {"sentiment": str(hung)}, BERTQ_MODEL_LOAD_TIMEOUT_S="2")
+        worker = Fleet(tmp_path / "logs", env).start()
+        job_id = client_for(server.url, "q").submit("sentiment", ["hello"])
+        assert worker.wait(60) == 71
+        (exit_line,) = [line for line in worker.lines() if line.get("event") == "worker exiting"]
+        assert "a model load has taken" in exit_line["reason"] and "BERTQ_MODEL_LOAD_TIMEOUT_S" in exit_line["reason"]
+        assert server.client().hlen(next(iter(server.client().scan_iter("bertq:inflight:*")))) == 1, job_id
+    finally:
+        server.close()
