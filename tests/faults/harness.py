@@ -59,10 +59,13 @@ class Server:
     """One server process on a fixed port with its own directory and append-only file, so it can be
     stopped and started again with its data."""
 
-    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.extra = extra
+        self.env = env  # added to this process's environment for the server (e.g. LD_PRELOAD); None: inherited
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -93,7 +96,13 @@ class Server:
             *self.extra,
         ]
         log = open(self.directory / "server.log", "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if self.env is None else {**os.environ, **self.env},
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -421,3 +430,291 @@ def raw_message(
 
 def record_exists(server: Server, job_id: str) -> bool:
     return bool(server.client().exists(meta_key(job_id)))
+
+
+# ---- edge faults (tests/faults/test_edge_faults.py) ------------------------------------------------
+
+#: Where a worker's traces live, by consumer id ``<node>:<pid>:<hex>`` (see workers/delivery.py).
+CONSUMERS_ZSET = "bertq:consumers"
+CONSUMERS_LISTS = "bertq:consumers:lists"
+_CONSUMER = r"(?P<consumer>.+?:\d+:[0-9a-f]+)"
+
+
+def consumer_pid(consumer: str) -> int | None:
+    """The pid in a consumer id ``<node>:<pid>:<hex>``, None when the id has no such shape."""
+    parts = consumer.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """A process of this machine that runs (a zombie, dead but not yet waited for, is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def orphans(server: Server) -> list[str]:
+    """What workers whose process is gone left behind: for every consumer id found in ``bertq:consumers``,
+    ``bertq:consumers:lists``, ``bertq:inflight:*``, ``bertq:landing:*:*`` or ``bertq:worker:*`` whose pid
+    no longer runs on this machine, each key or entry still there. A consumer id without a pid counts as
+    gone. Empty when every stopped or reaped worker cleaned up (or was cleaned up) completely."""
+    import re
+
+    client = server.client()
+    found: dict[str, list[str]] = {}
+
+    def text(value: Any) -> str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    for member in client.zrange(CONSUMERS_ZSET, 0, -1):
+        consumer = text(member)
+        found.setdefault(consumer, []).append(f"{CONSUMERS_ZSET} member {consumer}")
+    for name in client.hkeys(CONSUMERS_LISTS):
+        consumer = text(name)
+        found.setdefault(consumer, []).append(f"{CONSUMERS_LISTS} field {consumer}")
+    for key in client.scan_iter(match="bertq:inflight:*", count=1000):
+        name = text(key)
+        consumer = name.removeprefix("bertq:inflight:")
+        found.setdefault(consumer, []).append(f"{name} ({client.hlen(key)} messages)")
+    landing = re.compile(r"^bertq:landing:" + _CONSUMER + r":(?P<queue>.*)$", re.S)
+    for key in client.scan_iter(match="bertq:landing:*:*", count=1000):
+        name = text(key)
+        match = landing.match(name)
+        consumer = match.group("consumer") if match else name.removeprefix("bertq:landing:")
+        found.setdefault(consumer, []).append(f"{name} ({client.llen(key)} messages)")
+    for key in client.scan_iter(match="bertq:worker:*", count=1000):
+        name = text(key)
+        consumer = name.removeprefix("bertq:worker:")
+        found.setdefault(consumer, []).append(name)
+    left = []
+    for consumer, entries in sorted(found.items()):
+        pid = consumer_pid(consumer)
+        if pid is None or not pid_alive(pid):
+            left.extend(entries)
+    return left
+
+
+def settled_orphans(server: Server, timeout: float) -> list[str]:
+    """``orphans`` once it is empty, or what is left after ``timeout`` seconds (time for the reaper)."""
+    left: list[str] = []
+
+    def clean() -> bool:
+        nonlocal left
+        try:
+            left = orphans(server)
+        except redis.RedisError as error:
+            left = [f"orphan scan failed: {type(error).__name__}: {error}"]
+        return not left
+
+    wait_until(clean, timeout, every=0.25)
+    return left
+
+
+def consumer_id(worker: WorkerProcess) -> str | None:
+    """The worker's consumer id, from its ``worker started`` log line (None before that line)."""
+    for line in worker.lines():
+        if line.get("event") == "worker started" and isinstance(line.get("consumer"), str):
+            return str(line["consumer"])
+    return None
+
+
+def registered(server: Server, worker: WorkerProcess) -> bool:
+    """The worker's heartbeat is in ``bertq:consumers``."""
+    prefix = f"{worker.name}:{worker.pid}:".encode()
+    try:
+        return any(member.startswith(prefix) for member in server.client().zrange(CONSUMERS_ZSET, 0, -1))
+    except redis.RedisError:
+        return False
+
+
+def held_job_ids(server: Server, worker: WorkerProcess) -> list[str]:
+    """Job ids in the worker's in-flight hash (messages without a readable id are left out)."""
+    client = server.client()
+    job_ids = []
+    for key in client.scan_iter(f"bertq:inflight:{worker.name}:{worker.pid}:*"):
+        for value in client.hvals(key):
+            try:
+                job_ids.append(str(json.loads(value.split(b"\n", 1)[1])["headers"]["id"]))
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+                continue
+    return job_ids
+
+
+def events(worker: WorkerProcess, event: str) -> list[dict[str, Any]]:
+    """The worker's JSON log lines of one ``event``."""
+    return [line for line in worker.lines() if line.get("event") == event]
+
+
+def exits(workers: Sequence[WorkerProcess]) -> list[str]:
+    """Workers that ended themselves (their ``worker exiting`` lines: exit 70, 71...), as short descriptions
+    for an assertion message."""
+    said = []
+    for worker in workers:
+        for line in events(worker, "worker exiting"):
+            said.append(f"{worker.name} exited {line.get('exit_code')}: {line.get('reason')}")
+    return said
+
+
+def fill_memory(server: Server, chunk_bytes: int = 1 << 20, prefix: str = "junk:") -> list[str]:
+    """Junk keys until the server refuses even a small write with OOM (maxmemory with noeviction):
+    ``chunk_bytes`` values first, then smaller ones (the server counts a command's own bytes, so a big
+    value is refused while small writes still fit). Returns the keys written, for ``free_memory``."""
+    keys: list[str] = []
+    size = chunk_bytes
+    while True:
+        client = server.client()  # a fresh connection per size: a big query buffer left over counts too
+        for _ in range(1_000_000):
+            key = f"{prefix}{uuid.uuid4().hex}"
+            try:
+                client.set(key, b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            keys.append(key)
+        else:
+            raise RuntimeError("the server never refused a write: is maxmemory set?")
+        client.close()
+        if size <= 64:
+            break
+        size = max(64, size // 8)
+    for _ in range(100_000):  # at the edge: until a new connection's small write is refused too
+        if refuses_writes(server, "OOM"):
+            return keys
+        key = f"{prefix}{uuid.uuid4().hex}"
+        try:
+            server.client().set(key, b"1")
+            keys.append(key)
+        except redis.exceptions.OutOfMemoryError:
+            pass
+    raise RuntimeError("the server kept taking small writes")
+
+
+def free_memory(server: Server, keys: Sequence[str]) -> None:
+    client = server.client()
+    for start in range(0, len(keys), 100):
+        client.delete(*keys[start : start + 100])
+
+
+def refuses_writes(server: Server, reply: str) -> bool:
+    """A plain SET is refused with an error reply that starts with ``reply`` (OOM, MISCONF...)."""
+    try:
+        server.client().set("bertq-faults:probe", "1")
+    except redis.exceptions.OutOfMemoryError:  # redis-py takes the OOM code off the message
+        return reply == "OOM"
+    except redis.ResponseError as error:
+        return str(error).startswith(reply)
+    except redis.RedisError:
+        return False
+    return False
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``4m``) mounted at ``path`` (root only), unmounted afterwards; lazily if a
+    process still has it open (a server's working directory)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill_disk(directory: Path, name: str = "junk.bin", leave_bytes: int = 0) -> Path:
+    """A file in ``directory`` that takes every free byte of its filesystem but ``leave_bytes``."""
+    junk = directory / name
+    with open(junk, "wb", buffering=0) as out:
+        for block in (1 << 16, 512):  # big writes, then the last bytes in smaller ones
+            while shutil.disk_usage(directory).free - block >= leave_bytes:
+                try:
+                    if not out.write(b"\0" * block):
+                        break
+                except OSError:
+                    break
+    return junk
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def libfaketime() -> str:
+    """The path of libfaketime, installed with apt-get (Debian's ``libfaketime``) when it is missing.
+    Raises RuntimeError when it cannot be had."""
+    if Path(LIBFAKETIME).exists():
+        return LIBFAKETIME
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "libfaketime"]
+    done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=300, check=False)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=300, check=False)
+        done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=300, check=False)
+    if not Path(LIBFAKETIME).exists():
+        found = sorted(Path("/usr/lib").glob("**/faketime/libfaketime.so.1"))
+        if found:
+            return str(found[0])
+        raise RuntimeError(f"libfaketime could not be installed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    return LIBFAKETIME
+
+
+class FakeClock:
+    """The wall clock of a server started under libfaketime: ``env`` for ``Server(..., env=...)``, and
+    ``set(offset_s)`` steps the clock to the real time plus ``offset_s`` (libfaketime re-reads its
+    timestamp file on every call with FAKETIME_NO_CACHE=1). The monotonic clock is left alone, as an
+    NTP step would leave it."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = directory / "faketime.rc"
+        self.offset_s = 0.0
+        self.set(0)
+
+    def env(self, library: str) -> dict[str, str]:
+        return {
+            "LD_PRELOAD": library,
+            "FAKETIME_TIMESTAMP_FILE": str(self.file),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+
+    def set(self, offset_s: float) -> None:
+        temporary = self.file.with_suffix(".tmp")
+        temporary.write_text(f"{offset_s:+.0f}\n")
+        temporary.replace(self.file)
+        self.offset_s = offset_s
+
+
+def server_skew(server: Server) -> float:
+    """The server's TIME minus this machine's clock, in seconds."""
+    seconds, micros = server.client().time()
+    return seconds + micros / 1e6 - time.time()
+
+
+def overfill_memory(
+    server: Server, keys: Sequence[str], extra_bytes: int = 16 << 20, prefix: str = "junk:"
+) -> list[str]:
+    """Past maxmemory by about ``extra_bytes``, so that a full server stays full while workers acknowledge
+    (each acknowledgement frees a little): one junk value built inside the server by a script, whose write
+    is refused only while memory is already over the limit (then one of ``keys`` is freed first). Returns
+    ``keys`` and the new one, for ``free_memory``."""
+    client = server.client()
+    left = list(keys)
+    script = "redis.call('SET', KEYS[1], string.rep('x', tonumber(ARGV[1]))) return 1"
+    for _ in range(1000):
+        key = f"{prefix}{uuid.uuid4().hex}"
+        try:
+            client.eval(script, 1, key, extra_bytes)
+        except redis.exceptions.OutOfMemoryError:
+            if not left:
+                raise
+            client.delete(left.pop())
+            continue
+        return [*left, key]
+    raise RuntimeError("the server never took the junk value")
