@@ -374,15 +374,14 @@ class Engine:
                 elif claim is Claim.duplicate:
                     log.warning("message refused: its job id belongs to another message", job_id=delivery.job_id)
             self._forget(gone)
-            now = time.time()
             for delivery, claim in zip(deliveries, claims):
-                if claim is not Claim.run:
-                    continue
-                if delivery.refusal is not None:
-                    self._finish.put([Outcome(delivery, JobStatus.failed, error=delivery.refusal)])
-                elif delivery.expires_at is not None and delivery.expires_at <= now:
+                if claim is Claim.expired:
                     expired = InvalidInput("expired before it ran", field="expires")
                     self._finish.put([Outcome(delivery, JobStatus.expired, error=expired)])
+                elif claim is not Claim.run:
+                    continue
+                elif delivery.refusal is not None:
+                    self._finish.put([Outcome(delivery, JobStatus.failed, error=delivery.refusal)])
                 else:
                     self._start_job(delivery)
 

@@ -37,7 +37,8 @@ from bertq.records import (
 )
 
 # KEYS: record, in-flight hash, deliveries, dead stream. ARGV: running record, ttl, tag, delivery key,
-# the message's digest, consumer, then the dead-letter limits (ttl, maxlen, most bytes).
+# the message's digest, consumer, the dead-letter limits (ttl, maxlen, most bytes), then its expiry in unix
+# seconds ('' for none), compared with Redis's clock, the one clock every worker shares.
 _CLAIM = (
     SPLIT_VALUE
     + RECORD_STATE
@@ -56,6 +57,10 @@ if is_impostor(KEYS[1], ARGV[5]) then
 end
 if state_of(KEYS[1]) == 'REVOKED' then return {'cancelled', failed} end
 if is_final(KEYS[1]) then return {'final', failed} end
+if ARGV[10] ~= '' then
+  local t = redis.call('TIME')
+  if tonumber(ARGV[10]) <= tonumber(t[1]) + tonumber(t[2]) / 1e6 then return {'expired', failed} end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {'run', failed}
 """
@@ -125,6 +130,7 @@ class JobRecords:
                     delivery.digest,
                     self.consumer,
                     *self.dead_letters.args(),
+                    "" if delivery.expires_at is None else repr(delivery.expires_at),
                 ],
                 client=pipe,
             )

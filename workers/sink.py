@@ -55,6 +55,7 @@ class Claim(str, Enum):
     final = "final"  # its record is already final (done or failed): acknowledge only
     cancelled = "cancelled"  # cancelled (or expired) before it ran: acknowledge only
     lost = "lost"  # no longer this worker's (reclaimed while it was unreachable): drop it
+    expired = "expired"  # its expiry passed before it ran (by Redis's clock): stored as expired
     duplicate = "duplicate"  # another message already holds this job id: dead-lettered, the job untouched
 
 

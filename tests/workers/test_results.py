@@ -78,3 +78,13 @@ def test_a_compact_record_from_another_language_is_read_as_final(client: redis.R
     sink = records(client)
     (delivery,) = fetch_all(client, sink)
     assert sink.claim([delivery]) == [Claim.final]
+
+
+def test_expiry_is_judged_by_redis_clock_not_the_workers(client: redis.Redis) -> None:
+    now = float(client.time()[0])
+    past, future = str(uuid.uuid4()), str(uuid.uuid4())
+    client.lpush("q", impostor(past, expires=now - 5), impostor(future, expires=now + 3600))
+    sink = records(client)
+    deliveries = {d.job_id: d for d in fetch_all(client, sink)}
+    claims = sink.claim([deliveries[past], deliveries[future]])
+    assert claims == [Claim.expired, Claim.run]
