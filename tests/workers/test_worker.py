@@ -4,6 +4,7 @@ and a model load that hangs ends it, so that what it holds is reclaimed."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,26 @@ def test_a_worker_refuses_a_server_that_would_lose_or_shard_jobs(
         server.close()
 
 
-def test_a_model_load_that_hangs_ends_the_worker_so_its_jobs_are_reclaimed(tmp_path: Path) -> None:
+def test_a_model_load_that_hangs_ends_the_worker_so_its_jobs_are_reclaimed(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
     hung = tmp_path / "hung-model"
-    hung.mkdir()
-    os.mkfifo(hung / "config.json")  # reading it blocks for ever, as a hung network mount does
+    shutil.copytree(tiny_models["sentiment"], hung)
+    (hung / "model.safetensors").unlink()
+    os.mkfifo(hung / "model.safetensors")  # reading the weights blocks for ever, as a hung network mount does
     server = Server(tmp_path / "redis")
     server.start()
+    fleet = Fleet(
+        tmp_path / "logs", worker_env(server.url, "q", {"sentiment": str(hung)}, BERTQ_MODEL_LOAD_TIMEOUT_S="2")
+    )
     try:
-        env = worker_env(server.url, "q", {"sentiment": str(hung)}, BERTQ_MODEL_LOAD_TIMEOUT_S="2")
-        worker = Fleet(tmp_path / "logs", env).start()
-        job_id = client_for(server.url, "q").submit("sentiment", ["hello"])
+        worker = fleet.start()
+        client_for(server.url, "q").submit("sentiment", ["hello"])
         assert worker.wait(60) == 71
         (exit_line,) = [line for line in worker.lines() if line.get("event") == "worker exiting"]
         assert "a model load has taken" in exit_line["reason"] and "BERTQ_MODEL_LOAD_TIMEOUT_S" in exit_line["reason"]
-        assert server.client().hlen(next(iter(server.client().scan_iter("bertq:inflight:*")))) == 1, job_id
+        (inflight,) = server.client().scan_iter("bertq:inflight:*")
+        assert server.client().hlen(inflight) == 1  # still in flight: the others reclaim it
     finally:
+        fleet.close()
         server.close()
