@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Audit
+from tests.faults.harness import Audit, Server
 
 FULL = os.environ.get("BERTQ_FAULTS") == "full"
 ROWS: list[dict[str, Any]] = []
@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A fresh server of its own for one scenario."""
+    server = Server(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

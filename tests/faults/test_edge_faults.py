@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,6 @@ VT = 4  # BERTQ_VISIBILITY_TIMEOUT_S of every scenario
 SWEEP = 1  # BERTQ_SWEEP_INTERVAL_S
 REAP_S = VT + SWEEP + 3  # time for a live worker to reap a dead one, with a heartbeat and a sweep to spare
 RECLAIMED = "reclaimed the jobs of a silent worker"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    server = Server(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -111,14 +110,6 @@ def serve(port: int, log_path: Path, delay_s: float) -> None:
             pass
 
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    server = Server(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 def hooks_env(server: Server, receiver: Receiver, sentiment: str, attempts: int, timeout_s: float) -> dict[str, str]:

@@ -41,14 +41,6 @@ QUEUE = "faults"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    server = Server(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def fleet_dir(tmp_path: Path) -> Path:
     return tmp_path / "logs"
 
