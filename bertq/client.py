@@ -166,13 +166,19 @@ class Client:
             queued.extend(job_id for job_id, _, _ in batch)
         return queued
 
-    def cancel(self, job_ids: Sequence[str]) -> dict[str, tuple[bool, str]]:
+    def cancel(self, job_ids: Sequence[str], unknown_too: bool = False) -> dict[str, tuple[bool, str]]:
         """Cancel queued jobs. Per job: whether it is cancelled now, and its status (a job already
         running or finished is left as it is, and its status says why). Cancelled is final: a worker
-        that fetches the job skips it."""
+        that fetches the job skips it. ``unknown_too`` also cancels ids without a record: a job queued
+        for longer than ``BERTQ_RESULT_TTL_S`` (its record expired while its message waits), or one sent
+        with plain ``send_task``, as Celery's revoke does."""
         try:
             outcomes = cancel_jobs(
-                self.redis, list(job_ids), self.settings.result_ttl_s, self.settings.results_stream_maxlen
+                self.redis,
+                list(job_ids),
+                self.settings.result_ttl_s,
+                self.settings.results_stream_maxlen,
+                allow_unknown=unknown_too,
             )
         except redis.RedisError as error:
             raise broker_error(error, self.url) from error
