@@ -4,12 +4,27 @@ and a model load that hangs ends it, so that what it holds is reclaimed."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Fleet, Server, client_for, worker_env
+
+
+def cluster_port() -> int:
+    """A free port a Cluster node can take: its bus listens 10,000 higher, so at most 55535."""
+    for port in random.sample(range(20_000, 55_000), 200):
+        with socket.socket() as probe, socket.socket() as bus:
+            try:
+                probe.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a Cluster node")
 
 
 @pytest.mark.parametrize(
@@ -23,7 +38,7 @@ from tests.faults.harness import Fleet, Server, client_for, worker_env
 def test_a_worker_refuses_a_server_that_would_lose_or_shard_jobs(
     tmp_path: Path, tiny_models: dict[str, Path], setting: tuple[str, str], named: str
 ) -> None:
-    server = Server(tmp_path / "redis", None, *setting)
+    server = Server(tmp_path / "redis", cluster_port(), *setting)
     server.start()
     try:
         fleet = Fleet(tmp_path / "logs", worker_env(server.url, "q", {"sentiment": str(tiny_models["sentiment"])}))
