@@ -193,11 +193,6 @@ class Engine:
     def running_alone(self) -> bool:
         return self._alone is not None
 
-    def wait_until_empty(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` until every delivery handed over is stored or released."""
-        with self._held_lock:
-            return self._held_lock.wait_for(lambda: not self._held, timeout)
-
     def wait_for_room(self, timeout: float, needed: int = 1) -> None:
         """Wait up to ``timeout`` while fewer than ``needed`` deliveries fit."""
         with self._held_lock:

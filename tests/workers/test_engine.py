@@ -15,6 +15,7 @@ from bertq.workers.runner import ModelCache
 from bertq.workers.sink import Claim, Delivery, Outcome
 
 from bertq.settings import Settings
+from tests.faults.harness import wait_until
 
 
 def test_batch_holds_the_oldest_row_and_comes_from_the_oldest_rows() -> None:
@@ -95,13 +96,13 @@ def test_a_delivery_run_alone_shares_the_engine_with_no_source(tiny_models: dict
         assert engine.room() == 0  # no source, whatever it is, gets room while a job waits to run alone
         assert not engine.take_turn_alone("queues")  # the engine still holds a stream's or a queue's work
         sink.wait_for(1)
-        engine.wait_until_empty(10)
+        assert wait_until(lambda: engine.held_messages == 0, 10)
         assert engine.take_turn_alone("queues") and not engine.take_turn_alone("streams")
         engine.want_alone("queues", False)
         engine.submit([Delivery("suspect", "sentiment", [{"text": "last try"}], sink=sink)], alone=True)
         assert engine.running_alone() and engine.room() == 0
         sink.wait_for(2)
-        engine.wait_until_empty(10)
+        assert wait_until(lambda: engine.held_messages == 0, 10)
         assert not engine.running_alone() and engine.room() > 0
     finally:
         engine.stop()
