@@ -160,7 +160,7 @@ def peer_python(ctx: Context) -> str | None:
 
 
 def cpu() -> dict[str, Any]:
-    from bertq.workers.cpu import cpu_info
+    from bertq.workers.backends.cpu import cpu_info
 
     info = cpu_info()
     return {"model": info.model, "features": info.features(), "described": info.describe()}
@@ -185,7 +185,7 @@ def minilm_classifier(ctx: Context) -> str:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from bertq.workers import calibration
+    from bertq.workers.backends import calibration
 
     work = ctx.out / "backends"
     work.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,8 @@ def metrics_us_per_job(jobs: int = 20_000) -> float:
     """CPU microseconds the metrics observer spends on one one-text job: its started and finished
     calls and one batch observation, against a registry of its own."""
     from bertq.schemas import JobStatus
+    from bertq.workers.engine.delivery import Delivery, Outcome
     from bertq.workers.metrics import Metrics
-    from bertq.workers.sink import Delivery, Outcome
 
     metrics = Metrics()
     delivery = Delivery("job", "sentiment", [{"text": "x"}], submitted_at=time.time())

@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 items.append(error)
         if loaded is None:  # after the first chunk is read: a bad line is reported before a model loads
             model = args.model or settings.model_for(task_name)
-            from bertq.workers.backends import BackendConfig
+            from bertq.workers.backends.openvino import BackendConfig
 
             cache = ModelCache(settings.device, settings.dtype, backend=BackendConfig.from_settings(settings))
             loaded = cache.get(task_name, model)
@@ -267,7 +267,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
-    from bertq.workers.delivery import DeadLetters
+    from bertq.workers.queues.inbox import DeadLetters
 
     client = _client(settings)
     letters = DeadLetters(client.redis, settings.result_ttl_s)
@@ -331,7 +331,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"device": args.device})
     if not settings.redis_url:
         raise UsageError("BERTQ_REDIS_URL is not set: point it at the Redis the producers use")
-    from bertq.workers.streams import parse_sources
+    from bertq.workers.streams.intake import parse_sources
     from bertq.workers.worker import run_worker
 
     try:
@@ -361,8 +361,8 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Build the converted (and quantised) model into the cache ahead of time; print its accuracy
     report. Exit 1 when the report fails the gate (and BERTQ_ACCEPT_ANY_ACCURACY is not set)."""
-    from bertq.workers.accuracy import summary
-    from bertq.workers.backends import prebuild
+    from bertq.workers.backends.gate import summary
+    from bertq.workers.backends.openvino import prebuild
 
     report = prebuild(settings, args.task, args.model, args.calibration)
     print(summary(report) if "metric" in report else f"{report['backend']} ({report['precision']}): exact, no gate")

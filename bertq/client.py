@@ -127,7 +127,7 @@ class Client:
         priority: int | None,
         callback_url: str | None,
     ) -> list[str]:
-        from bertq.workers.delivery import priority_list
+        from bertq.workers.queues.inbox import priority_list
 
         validate_options(task, options)
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):

@@ -631,7 +631,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings, tasks: list[TaskSpec], cache: ModelCache | None = None) -> None:
         from bertq.tasks import get_task
-        from bertq.workers.backends import BackendConfig
+        from bertq.workers.backends.openvino import BackendConfig
         from bertq.workers.runner import ModelCache
 
         cache = cache or ModelCache(

@@ -11,7 +11,7 @@ from typing import Any, cast
 import redis
 
 from bertq.settings import Settings
-from bertq.workers.delivery import (
+from bertq.workers.queues.inbox import (
     CONSUMERS,
     PRIORITY_STEPS,
     QUARANTINE_PREFIX,
@@ -19,7 +19,7 @@ from bertq.workers.delivery import (
     heartbeat_key,
     priority_list,
 )
-from bertq.workers.streams import parse_sources, stream_state
+from bertq.workers.streams.intake import parse_sources, stream_state
 
 #: A worker's heartbeat fields that the overview shows, in this order.
 WORKER_FIELDS = (

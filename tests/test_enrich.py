@@ -27,7 +27,7 @@ from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
 from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, LocalBackend, Summary, task_specs
 from bertq.files import FileFormat, RowReader
 from bertq.settings import Settings
-from tests.faults.harness import Fleet, Server, client_for, same_results, texts, wait_until, worker_env
+from tests.procs import Fleet, Server, client_for, same_results, texts, wait_until, worker_env
 
 ROWS = 20_000
 MAX_TEXT_CHARS = 2000  # so a row can pass the limit cheaply

@@ -4,7 +4,7 @@
 Its configuration comes from the BERTQ_ settings, read when Celery first needs it (never at import),
 or from ``configure``, called by the worker entry point with the settings it already read.
 
-Workers do not let Celery consume the queues (see workers/intake.py): the tasks registered here exist
+Workers do not let Celery consume the queues (see workers/queues/intake.py): the tasks registered here exist
 so that Celery's tools list them, and their ``run`` refuses to run outside a bertq worker.
 """
 

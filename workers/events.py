@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from bertq.schemas import JobStatus
-from bertq.workers.sink import Delivery, Observer, Outcome
+from bertq.workers.engine.delivery import Delivery, Observer, Outcome
 from celery import Celery
 
 from bertq.log import get_logger

@@ -8,7 +8,7 @@ A heartbeat thread, beside the engine's stages, every few seconds:
   - exits the process (non-zero) when the engine has held work without progress for
     ``BERTQ_STALL_TIMEOUT_S``, or a model load has taken longer than ``BERTQ_MODEL_LOAD_TIMEOUT_S``, so
     that a supervisor restarts it;
-  - counts its outages (failed or late beats), which tell the sweeper (workers/reaper.py) to watch
+  - counts its outages (failed or late beats), which tell the sweeper (workers/queues/reaper.py) to watch
     every worker afresh.
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertq.workers.delivery import DEAD, Inbox
-from bertq.workers.engine import Engine
+from bertq.workers.engine.engine import Engine
 from bertq.workers.metrics import Metrics
-from bertq.workers.streams import StreamSource, stream_state
+from bertq.workers.queues.inbox import DEAD, Inbox
+from bertq.workers.streams.intake import StreamSource, stream_state
 
 from bertq.connection import is_transient, safe
 from bertq.log import get_logger

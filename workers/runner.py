@@ -10,7 +10,8 @@ from typing import Any
 from bertq.schemas import TaskName
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
-from bertq.workers.backends import (
+from bertq.workers.backends.cpu import cpu_info
+from bertq.workers.backends.openvino import (
     BackendConfig,
     choose_path,
     free_memory,
@@ -21,7 +22,6 @@ from bertq.workers.backends import (
 )
 from bertq.workers.batcher import pack
 from bertq.workers.budget import TokenBudget
-from bertq.workers.cpu import cpu_info
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, InferenceFailed, InvalidInput
@@ -34,7 +34,7 @@ def load_model(
     task: Task, model_id: str, device: str = "cpu", dtype: str = "auto", backend: BackendConfig | None = None
 ) -> Loaded:
     """Load through the same ``from_pretrained`` path for hub ids and local directories, on the path
-    that (device, dtype, backend) choose for this CPU (workers/backends.py)."""
+    that (device, dtype, backend) choose for this CPU (workers/backends/openvino.py)."""
     backend = backend or BackendConfig()
     path = choose_path(device, dtype, backend.name, cpu_info())
     threads = backend.threads()

@@ -4,10 +4,10 @@
 Threads of a worker process:
   - main: Celery's worker, for what Celery tools expect of a worker (``inspect``, ``control``,
     ``revoke``, events for Flower). It consumes no queue itself;
-  - intake: fetches job messages into this worker's in-flight hash (workers/intake.py);
-  - prepare, forward, finish: the engine (workers/engine.py);
+  - intake: fetches job messages into this worker's in-flight hash (workers/queues/intake.py);
+  - prepare, forward, finish: the engine (workers/engine/engine.py);
   - heartbeat: liveness (workers/health.py);
-  - sweeper: reclaiming dead workers' jobs (workers/reaper.py).
+  - sweeper: reclaiming dead workers' jobs (workers/queues/reaper.py).
 A thread that dies for an unexpected reason ends the process with exit code 70, and an engine that
 holds work without progress for BERTQ_STALL_TIMEOUT_S ends it with 71, so that a supervisor (systemd,
 ``--gpus``, Kubernetes) restarts it: a live worker that does no work must not exist. What it held is
@@ -28,18 +28,18 @@ from collections.abc import Callable
 from typing import Any
 
 from bertq.workers.app import configure
-from bertq.workers.backends import BackendConfig
-from bertq.workers.delivery import DEAD_MAXLEN, DeadLetterLimits, Inbox
-from bertq.workers.engine import Engine
+from bertq.workers.backends.openvino import BackendConfig
+from bertq.workers.engine.delivery import Observers
+from bertq.workers.engine.engine import Engine
 from bertq.workers.events import ActiveRequests, CeleryEvents
 from bertq.workers.health import Heartbeat
-from bertq.workers.intake import QueueIntake
 from bertq.workers.metrics import Metrics
-from bertq.workers.reaper import Reaper, Sweeper
-from bertq.workers.results import JobRecords
+from bertq.workers.queues.inbox import DEAD_MAXLEN, DeadLetterLimits, Inbox
+from bertq.workers.queues.intake import QueueIntake
+from bertq.workers.queues.reaper import Reaper, Sweeper
+from bertq.workers.queues.sink import JobRecords
 from bertq.workers.runner import ModelCache
-from bertq.workers.sink import Observers
-from bertq.workers.streams import StreamIntake, StreamSink, StreamSource
+from bertq.workers.streams.intake import StreamIntake, StreamSink, StreamSource
 from bertq.workers.webhooks import Webhooks
 
 from bertq.connection import connect, deadline_timer, retry, unsuitable_server

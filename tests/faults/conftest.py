@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Audit, Server
+from tests.procs import Audit, Server
 
 FULL = os.environ.get("BERTQ_FAULTS") == "full"
 ROWS: list[dict[str, Any]] = []
@@ -70,7 +70,7 @@ def write_reliability(path: Path, exitstatus: int) -> None:
     import platform
     import time
 
-    from tests.faults.harness import server_binary
+    from tests.procs import server_binary
 
     begin, end = "<!-- faults:begin -->", "<!-- faults:end -->"
     text = path.read_text()

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 from bertq.schemas import JobStatus, TaskName
-from bertq.workers.delivery import DeadLetter, DeadLetters
+from bertq.workers.queues.inbox import DeadLetter, DeadLetters
 
 from bertq.records import JobView
 from tests.faults.conftest import FULL, record
-from tests.faults.harness import (
+from tests.faults.test_worker_faults import expected_results
+from tests.procs import (
     FakeClock,
     Fleet,
     Server,
@@ -51,7 +52,6 @@ from tests.faults.harness import (
     wait_until,
     worker_env,
 )
-from tests.faults.test_worker_faults import expected_results
 
 QUEUE = "edge"
 VT = 4  # BERTQ_VISIBILITY_TIMEOUT_S of every scenario

@@ -16,7 +16,7 @@ from bertq.tasks import get_task
 from bertq.workers.runner import load_model, result_dicts, run_items
 
 from tests.faults.conftest import FULL, record
-from tests.faults.harness import (
+from tests.procs import (
     Fleet,
     Server,
     WorkerProcess,

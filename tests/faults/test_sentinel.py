@@ -30,7 +30,7 @@ from bertq.records import JobView
 from bertq.settings import Settings
 from bertq.status import live_workers
 from tests.faults.conftest import FULL, record
-from tests.faults.harness import (
+from tests.procs import (
     Fleet,
     Server,
     audit,

@@ -26,7 +26,8 @@ from bertq.workers import webhooks
 
 from bertq.records import WEBHOOKS, done_record, meta_key
 from tests.faults.conftest import FULL, record
-from tests.faults.harness import (
+from tests.faults.test_worker_faults import expected_results
+from tests.procs import (
     Fleet,
     Server,
     audit,
@@ -38,7 +39,6 @@ from tests.faults.harness import (
     wait_until,
     worker_env,
 )
-from tests.faults.test_worker_faults import expected_results
 from tests.workers.test_webhooks import verified
 
 QUEUE = "hooks"

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.delivery import DeadLetters
+from bertq.workers.queues.inbox import DeadLetters
 from bertq.workers.runner import load_model, result_dicts, run_items
 
 from tests.faults.conftest import FULL, record
-from tests.faults.harness import (
+from tests.procs import (
     Fleet,
     Server,
     WorkerProcess,

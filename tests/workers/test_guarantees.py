@@ -19,7 +19,7 @@ from celery import Celery
 from bertq.client import Client, celery_message
 from bertq.errors import BrokerUnavailable, SubmitIncomplete
 from bertq.records import meta_key
-from tests.faults.harness import Fleet, Server, client_for, log_lines, raw_message, wait_until, worker_env
+from tests.procs import Fleet, Server, client_for, log_lines, raw_message, wait_until, worker_env
 
 
 @pytest.fixture(scope="module")

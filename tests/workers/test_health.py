@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from bertq.schemas import JobStatus
 
-from tests.faults.harness import Fleet, Server, client_for, log_lines, wait_until, worker_env
+from tests.procs import Fleet, Server, client_for, log_lines, wait_until, worker_env
 
 
 def check(name: str) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bertq.records import RESULTS_STREAM
 from tests.deploy.dashboard import dashboard_series
-from tests.faults.harness import Fleet, WorkerProcess, client_for, log_lines, raw_message, wait_until, worker_env
+from tests.procs import Fleet, WorkerProcess, client_for, log_lines, raw_message, wait_until, worker_env
 
 
 def free_port() -> int:

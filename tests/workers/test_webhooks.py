@@ -26,7 +26,7 @@ from bertq.workers import webhooks
 
 from bertq.records import WEBHOOKS, done_record, meta_key
 from bertq.settings import Settings
-from tests.faults.harness import Fleet, client_for, free_port, wait_until, worker_env
+from tests.procs import Fleet, client_for, free_port, wait_until, worker_env
 
 SECRET = "s3cret"
 README = Path(__file__).parents[2] / "README.md"

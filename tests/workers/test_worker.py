@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Fleet, Server, client_for, worker_env
+from tests.procs import Fleet, Server, client_for, worker_env
 
 
 def cluster_port() -> int:

@@ -12,7 +12,8 @@ from typing import Any
 
 import redis
 from bertq.schemas import JobStatus
-from bertq.workers.delivery import (
+from bertq.workers.engine.delivery import Claim, Delivery, Outcome
+from bertq.workers.queues.inbox import (
     DEAD,
     DEAD_LETTER_FN,
     DELIVERIES,
@@ -21,7 +22,6 @@ from bertq.workers.delivery import (
     DeadLetterLimits,
     Fetched,
 )
-from bertq.workers.sink import Claim, Delivery, Outcome
 
 from bertq.errors import ResultTooLarge
 from bertq.records import (

@@ -434,7 +434,7 @@ def record_exists(server: Server, job_id: str) -> bool:
 
 # ---- edge faults (tests/faults/test_edge_faults.py) ------------------------------------------------
 
-#: Where a worker's traces live, by consumer id ``<node>:<pid>:<hex>`` (see workers/delivery.py).
+#: Where a worker's traces live, by consumer id ``<node>:<pid>:<hex>`` (see workers/queues/inbox.py).
 CONSUMERS_ZSET = "bertq:consumers"
 CONSUMERS_LISTS = "bertq:consumers:lists"
 _CONSUMER = r"(?P<consumer>.+?:\d+:[0-9a-f]+)"

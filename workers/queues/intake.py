@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bertq.schemas import TaskName
-from bertq.workers.delivery import Fetched, Inbox
-from bertq.workers.engine import Engine
-from bertq.workers.sink import Delivery, Sink
+from bertq.workers.engine.delivery import Delivery, Sink
+from bertq.workers.engine.engine import Engine
+from bertq.workers.queues.inbox import Fetched, Inbox
 
 from bertq.connection import GiveUp, retry
 from bertq.errors import BertqError, InvalidMessage, Unsupported
@@ -188,7 +188,7 @@ def _number(value: Any) -> float | None:
 class QueueIntake:
     """The thread that fetches from the queues while the engine has room.
 
-    It also runs quarantined jobs (on their last delivery, see workers/delivery.py) one at a time:
+    It also runs quarantined jobs (on their last delivery, see workers/queues/inbox.py) one at a time:
     when one waits, it lets the engine empty, takes that job alone, and takes nothing else until it
     is done. And it adopts orphans: messages in this worker's in-flight hash that it never received,
     because the reply of a fetch was lost in a Redis fault after the server had moved them."""

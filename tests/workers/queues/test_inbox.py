@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 from bertq.schemas import JobStatus, TaskName
-from bertq.workers.delivery import (
+from bertq.workers.queues.inbox import (
     CONSUMERS,
     DEAD,
     DELIVERIES,
@@ -21,7 +21,7 @@ from bertq.workers.delivery import (
     priority_list,
     queue_lists,
 )
-from bertq.workers.reaper import Reaper, Reclaimed
+from bertq.workers.queues.reaper import Reaper, Reclaimed
 
 from bertq.client import Client, celery_message
 from bertq.records import RESULTS_STREAM, JobView, meta_key

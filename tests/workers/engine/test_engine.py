@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 from bertq.schemas import JobStatus
 from bertq.tasks.base import Row
-from bertq.workers.engine import SCAN_BATCHES, Engine, PendingRow
+from bertq.workers.engine.delivery import Claim, Delivery, Outcome
+from bertq.workers.engine.engine import SCAN_BATCHES, Engine, PendingRow
 from bertq.workers.runner import ModelCache
-from bertq.workers.sink import Claim, Delivery, Outcome
 
 from bertq.settings import Settings
-from tests.faults.harness import wait_until
+from tests.procs import wait_until
 
 
 def test_batch_holds_the_oldest_row_and_comes_from_the_oldest_rows() -> None:

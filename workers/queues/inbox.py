@@ -11,7 +11,7 @@ second round trip; a kill between the two lost the message.) When a worker is id
 ``BLMOVE`` into a landing list of its own, which is just as atomic; the next fetch drains it.
 
 A worker is listed in ``bertq:consumers`` by its first fetch, before it holds anything, and owns its
-in-flight hash for as long as its heartbeat keeps that entry's score moving; workers/reaper.py gives
+in-flight hash for as long as its heartbeat keeps that entry's score moving; workers/queues/reaper.py gives
 back the messages of one that stopped. A graceful stop gives back what it landed or holds unreceived,
 then leaves the registry, in one script. A live worker's messages are never redelivered, however long
 its batches take.

@@ -1,6 +1,6 @@
 """Reclaiming the messages of workers that stopped heartbeating, and the thread that sweeps for them.
 
-A worker owns its in-flight hash (workers/delivery.py) for as long as its heartbeat score in
+A worker owns its in-flight hash (workers/queues/inbox.py) for as long as its heartbeat score in
 ``bertq:consumers`` keeps changing. Any live worker's sweeper watches those scores; one that has not
 changed for a whole visibility timeout of its watching is taken over (seized) atomically, only if its
 score is still the one seen, and its messages go back to the front of their queues one by one, each
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-from bertq.workers.delivery import (
+from bertq.workers.queues.inbox import (
     CONSUMER_LISTS,
     CONSUMERS,
     DEAD,

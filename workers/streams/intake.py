@@ -36,8 +36,8 @@ from typing import Any, cast
 
 import redis
 from bertq.schemas import TaskName, validate_options
-from bertq.workers.engine import Engine
-from bertq.workers.sink import Claim, Delivery, Outcome
+from bertq.workers.engine.delivery import Claim, Delivery, Outcome
+from bertq.workers.engine.engine import Engine
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertq.connection import GiveUp, retry

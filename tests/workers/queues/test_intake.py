@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from bertq.schemas import TaskName
-from bertq.workers.delivery import Fetched
-from bertq.workers.intake import Undeliverable, decode
+from bertq.workers.queues.inbox import Fetched
+from bertq.workers.queues.intake import Undeliverable, decode
 
 from bertq.client import celery_message
 

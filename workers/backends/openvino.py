@@ -8,7 +8,7 @@ backend stands behind that call and returns the same fields, so tasks never impo
   for the CPU (bf16 where native) or f32 with ``BERTQ_DTYPE=fp32``.
 - ``openvino-int8``: the converted model quantised to static int8 with calibration text (cached).
 
-Every path that is not exact fp32 passes the accuracy gate (workers/accuracy.py) before it serves.
+Every path that is not exact fp32 passes the accuracy gate (workers/backends/gate.py) before it serves.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from bertq.tasks.base import Loaded, Row, Task
-from bertq.workers import accuracy, calibration, disk_cache
+from bertq.workers.backends import calibration, disk_cache
+from bertq.workers.backends import gate as accuracy
+from bertq.workers.backends.cpu import CpuInfo, cpu_info
 from bertq.workers.budget import TokenBudget
-from bertq.workers.cpu import CpuInfo, cpu_info
 
 from bertq.errors import ModelUnavailable
 from bertq.log import get_logger
@@ -267,7 +268,7 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
     """Convert (and quantise) once, keep it in the disk cache, compile it for this CPU. The torch
     model is loaded only when something must be built or measured, and released after."""
     import transformers
-    from bertq.workers import conversion
+    from bertq.workers.backends import conversion
 
     require_packages(path.backend)
     name = task.name.value

@@ -18,9 +18,10 @@ import pytest
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
-from bertq.workers import accuracy, calibration, conversion, disk_cache
-from bertq.workers.backends import BackendConfig, choose_path, require_packages
-from bertq.workers.cpu import parse_cpuinfo
+from bertq.workers.backends import calibration, conversion, disk_cache
+from bertq.workers.backends import gate as accuracy
+from bertq.workers.backends.cpu import parse_cpuinfo
+from bertq.workers.backends.openvino import BackendConfig, choose_path, require_packages
 from bertq.workers.runner import load_model, run_items
 
 from bench.texts import review_texts
@@ -46,7 +47,7 @@ PLAIN_CPU = parse_cpuinfo("model name\t: Old CPU\nflags\t\t: fpu avx2 avx512f av
 
 
 def native_bf16() -> bool:
-    from bertq.workers.cpu import cpu_info
+    from bertq.workers.backends.cpu import cpu_info
 
     return cpu_info().native_bf16
 
@@ -375,7 +376,7 @@ def test_each_dtype_and_backend_chooses_a_path_or_says_why_not() -> None:
 
 
 def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bertq.workers import backends
+    from bertq.workers.backends import openvino as backends
 
     monkeypatch.setattr(backends, "cpu_info", lambda: PLAIN_CPU)
     with pytest.raises(ModelUnavailable, match="AVX512-BF16"):

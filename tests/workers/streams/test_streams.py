@@ -21,12 +21,12 @@ import pytest
 import redis
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
+from bertq.workers.engine.delivery import Delivery, Outcome
 from bertq.workers.runner import load_model, result_dicts, run_items
-from bertq.workers.sink import Delivery, Outcome
-from bertq.workers.streams import StreamIntake, StreamSink, parse_sources
+from bertq.workers.streams.intake import StreamIntake, StreamSink, parse_sources
 
 from bertq.connection import connect
-from tests.faults.harness import Fleet, Server, same_results, texts, wait_until, worker_env
+from tests.procs import Fleet, Server, same_results, texts, wait_until, worker_env
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_worker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path: Path,
 
 
 def test_status_shows_each_sources_lag_and_pending(redis_url: str) -> None:
-    from bertq.workers.streams import stream_state
+    from bertq.workers.streams.intake import stream_state
 
     stream = f"lag-{uuid.uuid4().hex[:6]}"
     store = redis.Redis.from_url(redis_url)

@@ -9,10 +9,10 @@ import uuid
 import pytest
 import redis
 from bertq.schemas import JobStatus, TaskName
-from bertq.workers.delivery import DEAD, Inbox
-from bertq.workers.intake import decode
-from bertq.workers.results import JobRecords
-from bertq.workers.sink import Claim, Delivery
+from bertq.workers.engine.delivery import Claim, Delivery
+from bertq.workers.queues.inbox import DEAD, Inbox
+from bertq.workers.queues.intake import decode
+from bertq.workers.queues.sink import JobRecords
 
 from bertq.client import Client, celery_message
 from bertq.records import JobView, meta_key

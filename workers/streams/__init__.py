@@ -1,0 +1,1 @@
+"""Redis Streams: a source and its sink (output entries, exactly once)."""
