@@ -4,14 +4,14 @@ chosen among the oldest rows only, so its cost does not grow with the pool."""
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 from bertq.schemas import JobStatus
 from bertq.tasks.base import Row
-from bertq.workers.engine.delivery import Claim, Delivery, Outcome
+from bertq.workers.engine.delivery import Delivery
 from bertq.workers.engine.engine import SCAN_BATCHES, Engine, PendingRow
+from bertq.workers.engine.memory import MemorySink
 from bertq.workers.runner import ModelCache
 
 from bertq.settings import Settings
@@ -32,38 +32,10 @@ def test_batch_holds_the_oldest_row_and_comes_from_the_oldest_rows() -> None:
     assert len(batch) * ((longest + 7) // 8 * 8) <= settings.max_batch_tokens or len(batch) == 1
 
 
-class Recorder:
-    """A sink that claims everything and keeps what it is given to store, for engine tests in-process."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.changed = threading.Condition()
-
-    def claim(self, deliveries: list[Delivery]) -> list[Claim]:
-        return [Claim.run] * len(deliveries)
-
-    def finish(self, outcomes: list[Outcome]) -> list[bool]:
-        with self.changed:
-            self.outcomes.extend(outcomes)
-            self.changed.notify_all()
-        return [True] * len(outcomes)
-
-    def acknowledge(self, deliveries: list[Delivery]) -> None:
-        pass
-
-    def release(self, deliveries: list[Delivery]) -> None:
-        pass
-
-    def wait_for(self, count: int, timeout: float = 60) -> list[Outcome]:
-        with self.changed:
-            self.changed.wait_for(lambda: len(self.outcomes) >= count, timeout)
-        return list(self.outcomes)
-
-
 def test_results_over_the_cap_fail_the_job_as_they_are_built(tiny_models: dict[str, Path]) -> None:
     settings = Settings(max_result_bytes=100_000, model_embedding=str(tiny_models["base"]))
     engine = Engine(settings, ModelCache(), "test")
-    sink = Recorder()
+    sink = MemorySink()
     engine.start()
     try:
         long_items = [{"text": f"w{i} " * 20} for i in range(200)]
@@ -74,34 +46,33 @@ def test_results_over_the_cap_fail_the_job_as_they_are_built(tiny_models: dict[s
                 Delivery("small", "embedding", [{"text": "fine"}], sink=sink),
             ]
         )
-        outcomes = {outcome.delivery.job_id: outcome for outcome in sink.wait_for(3)}
+        big, one, small = sink.wait(["big", "one", "small"], 60)
     finally:
         engine.stop()
-    big = outcomes["big"]
     assert big.status is JobStatus.failed and big.error is not None and big.error.code == "result_too_large"
     assert "BERTQ_MAX_RESULT_BYTES" in str(big.error) and "of 200 items" in str(big.error)
-    (alone,) = outcomes["one"].results or []
+    (alone,) = one.results or []
     assert alone["error"]["code"] == "result_too_large" and "this item's result" in alone["error"]["message"]
-    assert outcomes["small"].status is JobStatus.done and "embedding" in (outcomes["small"].results or [{}])[0]
+    assert small.status is JobStatus.done and "embedding" in (small.results or [{}])[0]
 
 
 def test_a_delivery_run_alone_shares_the_engine_with_no_source(tiny_models: dict[str, Path]) -> None:
     settings = Settings(model_sentiment=str(tiny_models["sentiment"]))
     engine = Engine(settings, ModelCache(), "test")
-    sink = Recorder()
+    sink = MemorySink()
     engine.start()
     try:
         engine.submit([Delivery("healthy", "sentiment", [{"text": "fine"}], sink=sink)])
         engine.want_alone("queues", True)
         assert engine.room() == 0  # no source, whatever it is, gets room while a job waits to run alone
         assert not engine.take_turn_alone("queues")  # the engine still holds a stream's or a queue's work
-        sink.wait_for(1)
+        sink.wait(["healthy"], 60)
         assert wait_until(lambda: engine.held_messages == 0, 10)
         assert engine.take_turn_alone("queues") and not engine.take_turn_alone("streams")
         engine.want_alone("queues", False)
         engine.submit([Delivery("suspect", "sentiment", [{"text": "last try"}], sink=sink)], alone=True)
         assert engine.running_alone() and engine.room() == 0
-        sink.wait_for(2)
+        sink.wait(["suspect"], 60)
         assert wait_until(lambda: engine.held_messages == 0, 10)
         assert not engine.running_alone() and engine.room() > 0
     finally:
