@@ -52,7 +52,7 @@ class RunPath:
     def __init__(self, ctx: Context, task: str, model: str) -> None:
         from bertq.schemas import TaskName, validate_options
         from bertq.tasks import get_task
-        from bertq.workers.runner import load_model
+        from bertq.workers.backends.models import load_model
 
         from bertq.settings import Settings
 
@@ -132,7 +132,7 @@ class CpuMeter:
 
 
 def _systems(ctx: Context, task: str, model: str, texts: list[str], worker: Any, meter: CpuMeter) -> list[System]:
-    from bertq.workers.runner import ModelCache
+    from bertq.workers.backends.models import ModelCache
 
     from bertq.client import Client
     from bertq.enrich import LOCAL_CHUNK_ROWS, LocalBackend, QueueBackend

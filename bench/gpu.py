@@ -84,7 +84,8 @@ def run(ctx: Context) -> dict[str, Any]:
     import torch
     from bertq.schemas import Limits, TaskName, validate_items, validate_options
     from bertq.tasks import get_task
-    from bertq.workers.runner import load_model, run_items
+    from bertq.workers.backends.models import load_model
+    from bertq.workers.runner import run_items
 
     cuda = ctx.device.startswith("cuda")
     name = torch.cuda.get_device_name(0) if cuda else "cpu"

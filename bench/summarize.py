@@ -76,7 +76,8 @@ def candidates(documents: list[str]) -> dict[str, Any]:
 def run(ctx: Context) -> dict[str, Any]:
     from bertq.schemas import Limits, SummarizeResult, TaskName, validate_items, validate_options
     from bertq.tasks import get_task
-    from bertq.workers.runner import load_model, run_items
+    from bertq.workers.backends.models import load_model
+    from bertq.workers.runner import run_items
 
     from bench.peers.extractive_summarizer import summarize
     from bertq.client import Client

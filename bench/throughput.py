@@ -29,7 +29,7 @@ class BertqInProcess:
     def __init__(self, ctx: Context, task: str, model: str) -> None:
         from bertq.schemas import TaskName, validate_options
         from bertq.tasks import get_task
-        from bertq.workers.runner import load_model
+        from bertq.workers.backends.models import load_model
 
         from bertq.settings import Settings
 

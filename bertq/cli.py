@@ -100,7 +100,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from bertq.errors import InvalidInput
     from bertq.schemas import parse_task, validate_item, validate_options
     from bertq.tasks import get_task
-    from bertq.workers.runner import ModelCache, result_dicts, run_items
+    from bertq.workers.backends.models import ModelCache
+    from bertq.workers.runner import result_dicts, run_items
 
     task_name = parse_task(args.task)
     options = validate_options(task_name, _options(args.options))
@@ -362,7 +363,7 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Build the converted (and quantised) model into the cache ahead of time; print its accuracy
     report. Exit 1 when the report fails the gate (and BERTQ_ACCEPT_ANY_ACCURACY is not set)."""
     from bertq.workers.backends.gate import summary
-    from bertq.workers.backends.openvino import prebuild
+    from bertq.workers.backends.models import prebuild
 
     report = prebuild(settings, args.task, args.model, args.calibration)
     print(summary(report) if "metric" in report else f"{report['backend']} ({report['precision']}): exact, no gate")

@@ -38,7 +38,7 @@ from bertq.schemas import CONTRACTS, JobStatus, Limits, TaskName, parse_task, va
 if TYPE_CHECKING:
     from bertq.client import Client
     from bertq.settings import Settings
-    from bertq.workers.runner import ModelCache
+    from bertq.workers.backends.models import ModelCache
 
 STATE_SUFFIX = ".bertq-state"
 #: Rows of a chunk in-process (--local): rows are length-sorted within a chunk, so bigger pads less.
@@ -631,8 +631,8 @@ class LocalBackend:
 
     def __init__(self, settings: Settings, tasks: list[TaskSpec], cache: ModelCache | None = None) -> None:
         from bertq.tasks import get_task
+        from bertq.workers.backends.models import ModelCache
         from bertq.workers.backends.openvino import BackendConfig
-        from bertq.workers.runner import ModelCache
 
         cache = cache or ModelCache(
             settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)

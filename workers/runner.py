@@ -1,25 +1,14 @@
-"""The device, the model cache and the forward loop. No Celery or Redis here: `bertq run` uses it
-in-process, and the worker's engine uses the same pieces between intake and results."""
+"""Rows through one loaded model: preprocess items into rows, run a batch of rows (splitting it when
+the device runs out of memory), finish each item from its rows' outputs. No Celery, Redis or model
+loading here: the engine runs these pieces between its stages, and ``run_items`` is the synchronous
+reference the tasks' parity tests, the accuracy gate and the bench compare against."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import gc
 from typing import Any
 
-from bertq.schemas import TaskName
-from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
-from bertq.workers.backends.cpu import cpu_info
-from bertq.workers.backends.openvino import (
-    BackendConfig,
-    choose_path,
-    free_memory,
-    from_pretrained,
-    is_out_of_memory,
-    load_openvino,
-    load_torch,
-)
 from bertq.workers.batcher import pack
 from bertq.workers.budget import TokenBudget
 from pydantic import BaseModel
@@ -30,81 +19,25 @@ from bertq.log import get_logger
 log = get_logger(__name__)
 
 
-def load_model(
-    task: Task, model_id: str, device: str = "cpu", dtype: str = "auto", backend: BackendConfig | None = None
-) -> Loaded:
-    """Load through the same ``from_pretrained`` path for hub ids and local directories, on the path
-    that (device, dtype, backend) choose for this CPU (workers/backends/openvino.py)."""
-    backend = backend or BackendConfig()
-    path = choose_path(device, dtype, backend.name, cpu_info())
-    threads = backend.threads()
-    tokenizer = from_pretrained(task, model_id, _auto_tokenizer)
-    if path.backend != "torch" and getattr(task, "needs_hidden_states", False):
-        # an exported graph has the model's named outputs only, not every layer's hidden states
-        log.warning(
-            "task runs on torch: its hidden layers are not exported to OpenVINO",
-            task=task.name.value,
-            backend=path.backend,
-        )
-        path = choose_path(device, "bf16" if dtype == "bf16" else "fp32", "torch", cpu_info())
-    if path.backend == "torch":
-        loaded = load_torch(task, model_id, tokenizer, device, path, backend)
-    else:
-        loaded = load_openvino(task, model_id, tokenizer, path, backend)
-    log.info(
-        "model loaded",
-        task=task.name.value,
-        model=model_id,
-        device=str(loaded.device),
-        backend=loaded.backend,
-        precision=loaded.precision,
-        threads=threads,
-        cpu=cpu_info().describe(),
-    )
-    return loaded
+#: What OpenVINO's and the allocators' out-of-memory errors say (they raise plain RuntimeErrors).
+_OOM_WORDS = ("out of memory", "bad_alloc", "cannot allocate", "failed to allocate", "allocation failed")
 
 
-def _auto_tokenizer(model_id: str) -> Any:
-    import transformers
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
 
-    transformers.logging.disable_progress_bar()  # progress bars are not log lines
-    return transformers.AutoTokenizer.from_pretrained(model_id)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _OOM_WORDS)
 
 
-class ModelCache:
-    """Loaded models by (task, model id), loaded on first use, at most ``most`` of them: the least
-    recently used goes first (jobs already holding it keep it until they finish). Thread-safe."""
+def free_memory(device: Any) -> None:
+    """Give cached blocks back after an out-of-memory error, so the halves have room."""
+    import torch
 
-    def __init__(
-        self, device: str = "cpu", dtype: str = "auto", most: int = 8, backend: BackendConfig | None = None
-    ) -> None:
-        self.device = device
-        self.dtype = dtype
-        self.most = most
-        self.backend = backend or BackendConfig()
-        self._models: OrderedDict[tuple[TaskName, str], Loaded] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, task: TaskName, model_id: str) -> Loaded:
-        key = (task, model_id)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            loaded = load_model(get_task(task), model_id, self.device, self.dtype, self.backend)
-            self._models[key] = loaded
-            while len(self._models) > self.most:
-                (old_task, old_model), _ = self._models.popitem(last=False)
-                log.info("model unloaded (least recently used)", task=old_task.value, model=old_model, most=self.most)
-            return loaded
-
-    def has(self, task: TaskName, model_id: str) -> bool:
-        with self._lock:
-            return (task, model_id) in self._models
-
-    def loaded(self) -> list[tuple[TaskName, str]]:
-        with self._lock:
-            return list(self._models)
+    gc.collect()
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bertq.workers.app import configure
+from bertq.workers.backends.models import ModelCache
 from bertq.workers.backends.openvino import BackendConfig
 from bertq.workers.engine.delivery import Observers
 from bertq.workers.engine.engine import Engine
@@ -38,7 +39,6 @@ from bertq.workers.queues.inbox import DEAD_MAXLEN, DeadLetterLimits, Inbox
 from bertq.workers.queues.intake import QueueIntake
 from bertq.workers.queues.reaper import Reaper, Sweeper
 from bertq.workers.queues.sink import JobRecords
-from bertq.workers.runner import ModelCache
 from bertq.workers.streams.intake import StreamIntake, StreamSink, StreamSource
 from bertq.workers.webhooks import Webhooks
 

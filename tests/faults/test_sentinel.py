@@ -22,7 +22,8 @@ import pytest
 import redis
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.runner import load_model, result_dicts, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import result_dicts, run_items
 
 from bertq.client import Client
 from bertq.errors import BrokerUnavailable, SubmitIncomplete

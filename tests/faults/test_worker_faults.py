@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
+from bertq.workers.backends.models import load_model
 from bertq.workers.queues.inbox import DeadLetters
-from bertq.workers.runner import load_model, result_dicts, run_items
+from bertq.workers.runner import result_dicts, run_items
 
 from tests.faults.conftest import FULL, record
 from tests.procs import (

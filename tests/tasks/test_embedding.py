@@ -9,7 +9,8 @@ import pytest
 import torch
 from bertq.schemas import EmbeddingResult, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 TEXTS = [
     "The café's crème brûlée was superb",

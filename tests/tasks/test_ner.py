@@ -14,7 +14,8 @@ from bertq.schemas import Limits, NerResult, TaskName, validate_items, validate_
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
 from bertq.tasks.ner import WINDOW_STRIDE
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 STRATEGIES = ["none", "simple", "first", "average", "max"]
 TEXTS = [

@@ -10,7 +10,8 @@ import pytest
 from bertq.schemas import NspOptions, NspResult, PairItem, TaskName
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 MAX_TOKENS, MAX_ROWS = 2048, 64
 LONG = "The film was long, and the cast carried every scene with ease. " * 60  # ~800 tokens

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from bertq.schemas import Limits, QAResult, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 from .qa_reference import reference_answers
 

@@ -17,7 +17,8 @@ from bertq.schemas import (
     validate_options,
 )
 from bertq.tasks import get_task
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 from bertq.errors import BertqError
 from tests.counting import CountingTask

@@ -21,7 +21,8 @@ from bertq.schemas import Limits, SummarizeResult, TaskName, validate_items, val
 from bertq.tasks import get_task
 from bertq.tasks import summarize as summarize_task
 from bertq.tasks.summarize import choose, nearest_to_centroids
-from bertq.workers.runner import load_model, preprocess_items, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import preprocess_items, run_items
 
 from bench.peers.extractive_summarizer import summarize
 from bench.texts import review_document

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import run_items
 
 from tests.counting import CountingTask
 
@@ -30,7 +31,7 @@ def test_repeated_texts_in_a_job_are_computed_once_with_equal_results(tiny_model
 
 
 def test_the_model_cache_keeps_the_most_recently_used(tiny_models: dict[str, Path]) -> None:
-    from bertq.workers.runner import ModelCache
+    from bertq.workers.backends.models import ModelCache
 
     cache = ModelCache(most=2)
     sentiment = cache.get(TaskName.sentiment, str(tiny_models["sentiment"]))

@@ -12,6 +12,7 @@ from typing import Any
 
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks.base import Loaded, Task
+from bertq.workers.runner import run_items
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, ModelUnavailable
@@ -37,8 +38,6 @@ SCORE_TOLERANCE = 0.01
 def measure(task: Task, reference: Loaded, candidate: Loaded, raw_items: list[dict[str, Any]]) -> dict[str, Any]:
     """Run ``raw_items`` through both (the task's own pre- and postprocessing, default options) and
     compare their results."""
-    from bertq.workers.runner import run_items
-
     items = validate_items(task.name, raw_items, Limits())
     options = validate_options(task.name, {})
     expected = run_items(task, reference, items, options, 1024, 64)

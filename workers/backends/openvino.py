@@ -23,11 +23,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from bertq.schemas import Limits, validate_items, validate_options
 from bertq.tasks.base import Loaded, Row, Task
-from bertq.workers.backends import calibration, disk_cache
+from bertq.workers.backends import calibration, conversion, disk_cache
 from bertq.workers.backends import gate as accuracy
 from bertq.workers.backends.cpu import CpuInfo, cpu_info
 from bertq.workers.budget import TokenBudget
+from bertq.workers.runner import preprocess_items
 
 from bertq.errors import ModelUnavailable
 from bertq.log import get_logger
@@ -268,7 +270,6 @@ def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, 
     """Convert (and quantise) once, keep it in the disk cache, compile it for this CPU. The torch
     model is loaded only when something must be built or measured, and released after."""
     import transformers
-    from bertq.workers.backends import conversion
 
     require_packages(path.backend)
     name = task.name.value
@@ -366,8 +367,6 @@ def _gate(
 
 def _rows(task: Task, shell: Loaded, texts: list[str]) -> list[Row]:
     """The model rows of calibration texts, made by the task's own preprocessing."""
-    from bertq.schemas import Limits, validate_items, validate_options
-    from bertq.workers.runner import preprocess_items
 
     raw = calibration.task_items(task.name, texts, shell.tokenizer.mask_token)
     items = validate_items(task.name, raw, Limits())
@@ -379,54 +378,3 @@ def _trace_rows(rows: list[Row]) -> list[Row]:
     """The shortest and the longest row: a padded batch to trace."""
     ordered = sorted(rows, key=len)
     return [ordered[0], ordered[-1]]
-
-
-# ---- out of memory ------------------------------------------------------------------------------
-
-#: What OpenVINO's and the allocators' out-of-memory errors say (they raise plain RuntimeErrors).
-_OOM_WORDS = ("out of memory", "bad_alloc", "cannot allocate", "failed to allocate", "allocation failed")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _OOM_WORDS)
-
-
-def free_memory(device: Any) -> None:
-    """Give cached blocks back after an out-of-memory error, so the halves have room."""
-    import torch
-
-    gc.collect()
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-# ---- building the cache ahead of time (`bertq quantize`) ------------------------------------------
-
-
-def prebuild(
-    settings: Settings, task_name: str, model_id: str | None = None, calibration_file: str | None = None
-) -> dict[str, Any]:
-    """Convert and quantise ``model_id`` for ``task_name`` into the cache (for example in a Docker
-    build step) and return its accuracy report. Builds BERTQ_BACKEND when it names an openvino backend,
-    else openvino-int8. The gate's verdict is reported, not enforced: the caller decides."""
-    from bertq.schemas import parse_task
-    from bertq.tasks import get_task
-    from bertq.workers.runner import load_model
-
-    task = parse_task(task_name)
-    backend = settings.backend if settings.backend != "torch" else "openvino-int8"
-    update = {"backend": backend, "accept_any_accuracy": True, "device": "cpu"}
-    if calibration_file:
-        update["calibration_file"] = calibration_file
-    config = BackendConfig.from_settings(settings.model_copy(update=update))
-    loaded = load_model(get_task(task), model_id or settings.model_for(task), "cpu", settings.dtype, config)
-    return loaded.accuracy or {
-        "task": task.value,
-        "backend": loaded.backend,
-        "precision": loaded.precision,
-        "passed": True,
-    }

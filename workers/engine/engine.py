@@ -26,9 +26,10 @@ from typing import Any
 from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Row, Task, padded_length
+from bertq.workers.backends.models import ModelCache
 from bertq.workers.batcher import pack
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Observers, Outcome
-from bertq.workers.runner import ModelCache, distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
+from bertq.workers.runner import distinct_rows, finish_item, forward_rows, preprocess_items, result_dicts
 from pydantic import BaseModel
 
 from bertq.connection import GiveUp, deadline_timer, retry

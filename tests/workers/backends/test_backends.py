@@ -21,8 +21,9 @@ from bertq.tasks.base import Loaded
 from bertq.workers.backends import calibration, conversion, disk_cache
 from bertq.workers.backends import gate as accuracy
 from bertq.workers.backends.cpu import parse_cpuinfo
+from bertq.workers.backends.models import load_model
 from bertq.workers.backends.openvino import BackendConfig, choose_path, require_packages
-from bertq.workers.runner import load_model, run_items
+from bertq.workers.runner import run_items
 
 from bench.texts import review_texts
 from bertq.errors import BertqError, ModelUnavailable

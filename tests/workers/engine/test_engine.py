@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 from bertq.schemas import JobStatus
 from bertq.tasks.base import Row
+from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.delivery import Delivery
 from bertq.workers.engine.engine import SCAN_BATCHES, Engine, PendingRow
 from bertq.workers.engine.memory import MemorySink
-from bertq.workers.runner import ModelCache
 
 from bertq.settings import Settings
 from tests.procs import wait_until

@@ -21,8 +21,9 @@ import pytest
 import redis
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
+from bertq.workers.backends.models import load_model
 from bertq.workers.engine.delivery import Delivery, Outcome
-from bertq.workers.runner import load_model, result_dicts, run_items
+from bertq.workers.runner import result_dicts, run_items
 from bertq.workers.streams.intake import StreamIntake, StreamSink, parse_sources
 
 from bertq.connection import connect
