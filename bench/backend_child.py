@@ -53,7 +53,7 @@ def bertq_system(spec: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
     from bertq.schemas import Limits, TaskName, validate_items, validate_options
     from bertq.tasks import get_task
     from bertq.workers.backends.models import load_model
-    from bertq.workers.backends.openvino import BackendConfig
+    from bertq.workers.backends.paths import BackendConfig
     from bertq.workers.runner import run_items
 
     from bertq.log import configure_logging

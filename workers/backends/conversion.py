@@ -101,7 +101,7 @@ def read(directory: Path) -> Any:
 
 
 def compile_model(directory: Path, precision: str | None, threads: int) -> Any:
-    """Compiled for the CPU, ``threads`` streams of one thread each (see backends.OpenVinoModel).
+    """Compiled for the CPU, ``threads`` streams of one thread each (see openvino.OpenVinoModel).
     ``precision`` "f32" or "bf16" sets the inference precision; None keeps OpenVINO's own choice
     (bf16 on a CPU with native bf16, f32 elsewhere)."""
     import openvino

@@ -3,19 +3,28 @@ held-out calibration texts when it is built, and refused when it drifts too far.
 
 Embeddings: minimum and mean cosine of the vectors. Other tasks: top-1 agreement of what a consumer
 reads: the sentiment label, NER entity spans (label, start, end; matched over all texts, Jaccard),
-the QA answer span, the fill-mask top token of every mask, the NSP decision."""
+the QA answer span, the fill-mask top token of every mask, the NSP decision.
+
+A report is stored beside the cached model it measured (``admit``) and judged again by today's
+thresholds when read back, so a path is measured once per model, precision and held-out set."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks.base import Loaded, Task
+from bertq.workers.backends import calibration, disk_cache
+from bertq.workers.backends.paths import BackendConfig
 from bertq.workers.runner import run_items
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, ModelUnavailable
+from bertq.log import get_logger
+
+log = get_logger(__name__)
 
 MIN_COSINE = 0.99  # embeddings: the least similar held-out vector
 MIN_AGREEMENT = 0.98  # every other task: top-1 agreement
@@ -33,6 +42,34 @@ AGREEMENT_OF = {
 
 #: Two similarity scores this close are the same decision.
 SCORE_TOLERANCE = 0.01
+
+
+def admit(
+    task: Task,
+    item: disk_cache.Entry,
+    loaded: Loaded,
+    reference: Callable[[], Loaded],
+    config: BackendConfig,
+    held_out: list[str] | None = None,
+) -> None:
+    """The stored report of this path, measured now against ``reference()`` (loaded only then) when
+    missing; refuse the path when it failed."""
+    if held_out is None:
+        held_out = calibration.split(config.calibration_texts())[1]
+    name = f"{loaded.precision}-{calibration.fingerprint(held_out)}"
+    report = item.report(name)
+    if report is not None:
+        report = judge(report)
+    else:
+        items = calibration.task_items(task.name, held_out, loaded.tokenizer.mask_token)
+        report = measure(task, reference(), loaded, items)
+        report["held_out"] = (
+            "bertq general English" if config.calibration_file is None else str(config.calibration_file)
+        )
+        item.write_report(name, report)
+    loaded.accuracy = report
+    log.info("accuracy gate", result=summary(report), report=str(item.directory / f"accuracy-{name}.json"))
+    enforce(report, config.accept_any_accuracy)
 
 
 def measure(task: Task, reference: Loaded, candidate: Loaded, raw_items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,9 @@ from bertq.schemas import TaskName, parse_task
 from bertq.tasks import get_task
 from bertq.tasks.base import Loaded, Task
 from bertq.workers.backends.cpu import cpu_info
-from bertq.workers.backends.openvino import BackendConfig, choose_path, from_pretrained, load_openvino, load_torch
+from bertq.workers.backends.openvino import load_openvino
+from bertq.workers.backends.paths import BackendConfig, choose_path
+from bertq.workers.backends.torch import from_pretrained, load_torch
 
 from bertq.log import get_logger
 from bertq.settings import Settings
@@ -23,7 +25,7 @@ def load_model(
     task: Task, model_id: str, device: str = "cpu", dtype: str = "auto", backend: BackendConfig | None = None
 ) -> Loaded:
     """Load through the same ``from_pretrained`` path for hub ids and local directories, on the path
-    that (device, dtype, backend) choose for this CPU (workers/backends/openvino.py)."""
+    that (device, dtype, backend) choose for this CPU (workers/backends/paths.py)."""
     backend = backend or BackendConfig()
     path = choose_path(device, dtype, backend.name, cpu_info())
     threads = backend.threads()

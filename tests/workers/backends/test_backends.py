@@ -1,5 +1,6 @@
 """Backends: every task on every path against torch fp32, the real MiniLM's agreement, the disk cache,
-the accuracy gate, the bf16 refusal and the settings that choose a path.
+the accuracy gate, the forward threads and `bertq run` on a chosen backend. Choosing a path is in
+test_paths.py, calibration text in test_calibration.py.
 
 Conversions and quantisations happen once per session (module-scoped caches); the tiny checkpoints
 calibrate on a small file so the suite stays fast, MiniLM on the shipped set as a user's would."""
@@ -20,14 +21,12 @@ from bertq.tasks import get_task
 from bertq.tasks.base import Loaded
 from bertq.workers.backends import calibration, conversion, disk_cache
 from bertq.workers.backends import gate as accuracy
-from bertq.workers.backends.cpu import parse_cpuinfo
 from bertq.workers.backends.models import load_model
-from bertq.workers.backends.openvino import BackendConfig, choose_path, require_packages
+from bertq.workers.backends.paths import BackendConfig
 from bertq.workers.runner import run_items
 
 from bench.texts import review_texts
 from bertq.errors import BertqError, ModelUnavailable
-from bertq.settings import Settings
 
 CHECKPOINT = {
     "sentiment": "sentiment",
@@ -43,8 +42,6 @@ CHECKPOINT = {
 PATHS = [("openvino", "fp32"), ("openvino", "auto"), ("openvino-int8", "auto"), ("torch", "bf16")]
 #: Texts the calibration never saw: product reviews, another domain.
 TEXTS = review_texts(48, seed=11)
-BF16_CPU = parse_cpuinfo("model name\t: Test CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")
-PLAIN_CPU = parse_cpuinfo("model name\t: Old CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
 
 
 def native_bf16() -> bool:
@@ -350,62 +347,7 @@ def test_gate_compares_what_a_consumer_reads() -> None:
         )
 
 
-# ---- choosing a path ----------------------------------------------------------------------------
-
-
-def test_bf16_on_cpu_needs_native_bf16() -> None:
-    with pytest.raises(ModelUnavailable, match="AVX512-BF16 or AMX.*Old CPU") as refused:
-        choose_path("cpu", "bf16", "torch", PLAIN_CPU)
-    assert refused.value.field == "dtype"
-    with pytest.raises(ModelUnavailable, match="AVX512-BF16 or AMX"):
-        choose_path("cpu", "bf16", "openvino", PLAIN_CPU)
-    assert choose_path("cpu", "bf16", "torch", BF16_CPU).autocast_bf16
-    assert choose_path("cpu", "bf16", "openvino", BF16_CPU).openvino_precision == "bf16"
-    amx = parse_cpuinfo("model name : Sapphire\nflags : avx2 amx_bf16 amx_int8 amx_tile\n")
-    assert amx.native_bf16 and choose_path("cpu", "bf16", "torch", amx).precision == "bf16"
-
-
-def test_each_dtype_and_backend_chooses_a_path_or_says_why_not() -> None:
-    assert choose_path("cpu", "auto", "torch", PLAIN_CPU).precision == "fp32"
-    assert choose_path("cpu", "fp32", "openvino", BF16_CPU).openvino_precision == "f32"
-    assert choose_path("cpu", "auto", "openvino-int8", BF16_CPU).openvino_precision is None  # OpenVINO's own choice
-    assert choose_path("cuda:0", "auto", "torch", PLAIN_CPU).torch_dtype == "fp16"  # unchanged on CUDA
-    with pytest.raises(ModelUnavailable, match="fp16 is for CUDA"):
-        choose_path("cpu", "fp16", "torch", BF16_CPU)
-    with pytest.raises(ModelUnavailable, match="runs on CPU only"):
-        choose_path("cuda", "auto", "openvino", BF16_CPU)
-
-
-def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bertq.workers.backends import openvino as backends
-
-    monkeypatch.setattr(backends, "cpu_info", lambda: PLAIN_CPU)
-    with pytest.raises(ModelUnavailable, match="AVX512-BF16"):
-        BackendConfig.from_settings(Settings(dtype="bf16"))
-    made = BackendConfig.from_settings(
-        Settings(
-            backend="openvino-int8",
-            cpu_threads=1,
-            cache_dir=str(tmp_path),
-            calibration_file="x.txt",
-            accept_any_accuracy=True,
-        )
-    )
-    assert made == BackendConfig("openvino-int8", 1, tmp_path, Path("x.txt"), True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert BackendConfig.from_settings(Settings()).cache_dir == tmp_path / "hf" / "bertq"
-
-
-def test_missing_extra_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
-    require_packages("openvino")
-    with pytest.raises(
-        ModelUnavailable, match=r"^backend: BERTQ_BACKEND=openvino-int8 needs nncf: pip install 'bertq\[openvino\]'$"
-    ):
-        require_packages("openvino-int8")
+# ---- threads and the command line -------------------------------------------------------------
 
 
 def test_cpu_threads_reach_torch_and_openvino(
@@ -426,40 +368,6 @@ def test_cpu_threads_reach_torch_and_openvino(
         assert loaded.model.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     finally:
         torch.set_num_threads(before)
-
-
-# ---- calibration text ---------------------------------------------------------------------------
-
-
-def test_calibration_text_ships_and_reads_user_files(tmp_path: Path) -> None:
-    shipped = calibration.shipped_texts()
-    assert shipped == calibration.shipped_texts() and len(set(shipped)) == calibration.SHIPPED_TEXTS
-    calibrate, held_out = calibration.split(shipped)
-    assert (len(calibrate), len(held_out)) == (300, 100) and not set(calibrate) & set(held_out)
-    lines = tmp_path / "lines.txt"
-    lines.write_text("\n".join(f"line {i}" for i in range(10)) + "\n\n")
-    assert calibration.read_calibration_file(lines) == [f"line {i}" for i in range(10)]
-    jsonl = tmp_path / "texts.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": f"text {i}", "id": i}) for i in range(9)))
-    assert calibration.read_calibration_file(jsonl)[8] == "text 8"
-    jsonl.write_text('{"body": "no text field"}\n' * 9)
-    with pytest.raises(BertqError, match=r"line 1 .* `text` field"):
-        calibration.read_calibration_file(jsonl)
-    lines.write_text("too few\n")
-    with pytest.raises(BertqError, match="at least 8"):
-        calibration.read_calibration_file(lines)
-
-
-def test_cpu_features_are_read_from_cpuinfo() -> None:
-    assert BF16_CPU.describe() == "Test CPU (AVX2, AVX512-VNNI, AVX512-BF16)"
-    assert PLAIN_CPU.features() == {
-        "AVX2": True,
-        "AVX512-VNNI": True,
-        "AVX512-BF16": False,
-        "AMX-BF16": False,
-        "AMX-INT8": False,
-    }
-    assert not parse_cpuinfo("").native_bf16
 
 
 def test_bertq_run_serves_the_chosen_backend_and_keeps_stdout_to_results(

@@ -1,0 +1,84 @@
+"""Choosing a forward path: what each (device, dtype, backend) runs on this CPU or why it is refused,
+the settings checked when a worker starts, the missing extra in one line, and the CPU features read
+from /proc/cpuinfo that decide it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bertq.workers.backends.cpu import parse_cpuinfo
+from bertq.workers.backends.paths import BackendConfig, choose_path, require_packages
+
+from bertq.errors import ModelUnavailable
+from bertq.settings import Settings
+
+BF16_CPU = parse_cpuinfo("model name\t: Test CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")
+PLAIN_CPU = parse_cpuinfo("model name\t: Old CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+
+
+def test_bf16_on_cpu_needs_native_bf16() -> None:
+    with pytest.raises(ModelUnavailable, match="AVX512-BF16 or AMX.*Old CPU") as refused:
+        choose_path("cpu", "bf16", "torch", PLAIN_CPU)
+    assert refused.value.field == "dtype"
+    with pytest.raises(ModelUnavailable, match="AVX512-BF16 or AMX"):
+        choose_path("cpu", "bf16", "openvino", PLAIN_CPU)
+    assert choose_path("cpu", "bf16", "torch", BF16_CPU).autocast_bf16
+    assert choose_path("cpu", "bf16", "openvino", BF16_CPU).openvino_precision == "bf16"
+    amx = parse_cpuinfo("model name : Sapphire\nflags : avx2 amx_bf16 amx_int8 amx_tile\n")
+    assert amx.native_bf16 and choose_path("cpu", "bf16", "torch", amx).precision == "bf16"
+
+
+def test_each_dtype_and_backend_chooses_a_path_or_says_why_not() -> None:
+    assert choose_path("cpu", "auto", "torch", PLAIN_CPU).precision == "fp32"
+    assert choose_path("cpu", "fp32", "openvino", BF16_CPU).openvino_precision == "f32"
+    assert choose_path("cpu", "auto", "openvino-int8", BF16_CPU).openvino_precision is None  # OpenVINO's own choice
+    assert choose_path("cuda:0", "auto", "torch", PLAIN_CPU).torch_dtype == "fp16"  # unchanged on CUDA
+    with pytest.raises(ModelUnavailable, match="fp16 is for CUDA"):
+        choose_path("cpu", "fp16", "torch", BF16_CPU)
+    with pytest.raises(ModelUnavailable, match="runs on CPU only"):
+        choose_path("cuda", "auto", "openvino", BF16_CPU)
+
+
+def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bertq.workers.backends import paths
+
+    monkeypatch.setattr(paths, "cpu_info", lambda: PLAIN_CPU)
+    with pytest.raises(ModelUnavailable, match="AVX512-BF16"):
+        BackendConfig.from_settings(Settings(dtype="bf16"))
+    made = BackendConfig.from_settings(
+        Settings(
+            backend="openvino-int8",
+            cpu_threads=1,
+            cache_dir=str(tmp_path),
+            calibration_file="x.txt",
+            accept_any_accuracy=True,
+        )
+    )
+    assert made == BackendConfig("openvino-int8", 1, tmp_path, Path("x.txt"), True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert BackendConfig.from_settings(Settings()).cache_dir == tmp_path / "hf" / "bertq"
+
+
+def test_missing_extra_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    require_packages("openvino")
+    with pytest.raises(
+        ModelUnavailable, match=r"^backend: BERTQ_BACKEND=openvino-int8 needs nncf: pip install 'bertq\[openvino\]'$"
+    ):
+        require_packages("openvino-int8")
+
+
+def test_cpu_features_are_read_from_cpuinfo() -> None:
+    assert BF16_CPU.describe() == "Test CPU (AVX2, AVX512-VNNI, AVX512-BF16)"
+    assert PLAIN_CPU.features() == {
+        "AVX2": True,
+        "AVX512-VNNI": True,
+        "AVX512-BF16": False,
+        "AMX-BF16": False,
+        "AMX-INT8": False,
+    }
+    assert not parse_cpuinfo("").native_bf16
