@@ -1,31 +1,38 @@
-"""`bertq enrich` through one worker against in-process `bertq run` on the same texts, timed round-robin
-in one run, for the real all-MiniLM-L6-v2 (embedding) and the tiny sentiment checkpoint. Every row
-reads a file and writes one: `bertq run` a JSONL of items and one JSON line per result, `bertq enrich`
-a CSV (id, text) and the CSV with a result column. The worker stays up and `bertq run`'s model stays
-loaded across rounds, so both sides are measured warm.
+"""`bertq run` and `bertq enrich --local` on the worker's engine (``LocalEngine``, through a
+``MemorySink``) against ``runner.run_items``, the synchronous loop both ran before, and `bertq enrich`
+through one worker, on the same texts, timed round-robin in one run, for the real all-MiniLM-L6-v2
+(embedding) and the tiny sentiment checkpoint. Every row reads a file and writes one: `bertq run` a
+JSONL of items and one JSON line per result, `bertq enrich` a CSV (id, text) and the CSV with a
+result column. The worker stays up and the in-process models stay loaded across rounds, so every
+side is measured warm.
 
 Both sides run torch on one thread (the worker with OMP_NUM_THREADS=1, this process with
 ``torch.set_num_threads(1)``): on the shared 2-core machine, two-thread torch collapses whenever the
 neighbours are busy (MiniLM `bertq run` measured 14.5 texts/s on two threads against 53 on one, in the
-same minute), and the ratio would measure the scheduler rather than bertq."""
+same minute), and the ratio would measure the scheduler rather than bertq. The engine's stage threads
+(prepare, forward, finish) still use the second core for tokenizing and postprocessing."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.context import Context
 from bench.timing import Row, System, measure
 
-RUN = "bertq run, in-process"
-LOCAL = "bertq enrich --local, in-process"
+RUN_REFERENCE = "bertq run's old loop: run_items (reference)"
+RUN = "bertq run: the engine (LocalEngine)"
+LOCAL_REFERENCE = "bertq enrich --local's old loop: run_items"
+LOCAL = "bertq enrich --local: the engine (LocalEngine)"
 QUEUE = "bertq enrich, one worker ({rows}-row messages)"
 QUEUE_NAME = "bench-enrich"
 #: The tiny checkpoint runs about 60x faster than MiniLM: more texts and more rounds, so that a round
@@ -45,45 +52,134 @@ def _write_inputs(directory: Path, texts: list[str]) -> tuple[Path, Path]:
     return table, items
 
 
-class RunPath:
-    """`bertq run`'s loop (bertq/cli.py, cmd_run) with its model loaded once: chunks of RUN_CHUNK_ITEMS
-    items read from the JSONL, validated, run, and written as one JSON line each."""
+def reference_results(
+    task: Any, loaded: Any, items: Iterable[Any], options: Any, settings: Any, chunk_items: int = 1024
+) -> Iterator[list[dict[str, Any]]]:
+    """`bertq run`'s loop before the engine served it, kept as the reference its output and speed are
+    checked against: chunks of items validated, run by ``runner.run_items`` and turned into result
+    dicts, one chunk after the other. Item errors name items by their place in the whole input."""
+    from bertq.schemas import validate_item
+    from bertq.workers.runner import result_dicts, run_items
 
-    def __init__(self, ctx: Context, task: str, model: str) -> None:
+    from bertq.errors import InvalidInput
+
+    limits = settings.limits()
+    first = 0
+    source = iter(items)
+    while chunk := list(itertools.islice(source, chunk_items)):
+        valid: list[Any] = []
+        for index, item in enumerate(chunk, start=first):
+            try:
+                valid.append(validate_item(task.name, index, item, limits))
+            except InvalidInput as error:
+                valid.append(error)
+        results = run_items(task, loaded, valid, options, settings.max_batch_tokens, settings.max_batch_rows, first)
+        yield result_dicts(results)
+        first += len(chunk)
+
+
+#: Floats the engine and run_items may differ by: a row's outputs change in their last bits with the
+#: batch it runs in (padding length, batch size), and the two choose their batches differently.
+TOLERANCE = 1e-4
+
+
+def same_output(ours: Any, theirs: Any) -> bool:
+    """The same JSON but for float noise: keys in the same order, every string, int, bool and null
+    equal, floats within ``TOLERANCE``."""
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and abs(ours - theirs) <= TOLERANCE
+    if isinstance(ours, dict):
+        return (
+            isinstance(theirs, dict)
+            and list(ours) == list(theirs)
+            and all(same_output(ours[key], theirs[key]) for key in ours)
+        )
+    if isinstance(ours, list):
+        return (
+            isinstance(theirs, list)
+            and len(ours) == len(theirs)
+            and all(same_output(a, b) for a, b in zip(ours, theirs))
+        )
+    return type(ours) is type(theirs) and bool(ours == theirs)
+
+
+def _write_lines(chunks: Iterable[list[dict[str, Any]]], target: Path) -> None:
+    with open(target, "w", encoding="utf-8") as out:
+        for results in chunks:
+            out.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
+
+
+def _read_items(source: Path) -> Iterator[Any]:
+    with open(source, encoding="utf-8") as lines:
+        yield from (json.loads(line) for line in lines)
+
+
+class RunPaths:
+    """`bertq run` (bertq/cli.py, cmd_run) with its model loaded once, both ways: the engine, as the
+    command runs now (one ``LocalEngine`` started for the whole section), and ``reference_results``."""
+
+    def __init__(self, ctx: Context, task: str, model: str, models: Any) -> None:
         from bertq.schemas import TaskName, validate_options
         from bertq.tasks import get_task
-        from bertq.workers.backends.models import load_model
+        from bertq.workers.engine.local import LocalEngine
 
         from bertq.settings import Settings
 
-        self.name = TaskName(task)
+        self.name, self.model = TaskName(task), model
         self.settings = Settings(device=ctx.device)
         self.task = get_task(self.name)
-        self.loaded = load_model(self.task, model, ctx.device)
+        self.loaded = models.get(self.name, model)
         self.options = validate_options(self.name, {})
+        self.local = LocalEngine(self.settings, models)
 
-    def __call__(self, source: Path, target: Path) -> None:
-        from bertq.schemas import validate_item
+    def reference(self, source: Path, target: Path) -> None:
+        _write_lines(
+            reference_results(self.task, self.loaded, _read_items(source), self.options, self.settings), target
+        )
+
+    def engine(self, source: Path, target: Path) -> None:
+        _write_lines(self.local.results(self.name.value, _read_items(source), self.model), target)
+
+
+class RunItemsBackend:
+    """`bertq enrich --local`'s backend before the engine served it (the reference): each chunk run by
+    ``runner.run_items`` when it starts, one chunk in flight."""
+
+    window = 1
+
+    def __init__(self, settings: Any, tasks: list[Any], models: Any) -> None:
+        from bertq.schemas import validate_options
+        from bertq.tasks import get_task
+
+        self.settings = settings
+        self.tasks = tasks
+        self.loaded = {spec.task: models.get(spec.task, spec.model or settings.model_for(spec.task)) for spec in tasks}
+        self.runners = {spec.task: get_task(spec.task) for spec in tasks}
+        self.options = {spec.task: validate_options(spec.task, spec.options) for spec in tasks}
+        self.done: dict[int, dict[Any, list[dict[str, Any]]]] = {}
+
+    def start(self, chunk: Any) -> None:
         from bertq.workers.runner import result_dicts, run_items
 
-        from bertq.cli import RUN_CHUNK_ITEMS
-
-        limits = self.settings.limits()
-        with open(source, encoding="utf-8") as lines, open(target, "w", encoding="utf-8") as out:
-            first = 0
-            while chunk := [json.loads(line) for _, line in zip(range(RUN_CHUNK_ITEMS), lines)]:
-                items = [validate_item(self.name, first + i, item, limits) for i, item in enumerate(chunk)]
-                results = run_items(
-                    self.task,
-                    self.loaded,
+        self.done[chunk.first] = {}
+        for spec in self.tasks:
+            items = [item for _, item in chunk.items[spec.task]]
+            if items:
+                computed = run_items(
+                    self.runners[spec.task],
+                    self.loaded[spec.task],
                     items,
-                    self.options,
+                    self.options[spec.task],
                     self.settings.max_batch_tokens,
                     self.settings.max_batch_rows,
-                    first,
                 )
-                out.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in result_dicts(results)))
-                first += len(chunk)
+                self.done[chunk.first][spec.task] = result_dicts(computed)
+
+    def results(self, chunk: Any) -> dict[Any, list[dict[str, Any]]]:
+        return self.done.pop(chunk.first)
+
+    def close(self, unwritten: list[Any]) -> None:
+        pass
 
 
 def _enrich(
@@ -131,23 +227,22 @@ class CpuMeter:
         return metered
 
 
-def _systems(ctx: Context, task: str, model: str, texts: list[str], worker: Any, meter: CpuMeter) -> list[System]:
-    from bertq.workers.backends.models import ModelCache
-
+def _systems(ctx: Context, task: str, texts: list[str], paths: RunPaths, worker: Any, meter: CpuMeter) -> list[System]:
+    """The rows of one task's table; the first, the reference, is what the ratios are against."""
     from bertq.client import Client
-    from bertq.enrich import LOCAL_CHUNK_ROWS, LocalBackend, QueueBackend
+    from bertq.enrich import QueueBackend
+    from bertq.enrich.local import LOCAL_CHUNK_ROWS, LocalBackend
     from bertq.settings import Settings
 
     directory = ctx.out / "enrich" / task
     table, items = _write_inputs(directory, texts)
     warm_table, warm_items = _write_inputs(directory / "warm", texts[: ctx.plan.warmup_texts])
-    run_path = RunPath(ctx, task, model)
-    settings = Settings(device=ctx.device).model_copy(update={f"model_{task}": model})
-    cache = ModelCache(ctx.device)
+    settings = paths.settings.model_copy(update={f"model_{task}": paths.model})
     client = Client(ctx.redis_url, Settings(redis_url=ctx.redis_url, queue=QUEUE_NAME))
-
-    def local(specs: list[Any]) -> Any:
-        return LocalBackend(settings, specs, cache)
+    backends = {
+        LOCAL_REFERENCE: lambda specs: RunItemsBackend(settings, specs, paths.local.models),
+        LOCAL: lambda specs: LocalBackend(settings, specs, paths.local.models),
+    }
 
     def queue(specs: list[Any]) -> Any:
         if worker.poll() is not None:
@@ -157,18 +252,23 @@ def _systems(ctx: Context, task: str, model: str, texts: list[str], worker: Any,
     count = len(texts)
     systems = [
         System(
-            RUN,
-            meter.wrap(RUN, count, lambda: run_path(items, directory / "run.jsonl")),
+            name,
+            meter.wrap(name, count, partial(way, items, directory / f"run-{side}.jsonl")),
             count,
-            warmup=lambda: run_path(warm_items, directory / "warm.jsonl"),
-        ),
-        System(
-            LOCAL,
-            meter.wrap(LOCAL, count, _enrich(table, directory / "local.csv", task, LOCAL_CHUNK_ROWS, local)),
-            count,
-            warmup=_enrich(warm_table, directory / "warm-local.csv", task, LOCAL_CHUNK_ROWS, local),
-        ),
+            warmup=partial(way, warm_items, directory / "warm.jsonl"),
+        )
+        for name, side, way in ((RUN_REFERENCE, "run_items", paths.reference), (RUN, "engine", paths.engine))
     ]
+    for (name, backend), side in zip(backends.items(), ("run_items", "engine")):
+        output = directory / f"local-{side}.csv"
+        systems.append(
+            System(
+                name,
+                meter.wrap(name, count, _enrich(table, output, task, LOCAL_CHUNK_ROWS, backend)),
+                count,
+                warmup=_enrich(warm_table, directory / "warm-local.csv", task, LOCAL_CHUNK_ROWS, backend),
+            )
+        )
     for rows in (64, 256):
         name = QUEUE.format(rows=rows)
         systems.append(
@@ -196,35 +296,49 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: What each table's section expects, written before the run.
+EXPECT = {
+    "embedding": "the engine about 1.0x of run_items for `bertq run` and for --local (the model's work dominates, "
+    "and the bench texts are one chunk, so only postprocessing overlaps the forward); enrich through the queue "
+    "about 0.95x of run_items; 256-row messages no better than 64",
+    "sentiment": "the engine 1.1x to 1.3x of run_items for `bertq run` (six chunks: the next chunk is tokenized "
+    "and the last postprocessed on the second core while this one runs; the GIL caps it), --local a little less "
+    "(its CSV reading and writing holds the GIL too); enrich through the queue about 0.65x of run_items",
+}
+
+
 def run(ctx: Context) -> dict[str, Any]:
+    from bertq.workers.backends.models import ModelCache
+
     tables: dict[str, list[Row]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
-    with ctx.bertq_worker("enrich", QUEUE_NAME, threads=1) as worker, one_torch_thread():
-        ctx.section(
-            "bertq enrich through one worker against bertq run: embedding (real all-MiniLM-L6-v2)",
-            "enrich through the queue about 0.95x of run (the model's work dominates; the producer's CSV and "
-            "JSON work is a few percent of a core); --local about 1.0x; 256-row messages no better than 64",
-        )
-        meter = CpuMeter(worker.pid)
-        tables["embedding"] = measure(
-            _systems(ctx, "embedding", ctx.minilm, ctx.texts, worker, meter), max(3, ctx.plan.redis_repeats), ctx.log
-        )
-        cpu["embedding"], meter = meter.samples, CpuMeter(worker.pid)
-        ctx.section(
-            "bertq enrich through one worker against bertq run: sentiment (tiny checkpoint: the cost around the model)",
-            "enrich through the queue about 0.75x of run, below the 0.85x target: the worker spends about 1.5x "
-            "run's CPU per row (decode, claim, store each job, JSON of every result) and the producer shares the "
-            "cores; 256-row messages about the same; --local about 0.95x",
-        )
-        texts = ctx.texts * SENTIMENT_COPIES
-        tables["sentiment"] = measure(
-            _systems(ctx, "sentiment", ctx.tiny["sentiment"], texts, worker, meter),
+    agree: dict[str, bool] = {}
+    workloads = {
+        "embedding": (ctx.minilm, ctx.texts, max(3, ctx.plan.redis_repeats)),
+        "sentiment": (
+            ctx.tiny["sentiment"],
+            ctx.texts * SENTIMENT_COPIES,
             max(SENTIMENT_REPEATS, ctx.plan.redis_repeats),
-            ctx.log,
-        )
-        cpu["sentiment"] = meter.samples
+        ),
+    }
+    with ctx.bertq_worker("enrich", QUEUE_NAME, threads=1) as worker, one_torch_thread():
+        for task, (model, texts, repeats) in workloads.items():
+            ctx.section(
+                f"bertq run and enrich --local on the engine against run_items, and enrich through one worker: {task}",
+                EXPECT[task],
+            )
+            meter = CpuMeter(worker.pid)
+            paths = RunPaths(ctx, task, model, ModelCache(ctx.device))
+            try:
+                tables[task] = measure(_systems(ctx, task, texts, paths, worker, meter), repeats, ctx.log)
+            finally:
+                paths.local.stop()
+            cpu[task] = meter.samples
+            agree[task] = _outputs_agree(ctx.out / "enrich" / task, task)
+            ctx.log(f"  {task}: the engine's output {'equals' if agree[task] else 'DIFFERS FROM'} run_items'")
     figures: dict[str, Any] = {
-        "texts": {"embedding": len(ctx.texts), "sentiment": len(ctx.texts) * SENTIMENT_COPIES},
+        "texts": {task: len(texts) for task, (_, texts, _) in workloads.items()},
+        "engine_output_equals_run_items": agree,
         "tables": {},
     }
     for task, rows in tables.items():
@@ -237,12 +351,31 @@ def run(ctx: Context) -> dict[str, Any]:
                 figure["cpu_ms_per_row_runs"] = samples
             figures["tables"][task].append(figure)
         for system, cost in _cpu_against_run(figures["tables"][task]).items():
-            ctx.log(f"  {task}: {system}: CPU per row {cost:.2f}x of bertq run's")
+            ctx.log(f"  {task}: {system}: CPU per row {cost:.2f}x of run_items'")
+        figures.setdefault("engine_against_run_items", {})[task] = engine = _engine_against_run_items(rows)
+        ctx.log(f"  {task}: the engine against run_items: " + ", ".join(f"{k} {v:.2f}x" for k, v in engine.items()))
     return figures
 
 
+def _outputs_agree(directory: Path, task: str) -> bool:
+    """Whether the engine wrote what run_items wrote (``same_output``), for `bertq run` and for --local."""
+    runs = [[json.loads(line) for line in (directory / f"run-{side}.jsonl").open()] for side in ("run_items", "engine")]
+    tables = []
+    for side in ("run_items", "engine"):
+        with open(directory / f"local-{side}.csv", newline="", encoding="utf-8") as handle:
+            tables.append([json.loads(row[task] or "null") for row in csv.DictReader(handle)])
+    return all(len(ours) == len(theirs) and same_output(ours, theirs) for theirs, ours in (runs, tables))
+
+
+def _engine_against_run_items(rows: list[Row]) -> dict[str, float]:
+    """Each command's rate on the engine over its rate on run_items, where both ran."""
+    rates = {row.name: row.median for row in rows if row.available}
+    pairs = {"bertq run": (RUN, RUN_REFERENCE), "enrich --local": (LOCAL, LOCAL_REFERENCE)}
+    return {what: rates[ours] / rates[theirs] for what, (ours, theirs) in pairs.items() if {ours, theirs} <= set(rates)}
+
+
 def _cpu_against_run(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """CPU per row of each system as a multiple of `bertq run`'s."""
+    """CPU per row of each system as a multiple of the reference's (the first row: run_items)."""
     reference = rows[0].get("cpu_ms_per_row")
     if not reference:
         return {}
@@ -251,20 +384,33 @@ def _cpu_against_run(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def markdown(figures: dict[str, Any]) -> list[str]:
     lines = [
-        "## File enrichment: `bertq enrich`",
+        "## In-process and file enrichment: `bertq run`, `bertq enrich`",
         "",
-        "`bertq enrich` of a CSV (id, text) through one worker, and in-process with `--local`, against in-process "
-        "`bertq run` on the same texts (a JSONL in, one JSON line per result out), timed round-robin in one run; "
-        "each side warm (worker up, model loaded). Embedding on the real all-MiniLM-L6-v2 "
-        f"({figures['texts']['embedding']} texts); sentiment on the tiny checkpoint "
+        "`bertq run` (a JSONL in, one JSON line per result out) and `bertq enrich --local` (a CSV of id, text in, "
+        "the CSV with a result column out) on the worker's engine in this process (`LocalEngine`, results through "
+        "a `MemorySink`), against `runner.run_items`, the synchronous loop both commands ran before (the "
+        "reference: ratios are against it); and `bertq enrich` through one worker. The same texts for every row, "
+        "timed round-robin in one run, each side warm (worker up, model loaded). Embedding on the real "
+        f"all-MiniLM-L6-v2 ({figures['texts']['embedding']} texts); sentiment on the tiny checkpoint "
         f"({figures['texts']['sentiment']} texts: the bench texts {SENTIMENT_COPIES} times), where the model is nearly "
-        "free. Target: enrich through the queue at 0.85x of `bertq run` or better. Torch runs on one thread on "
-        "both sides (on the shared 2-core machine two-thread torch collapses when the neighbours are busy).",
+        "free. Targets: the engine at 1.0x of run_items or better; enrich through the queue at 0.85x or better. "
+        "Torch runs on one thread on every side (on the shared 2-core machine two-thread torch collapses when the "
+        "neighbours are busy).",
         "",
         "CPU ms per row: what this process and the worker spent in the timed rounds (median), a cost the "
         "neighbours on a shared machine move much less than the rate; the Redis server's share is not counted.",
         "",
-        "| task | system | rows/s (median) | min-max | ratio to `bertq run` | CPU ms per row | CPU vs `bertq run` |",
+    ]
+    for task, engine in figures.get("engine_against_run_items", {}).items():
+        shown = ", ".join(f"{what} {ratio:.2f}x" for what, ratio in engine.items())
+        same = figures.get("engine_output_equals_run_items", {}).get(task)
+        said = {True: "the same", False: "NOT the same"}.get(same, "not compared")
+        lines.append(
+            f"- {task}: the engine against run_items: {shown}; its output {said} (floats within {TOLERANCE:g})"
+        )
+    lines += [
+        "",
+        "| task | system | rows/s (median) | min-max | ratio to run_items | CPU ms per row | CPU vs run_items |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for task, rows in figures["tables"].items():

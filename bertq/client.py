@@ -20,6 +20,7 @@ import redis
 
 from bertq.connection import broker_error, connect
 from bertq.errors import InvalidInput, SubmitIncomplete
+from bertq.keys import priority_list
 from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, message_digest, meta_key, queued_record
 from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
 from bertq.settings import Settings
@@ -127,8 +128,6 @@ class Client:
         priority: int | None,
         callback_url: str | None,
     ) -> list[str]:
-        from bertq.workers.queues.inbox import priority_list
-
         validate_options(task, options)
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
             raise InvalidInput("must be an integer from 0 (served first) to 9", field="priority")

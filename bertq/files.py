@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -25,6 +26,7 @@ class FileFormat(str, Enum):
     csv = "csv"
 
 
+STDIN = "-"
 EXTENSIONS = {".jsonl": FileFormat.jsonl, ".ndjson": FileFormat.jsonl, ".csv": FileFormat.csv}
 
 
@@ -41,14 +43,15 @@ class Row:
 
 
 class RowReader:
-    """Rows of one file from byte offset ``start`` (the start of a row, with ``line`` its line number).
-    A CSV file's header is read first wherever the rows start: ``columns`` holds it (None for JSONL)."""
+    """Rows of one file (``-``: stdin) from byte offset ``start`` (the start of a row, with ``line`` its
+    line number). A CSV file's header is read first wherever the rows start: ``columns`` holds it (None
+    for JSONL)."""
 
     def __init__(self, path: str | Path, file_format: FileFormat, start: int = 0, line: int = 1) -> None:
         self.path = str(path)
         self.format = file_format
         try:
-            self._handle: IO[bytes] = open(path, "rb")
+            self._handle: IO[bytes] = sys.stdin.buffer if self.path == STDIN else open(path, "rb")
         except OSError as error:
             raise InvalidInput(f"{path}: {error.strerror}") from None
         self._line = 0  # lines consumed so far
@@ -68,7 +71,8 @@ class RowReader:
         self.close()
 
     def close(self) -> None:
-        self._handle.close()
+        if self.path != STDIN:
+            self._handle.close()
 
     def bad(self, line: int, why: str) -> InvalidInput:
         return InvalidInput(f"{self.path}, line {line}: {why}")
@@ -104,14 +108,20 @@ class RowReader:
     def __iter__(self) -> Iterator[Row]:
         return self._csv_rows() if self.format is FileFormat.csv else self._jsonl_rows()
 
-    def _jsonl_rows(self) -> Iterator[Row]:
+    def json_values(self) -> Iterator[Any]:
+        """JSONL: the JSON value of every line that is not blank, whatever its type (`bertq run`'s items:
+        an item that is not an object is that item's error, not the file's)."""
         for text in self._lines():
             if not text.strip():
                 continue
             try:
-                values = json.loads(text)
+                value = json.loads(text)
             except ValueError as error:
                 raise self.bad(self._line, f"not valid JSON ({getattr(error, 'msg', error)})") from None
+            yield value
+
+    def _jsonl_rows(self) -> Iterator[Row]:
+        for values in self.json_values():
             if not isinstance(values, dict):
                 raise self.bad(self._line, f"not a JSON object (a {type(values).__name__})")
             yield Row(self._line, values, self._offset, self._line + 1)

@@ -10,16 +10,9 @@ from typing import Any, cast
 
 import redis
 
+from bertq.keys import CONSUMERS, DEAD, PRIORITY_STEPS, QUARANTINE_PREFIX, heartbeat_key, priority_list
 from bertq.settings import Settings
-from bertq.workers.queues.inbox import (
-    CONSUMERS,
-    PRIORITY_STEPS,
-    QUARANTINE_PREFIX,
-    DeadLetters,
-    heartbeat_key,
-    priority_list,
-)
-from bertq.workers.streams.intake import parse_sources, stream_state
+from bertq.streams import parse_sources, stream_state
 
 #: A worker's heartbeat fields that the overview shows, in this order.
 WORKER_FIELDS = (
@@ -61,7 +54,7 @@ def overview(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         by_priority = {str(step): int(client.llen(key)) for step, key in lists.items()}
         quarantined = sum(int(client.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
         depths[queue] = {"queued": sum(by_priority.values()), "by_priority": by_priority, "quarantined": quarantined}
-    dead = DeadLetters(client, settings.result_ttl_s).count()
+    dead = int(client.xlen(DEAD))
     sources = {(s.input, s.group) for s in parse_sources(settings.stream_specs())}
     sources |= {(s["input"], s["group"]) for w in workers for s in w.get("streams", [])}
     streams = [stream_state(client, stream, group) for stream, group in sorted(sources)]

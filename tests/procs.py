@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 from bertq.schemas import JobStatus
+from bertq.workers.health import pid_alive
 
 from bertq.client import Client
 from bertq.records import JobView, meta_key
@@ -444,21 +445,6 @@ def consumer_pid(consumer: str) -> int | None:
     """The pid in a consumer id ``<node>:<pid>:<hex>``, None when the id has no such shape."""
     parts = consumer.rsplit(":", 2)
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """A process of this machine that runs (a zombie, dead but not yet waited for, is gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def orphans(server: Server) -> list[str]:

@@ -24,7 +24,8 @@ from bertq.schemas import JobStatus, Limits
 
 from bench.enrich import one_torch_thread
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
-from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, LocalBackend, Summary, task_specs
+from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, Summary, task_specs
+from bertq.enrich.local import LocalBackend
 from bertq.files import FileFormat, RowReader
 from bertq.settings import Settings
 from tests.procs import Fleet, Server, client_for, same_results, texts, wait_until, worker_env
@@ -346,7 +347,7 @@ def test_cancelled_jobs_give_their_rows_an_error_and_abandoning_cancels_what_is_
         chunks = list(enrichment._chunks(reader, 0))
     for chunk in chunks:
         backend.start(chunk)
-    backend.abandon(chunks[1:])
+    backend.close(chunks[1:])
     assert client.get(chunks[1].jobs[specs[0].task]).status is JobStatus.cancelled
     assert client.get(chunks[0].jobs[specs[0].task]).status is JobStatus.queued
     (results,) = backend.results(chunks[1]).values()

@@ -37,12 +37,17 @@ LAYERS: list[tuple[str, list[str]]] = [
         "bertq.workers.control",
     ]),
     ("worker process", ["bertq.workers.worker", "bertq.workers.supervise"]),
-    ("producers", ["bertq.client", "bertq.status", "bertq.cli", "bertq.demo", "bertq.enrich.*", "bertq.__main__"]),
+    ("producers", [
+        "bertq.client", "bertq.status", "bertq.usage", "bertq.cli", "bertq.demo", "bertq.enrich.*", "bertq.__main__",
+    ]),
 ]  # fmt: skip
 #: What a producer module may import from bertq.workers at module level: the Celery app, light itself.
 LIGHT_WORKER_MODULES = {"bertq.workers", "bertq.workers.app"}
 #: Producer modules an app imports: they import nothing of bertq.workers but the Celery app, not even lazily.
 NO_WORKER_MODULES = {"bertq.client", "bertq.status", "bertq.messages", "bertq.records"}
+#: Commands' worker-side halves in bertq/: the engine in-process (`enrich --local`), which only the command
+#: imports, inside the function that needs it (so a producer's install never loads them).
+WORKER_SIDE_COMMANDS = {"bertq.enrich.local"}
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ def worker_imports(edges: list[Import], producers: set[str]) -> list[str]:
             continue
         if edge.source in NO_WORKER_MODULES:
             wrong.append(f"{edge}: apps import {edge.source}, which may import only bertq.workers.app of the worker")
-        elif edge.source in producers and edge.where == MODULE_LEVEL:
+        elif edge.source in producers and edge.source not in WORKER_SIDE_COMMANDS and edge.where == MODULE_LEVEL:
             wrong.append(f"{edge}: a producer module imports the worker only inside the command that needs it")
     return wrong
 

@@ -20,6 +20,17 @@ ROOT = Path(__file__).parents[1]
 #: that the build leaves no build/ folder in the checkout, whose stale files a later build would ship.
 SOURCES = ("pyproject.toml", "README.md", "bertq", "schemas", "tasks", "workers")
 WORKER_ONLY = ("torch", "transformers", "numpy", "prometheus_client")
+#: The producer side: light, and apart from the Celery app (operators' path), nothing of bertq.workers.
+PRODUCER_MODULES = (
+    "bertq.client",
+    "bertq.status",
+    "bertq.messages",
+    "bertq.keys",
+    "bertq.records",
+    "bertq.streams",
+    "bertq.schemas",
+    "bertq.workers.app",
+)
 #: What an import failure or a crash prints on stderr; no producer command may print any of them.
 CRASHES = ("Traceback", "ModuleNotFoundError", "ImportError", "No module named")
 
@@ -77,6 +88,18 @@ for name in {WORKER_ONLY!r}:
     done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [], f"a no-extras install has {done.stdout.split()}"
+
+
+def test_producer_modules_import_nothing_of_the_workers_but_the_celery_app(venv: Path) -> None:
+    code = f"""
+import sys
+for name in {PRODUCER_MODULES!r}:
+    __import__(name)
+print(" ".join(sorted(m for m in sys.modules if m.startswith("bertq.workers."))))
+"""
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bertq.workers.app"]
 
 
 def test_every_producer_command_runs(venv: Path, redis_db: str, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ A heartbeat thread, beside the engine's stages, every few seconds:
     ``BERTQ_STALL_TIMEOUT_S``, or a model load has taken longer than ``BERTQ_MODEL_LOAD_TIMEOUT_S``, so
     that a supervisor restarts it;
   - counts its outages (failed or late beats), which tell the sweeper (workers/queues/reaper.py) to watch
-    every worker afresh.
+    every worker afresh;
+  - has the metrics read the queue depths and stream lag (``Metrics.poll_gauges``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bertq.workers.engine.engine import Engine
 from bertq.workers.metrics import Metrics
-from bertq.workers.queues.inbox import DEAD, Inbox
-from bertq.workers.streams.intake import StreamSource, stream_state
+from bertq.workers.queues.inbox import Inbox
 
 from bertq.connection import is_transient, safe
 from bertq.log import get_logger
 from bertq.settings import Settings
+from bertq.streams import StreamSource
 
 log = get_logger(__name__)
 
@@ -96,7 +98,8 @@ class Heartbeat:
                 self.outages += 1  # a beat that took long means Redis was paused or slow: every heartbeat is late
             self._beat_ok_at = now
             self.redis_ok_at = time.time()
-            safe(self.gauge_queues, None)
+            if self.metrics is not None:
+                safe(partial(self.metrics.poll_gauges, self.inbox, self.sources), None)
         self.write_file(info)
         stalled = self.engine.stalled_for()
         if stalled > self.settings.stall_timeout_s:
@@ -107,20 +110,6 @@ class Heartbeat:
                 f"a model load has taken {loading:.0f} s, over BERTQ_MODEL_LOAD_TIMEOUT_S "
                 f"({self.settings.model_load_timeout_s:.0f} s)"
             )
-
-    def gauge_queues(self) -> None:
-        if self.metrics is None:
-            return
-        depths = self.inbox.depths()
-        self.metrics.dead_letters.set(depths.pop(DEAD))
-        for queue, depth in depths.items():
-            self.metrics.queue_depth.labels(queue).set(depth)
-        for source in self.sources:
-            state = stream_state(self.inbox.client, source.input, source.group)
-            if state["lag"] is not None:
-                self.metrics.stream_lag.labels(source.input, source.group).set(state["lag"])
-            if state["pending"] is not None:
-                self.metrics.stream_pending.labels(source.input, source.group).set(state["pending"])
 
     def info(self) -> dict[str, Any]:
         now = time.time()
@@ -169,7 +158,7 @@ def check_local(name: str | None = None, now: float | None = None) -> list[Verdi
             continue
         if name and info.get("node") != name:
             continue
-        if not _alive(int(info["pid"])):
+        if not pid_alive(int(info["pid"])):
             path.unlink(missing_ok=True)
             continue
         verdicts.append(_verdict(info, now))
@@ -198,11 +187,16 @@ def _verdict(info: dict[str, Any], now: float) -> Verdict:
     )
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process of this machine that runs (a zombie, dead but not yet waited for, is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")

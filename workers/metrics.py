@@ -3,7 +3,8 @@
 Served on ``BERTQ_METRICS_PORT`` (unset: off) at ``/metrics``; with ``--gpus`` the process of GPU i
 serves on port + i. Labels stay low-cardinality: task, status, queue, operation, never a job id.
 Throughput, latency and batch figures come from the engine as it works (``Observer``); held items are
-read when Prometheus scrapes; queue depth and dead letters are read from Redis by the heartbeat.
+read when Prometheus scrapes; queue depths, dead letters and stream lag are read from Redis at each
+heartbeat (``poll_gauges``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import time
 from collections.abc import Callable
 
 from bertq.workers.engine.delivery import Delivery, Outcome
+from bertq.workers.queues.inbox import Inbox
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from bertq.keys import DEAD
+from bertq.streams import StreamSource, stream_state
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -106,6 +111,20 @@ class Metrics:
 
     def read_held_items(self, read: Callable[[], float]) -> None:
         self.held_items.set_function(read)
+
+    def poll_gauges(self, inbox: Inbox, sources: list[StreamSource]) -> None:
+        """The depth of each of the worker's queues and of the dead letters, and each source stream's
+        lag and pending entries, as Redis has them now."""
+        depths = inbox.depths()
+        self.dead_letters.set(depths.pop(DEAD))
+        for queue, depth in depths.items():
+            self.queue_depth.labels(queue).set(depth)
+        for source in sources:
+            state = stream_state(inbox.client, source.input, source.group)
+            if state["lag"] is not None:
+                self.stream_lag.labels(source.input, source.group).set(state["lag"])
+            if state["pending"] is not None:
+                self.stream_pending.labels(source.input, source.group).set(state["pending"])
 
     # ---- Observer ------------------------------------------------------------------------------
 

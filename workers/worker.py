@@ -1,5 +1,5 @@
-"""The worker entry point: one process per device, its stages supervised, a graceful drain on SIGTERM.
-``--gpus`` starts and supervises one pinned process per GPU.
+"""The worker entry point: one process per device, its parts wired together, its threads supervised, a
+graceful drain on SIGTERM.
 
 Threads of a worker process:
   - main: Celery's worker, for what Celery tools expect of a worker (``inspect``, ``control``,
@@ -8,10 +8,8 @@ Threads of a worker process:
   - prepare, forward, finish: the engine (workers/engine/engine.py);
   - heartbeat: liveness (workers/health.py);
   - sweeper: reclaiming dead workers' jobs (workers/queues/reaper.py).
-A thread that dies for an unexpected reason ends the process with exit code 70, and an engine that
-holds work without progress for BERTQ_STALL_TIMEOUT_S ends it with 71, so that a supervisor (systemd,
-``--gpus``, Kubernetes) restarts it: a live worker that does no work must not exist. What it held is
-reclaimed by the others once its heartbeat stops.
+A thread that dies for an unexpected reason, or an engine that holds work without progress, ends the
+process for a supervisor to restart it (workers/supervise.py, which also runs ``--gpus``).
 """
 
 from __future__ import annotations
@@ -19,62 +17,44 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from bertq.workers.app import configure
 from bertq.workers.backends.models import ModelCache
-from bertq.workers.backends.openvino import BackendConfig
+from bertq.workers.backends.paths import BackendConfig
+from bertq.workers.control import install_control_commands, quiet_celery
 from bertq.workers.engine.delivery import Observers
 from bertq.workers.engine.engine import Engine
+from bertq.workers.engine.source import DEAD_MAXLEN, DeadLetterLimits
 from bertq.workers.events import ActiveRequests, CeleryEvents
 from bertq.workers.health import Heartbeat
 from bertq.workers.metrics import Metrics
-from bertq.workers.queues.inbox import DEAD_MAXLEN, DeadLetterLimits, Inbox
+from bertq.workers.queues.inbox import Inbox
 from bertq.workers.queues.intake import QueueIntake
 from bertq.workers.queues.reaper import Reaper, Sweeper
 from bertq.workers.queues.sink import JobRecords
-from bertq.workers.streams.intake import StreamIntake, StreamSink, StreamSource
+from bertq.workers.streams.intake import StreamIntake
+from bertq.workers.streams.sink import StreamSink
+from bertq.workers.supervise import (
+    EXIT_STAGE_DIED,
+    EXIT_UNEXPECTED_STOP,
+    EXIT_UNSUITABLE_REDIS,
+    EXIT_WEDGED,
+    die,
+    node_name,
+    supervised,
+)
 from bertq.workers.webhooks import Webhooks
+from celery import signals
 
 from bertq.connection import connect, deadline_timer, retry, unsuitable_server
-from bertq.log import configure_logging, configure_process_logging, get_logger
+from bertq.log import configure_process_logging, get_logger
 from bertq.settings import Settings
+from bertq.streams import StreamSource
 
 log = get_logger(__name__)
-
-EXIT_STAGE_DIED = 70
-EXIT_WEDGED = 71
-EXIT_UNEXPECTED_STOP = 72
-EXIT_UNSUITABLE_REDIS = 78  # EX_CONFIG: the server would lose jobs (eviction) or shard them (Cluster)
-
-
-def node_name(device: str) -> str:
-    return f"bertq-{device.replace(':', '')}@{socket.gethostname()}"
-
-
-def die(code: int, reason: str) -> None:
-    """End the process now, without running anything else: its state is not to be trusted."""
-    log.critical("worker exiting", exit_code=code, reason=reason)
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def supervised(name: str, target: Callable[[], None]) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        except BaseException as error:
-            die(EXIT_STAGE_DIED, f"the {name} thread died: {type(error).__name__}: {error}")
-
-    thread = threading.Thread(target=run, name=f"bertq-{name}", daemon=True)
-    thread.start()
-    return thread
 
 
 class Worker:
@@ -219,8 +199,7 @@ def run_worker(
         metrics.serve(int(settings.metrics_port or 0))
         log.info("metrics served", port=settings.metrics_port, path="/metrics")
     celery_events.start()
-    install_control_commands(worker, celery_events)
-    from celery import signals
+    install_control_commands(worker.client, settings.result_ttl_s, celery_events)
 
     asked = threading.Event()
 
@@ -251,103 +230,4 @@ def run_worker(
     if not (asked.is_set() or celery_worker.exitcode == 0):
         log.error("Celery's worker stopped without being asked to", node=node, exit_code=celery_worker.exitcode)
         return EXIT_UNEXPECTED_STOP
-    return 0
-
-
-def quiet_celery(json_lines: bool) -> None:
-    """Celery's worker configures no logging of its own (ours is set up), and, for JSON logs, says its
-    shutdown lines through logging instead of printing them raw."""
-    from celery import signals
-    from celery.apps import worker as celery_worker
-
-    signals.setup_logging.connect(lambda **_: None, weak=False)
-    if json_lines:
-        say = get_logger("celery.apps.worker")
-        celery_worker.safe_say = lambda message, *_: say.info(str(message).strip())  # type: ignore[attr-defined]
-
-
-def install_control_commands(worker: Worker, events: CeleryEvents) -> None:
-    """``revoke`` (``AsyncResult.revoke()``, ``celery control revoke``) cancels queued jobs in their
-    records, where every worker and client sees it. Celery's own handler would overwrite any record,
-    finished ones included, with REVOKED. ``enable_events`` and ``disable_events`` (``celery control``,
-    Flower) switch bertq's task events, which Celery's own handlers do not reach."""
-    from celery.worker import state as worker_state
-    from celery.worker.control import Panel, ok
-
-    from bertq.records import cancel_jobs
-
-    def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any) -> dict[str, Any]:
-        ids = [task_id] if isinstance(task_id, str) else list(task_id or [])
-        worker_state.revoked.update(ids)
-        outcomes = retry(
-            lambda: cancel_jobs(worker.inbox.client, ids, worker.settings.result_ttl_s, allow_unknown=True), "revoke"
-        )
-        return ok({job_id: outcome for job_id, outcome in zip(ids, outcomes)})
-
-    Panel.register(type="control", name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")(revoke)
-
-    def switch_events(on: bool) -> Any:
-        def handler(state: Any) -> dict[str, Any]:
-            events.enabled = on
-            log.info("task events switched by remote control", enabled=on)
-            return ok(f"task events {'enabled' if on else 'disabled'}")
-
-        return handler
-
-    Panel.register(type="control", name="enable_events")(switch_events(True))
-    Panel.register(type="control", name="disable_events")(switch_events(False))
-
-
-def gpu_commands(
-    gpus: list[str], queues: list[str] | None, metrics_port: int | None = None, events: bool = False
-) -> list[tuple[list[str], dict[str, str], str]]:
-    """Per GPU: the worker command, its environment (pinned with CUDA_VISIBLE_DEVICES, metrics on the
-    base port + its index) and node name."""
-    commands = []
-    for index, gpu in enumerate(gpus):
-        name = f"bertq-gpu{gpu}@{socket.gethostname()}"
-        command = [sys.executable, "-m", "bertq", "worker", "--device", "cuda:0", "--name", name]
-        if queues:
-            command += ["--queues", ",".join(queues)]
-        if events:
-            command.append("--events")
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-        if metrics_port:
-            env["BERTQ_METRICS_PORT"] = str(metrics_port + index)
-        commands.append((command, env, name))
-    return commands
-
-
-def supervise(gpus: list[str], queues: list[str] | None, metrics_port: int | None = None, events: bool = False) -> int:
-    """Start one worker per GPU and restart any that dies, until SIGTERM/SIGINT."""
-    configure_logging()
-    commands = gpu_commands(gpus, queues, metrics_port, events)
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    stopping = False
-
-    def start(index: int) -> None:
-        command, env, name = commands[index]
-        children[index] = subprocess.Popen(command, env=env)
-        log.info(
-            "gpu worker started", node=name, pid=children[index].pid, cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"]
-        )
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for index in range(len(commands)):
-        start(index)
-    while not stopping:
-        time.sleep(1)
-        for index, child in list(children.items()):
-            if child.poll() is not None and not stopping:
-                log.warning("gpu worker exited, restarting", node=commands[index][2], code=child.returncode)
-                start(index)
-    for child in children.values():
-        child.wait()
     return 0

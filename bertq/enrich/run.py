@@ -1,9 +1,9 @@
-"""Enrich a file: every row of a JSONL or CSV file gets one result column per task, in input order.
+"""A `bertq enrich` run: every row of a JSONL or CSV file gets one result column per task, in input order.
 
 The input is read as a stream and cut into chunks of rows. Each chunk becomes one job per task: through
-the queue to running workers (``QueueBackend``), or in-process (``LocalBackend``, ``--local``). A
-bounded window of chunks is in flight, and chunks are written in input order as their jobs finish, so
-memory stays the same whatever the size of the file.
+the queue to running workers (``QueueBackend``, queue.py), or in this process (``LocalBackend``,
+local.py, `--local`). A bounded window of chunks is in flight, and chunks are written in input order
+as their jobs finish, so memory stays the same whatever the size of the file.
 
 Before any work, the input is read once from where this run starts, so that a malformed line stops
 the run with its line number before a job is queued, and the progress bar knows the total.
@@ -20,133 +20,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, get_args
+from typing import IO, Any, Protocol
 
-from pydantic import BaseModel, RootModel
+from pydantic import BaseModel
 
-from bertq.errors import BertqError, BrokerUnavailable, InvalidInput
+from bertq.enrich.spec import TaskSpec, describe_error
+from bertq.errors import InvalidInput
 from bertq.files import FileFormat, Row, RowReader, RowWriter
-from bertq.schemas import CONTRACTS, JobStatus, Limits, TaskName, parse_task, validate_item, validate_options
-
-if TYPE_CHECKING:
-    from bertq.client import Client
-    from bertq.settings import Settings
-    from bertq.workers.backends.models import ModelCache
+from bertq.schemas import Limits, TaskName, validate_item
 
 STATE_SUFFIX = ".bertq-state"
-#: Rows of a chunk in-process (--local): rows are length-sorted within a chunk, so bigger pads less.
-#: Through the queue a chunk is one message of BERTQ_ITEMS_PER_MESSAGE rows per task; workers batch
-#: across the messages they hold.
-LOCAL_CHUNK_ROWS = 1024
 ERROR_COLUMN = "error"
-
-#: Job failures that would fail every chunk alike (a model that cannot be loaded or is not allowed, a
-#: worker that refuses the jobs): the run stops instead of filling the file with one error.
-STOPPING_CODES = frozenset(
-    {"model_unavailable", "model_not_allowed", "invalid_input", "invalid_message", "unsupported"}
-)
-
-#: How long a run through the queue waits for Redis to come back (a restart, a failover) before it
-#: stops with exit 3 (a rerun then resumes).
-REDIS_PATIENCE_S = 120.0
-
-_ITEM_PREFIX = re.compile(r"^items\[\d+\]\.?")
-T = TypeVar("T")
-
-
-class JobsFailed(Exception):
-    """A job of the run failed in a way every chunk would: the run stops, the output so far is kept."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task of a run: its result column is named after the task."""
-
-    task: TaskName
-    options: dict[str, Any]
-    model: str | None
-    fields: dict[str, str]  # item field -> input column
-    shapes: tuple[tuple[str, ...], ...]  # per item shape, the columns it needs (similarity has two)
-
-    @property
-    def column(self) -> str:
-        return self.task.value
-
-    def missing(self, columns: list[str]) -> str | None:
-        """What the columns lack for any item shape of the task, e.g. ``column 'text'``; None if nothing."""
-        if any(set(shape) <= set(columns) for shape in self.shapes):
-            return None
-        if len(self.shapes) == 1:
-            absent = [column for column in self.shapes[0] if column not in columns]
-            return f"column {absent[0]!r}"
-        either = " or ".join(" and ".join(repr(column) for column in shape) for shape in self.shapes)
-        return f"columns for {self.task.value} ({either})"
-
-
-def item_shapes(task: TaskName) -> list[type[BaseModel]]:
-    """The models of the item shapes a task takes: one, or for an item that is a union of shapes
-    (similarity: a pair or a query), each member."""
-    model = CONTRACTS[task].item
-    if not issubclass(model, RootModel):
-        return [model]
-    found: list[type[BaseModel]] = []
-
-    def walk(annotation: Any) -> None:
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.append(annotation)
-            return
-        for argument in get_args(annotation):
-            walk(argument)
-
-    walk(model.model_fields["root"].annotation)
-    return found
-
-
-def task_specs(
-    tasks: list[str],
-    options: dict[str, dict[str, Any]] | None = None,
-    models: dict[str, str] | None = None,
-    columns: dict[str, str] | None = None,
-) -> list[TaskSpec]:
-    """The tasks of a run, checked: known tasks, each once; valid options; ``columns`` maps item fields
-    (``text``, ``question``...) to input columns, each field read from the column of its own name
-    unless mapped."""
-    options, models, columns = options or {}, models or {}, columns or {}
-    names = [parse_task(task) for task in tasks]
-    if not names:
-        raise InvalidInput("give at least one task", field="--task")
-    for name in names:
-        if names.count(name) > 1:
-            raise InvalidInput(f"task {name.value} is given twice", field="--task")
-    for what, given in (("--options", options), ("--model", models)):
-        for task in given:
-            if parse_task(task) not in names:
-                raise InvalidInput(f"task {task} is not one of this run's tasks (--task)", field=what)
-    fields_used = {name for task in names for shape in item_shapes(task) for name in shape.model_fields}
-    for item_field in columns:
-        if item_field not in fields_used:
-            known = ", ".join(sorted(fields_used))
-            raise InvalidInput(
-                f"no task of this run reads an item field {item_field!r} (they read: {known})", field="--field"
-            )
-    specs = []
-    for task in names:
-        task_options = options.get(task.value, {})
-        validate_options(task, task_options)
-        shapes = item_shapes(task)
-        fields = {name: columns.get(name, name) for shape in shapes for name in shape.model_fields}
-        needs = tuple(
-            tuple(fields[name] for name, info in shape.model_fields.items() if info.is_required()) for shape in shapes
-        )
-        specs.append(TaskSpec(task, task_options, models.get(task.value), fields, needs))
-    return specs
 
 
 @dataclass
@@ -182,14 +71,13 @@ class EnrichJob:
 @dataclass
 class Chunk:
     """Consecutive rows, from the ``first``-th row (from 0) of the file. Per task: the rows whose item
-    is valid (position in the chunk, item), then their results in the same order."""
+    is valid (position in the chunk, item), and the id of the job queued for them."""
 
     first: int
     rows: list[Row]
     items: dict[TaskName, list[tuple[int, BaseModel]]] = field(default_factory=dict)
     errors: list[list[str]] = field(default_factory=list)  # per row
-    jobs: dict[TaskName, str] = field(default_factory=dict)  # queue only
-    results: dict[TaskName, list[dict[str, Any]]] = field(default_factory=dict)
+    jobs: dict[TaskName, str] = field(default_factory=dict)  # queue only: a rerun waits for these
 
 
 class Backend(Protocol):
@@ -202,8 +90,8 @@ class Backend(Protocol):
 
     def results(self, chunk: Chunk) -> dict[TaskName, list[dict[str, Any]]]: ...
 
-    def abandon(self, chunks: list[Chunk]) -> None:
-        """The run stops with these chunks unwritten."""
+    def close(self, unwritten: list[Chunk]) -> None:
+        """The run is over: finished (nothing unwritten), or stopped with these chunks unwritten."""
         ...
 
 
@@ -387,13 +275,10 @@ class Enrichment:
                     ]
                     state.save(job.state_path)
                     bar.update(len(chunk.rows))
-        except BaseException:
-            if window:
-                backend.abandon(list(window))
-            raise
         finally:
             bar.close()
             output.close()
+            backend.close(list(window))
         state.complete, state.inflight = True, []
         state.save(job.state_path)
         return Summary(state.rows, failed, resumed_from)
@@ -465,205 +350,6 @@ class Enrichment:
         state.output_bytes += len(data)
         state.input_offset, state.input_line = chunk.rows[-1].end, chunk.rows[-1].next_line
         return failed
-
-
-def describe_error(spec: TaskSpec, record: dict[str, Any]) -> str:
-    """An item's error record as the text of the ``error`` column: the task, the input column at fault
-    when there is one, and the cause, e.g. ``sentiment: review: empty text``."""
-    message = str(record.get("message") or record.get("code") or "error")
-    item_field = record.get("field")
-    if item_field:
-        message = message.removeprefix(f"{item_field}: ")
-        item_field = _ITEM_PREFIX.sub("", item_field)
-        column = spec.fields.get(item_field, item_field)
-        if column:
-            return f"{spec.column}: {column}: {message}"
-    return f"{spec.column}: {message}"
-
-
-def job_failure(status: JobStatus, error: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
-    """The item error every row of a job that did not finish done gets."""
-    if status is JobStatus.failed and error:
-        return {
-            "code": error.get("code"),
-            "field": None,
-            "message": f"job failed ({error.get('code')}): {error.get('message')}",
-        }
-    return {"code": status.value, "field": None, "message": f"job {status.value}" + (f": {reason}" if reason else "")}
-
-
-# ---- backends ----------------------------------------------------------------------------------
-
-
-class QueueBackend:
-    """Chunks through the queue: one job per task per chunk, submitted with ``Client.submit``.
-
-    A Redis fault that passes (a restart, a failover, dropped connections) is waited out for up to
-    ``patience_s`` seconds, calling ``on_fault`` once per outage; a longer one, or any other Redis
-    error, raises ``BrokerUnavailable``."""
-
-    def __init__(
-        self,
-        client: Client,
-        tasks: list[TaskSpec],
-        window: int,
-        priority: int | None = None,
-        reusable: dict[int, dict[str, Any]] | None = None,
-        poll_s: float = 1.0,
-        patience_s: float = REDIS_PATIENCE_S,
-        on_fault: Callable[[BrokerUnavailable], None] | None = None,
-    ) -> None:
-        self.client = client
-        self.tasks = tasks
-        self.window = window
-        self.priority = priority
-        self.reusable = dict(reusable or {})
-        self.poll_s = poll_s
-        self.patience_s = patience_s
-        self.on_fault = on_fault
-
-    def _redis(self, operation: Callable[[], T]) -> T:
-        from bertq.connection import Backoff, is_transient
-
-        backoff, deadline = Backoff(), None
-        while True:
-            try:
-                return operation()
-            except BrokerUnavailable as error:
-                now = time.monotonic()
-                deadline = deadline or now + self.patience_s
-                if error.__cause__ is None or not is_transient(error.__cause__) or now >= deadline:
-                    raise
-                if backoff.attempts == 0 and self.on_fault is not None:
-                    self.on_fault(error)
-                time.sleep(backoff.next_delay())
-
-    def start(self, chunk: Chunk) -> None:
-        earlier = self._reusable(chunk)
-        for spec in self.tasks:
-            items = chunk.items[spec.task]
-            if not items:
-                continue
-            chunk.jobs[spec.task] = earlier.get(spec.task) or self._submit(spec, items)
-
-    def _submit(self, spec: TaskSpec, items: list[tuple[int, BaseModel]]) -> str:
-        batch = [item.model_dump() for _, item in items]
-        return self._redis(
-            lambda: self.client.submit(
-                spec.task.value, batch, model=spec.model, options=spec.options, priority=self.priority
-            )
-        )
-
-    def _reusable(self, chunk: Chunk) -> dict[TaskName, str]:
-        """Jobs an interrupted run queued for these same rows that are still queued, running or done."""
-        entry = self.reusable.pop(chunk.first, None)
-        if not entry or entry.get("rows") != len(chunk.rows):
-            return {}
-        earlier = {TaskName(task): job_id for task, job_id in entry.get("jobs", {}).items()}
-        views = self._redis(lambda: self.client.wait(list(earlier.values()), timeout=0))
-        usable = (JobStatus.queued, JobStatus.running, JobStatus.done)
-        return {
-            task: job_id
-            for task, job_id in earlier.items()
-            if views[job_id].status in usable and views[job_id].info.get("items") == len(chunk.items.get(task, []))
-        }
-
-    def results(self, chunk: Chunk) -> dict[TaskName, list[dict[str, Any]]]:
-        results: dict[TaskName, list[dict[str, Any]]] = {}
-        pending = dict(chunk.jobs)
-        while pending:
-            views = self._redis(lambda: self.client.wait(list(pending.values()), timeout=self.poll_s))
-            for task, job_id in list(pending.items()):
-                view = views[job_id]
-                if view.status is JobStatus.unknown:  # its record is gone (expired, or Redis lost it): again
-                    spec = next(spec for spec in self.tasks if spec.task is task)
-                    chunk.jobs[task] = pending[task] = self._submit(spec, chunk.items[task])
-                    continue
-                if not view.finished:
-                    continue
-                del pending[task]
-                if view.status is JobStatus.done and view.results is not None:
-                    results[task] = view.results
-                    continue
-                if view.status is JobStatus.failed and (view.error or {}).get("code") in STOPPING_CODES:
-                    raise JobsFailed(f"{task.value} job {job_id} failed: {view.error['message']}")  # type: ignore[index]
-                failure = job_failure(view.status, view.error, view.info.get("reason"))
-                results[task] = [{"error": failure}] * len(chunk.items[task])
-        return results
-
-    def idle_queues(self) -> list[str]:
-        """A warning per queue of this run that no live worker consumes: its jobs wait until one starts."""
-        import redis
-
-        from bertq.connection import broker_error
-        from bertq.status import live_workers
-
-        try:
-            workers = live_workers(self.client.redis)
-        except redis.RedisError as error:
-            raise broker_error(error, self.client.url) from error
-        consumed = {queue for worker in workers if worker.get("alive") for queue in worker.get("queues") or []}
-        warnings = []
-        for spec in self.tasks:
-            queue = self.client.settings.queue_for(spec.task)
-            if queue not in consumed:
-                warnings.append(
-                    f"no live worker consumes queue {queue!r} ({spec.task.value} jobs): they wait until one starts"
-                )
-        return warnings
-
-    def abandon(self, chunks: list[Chunk]) -> None:
-        """Cancel what is still queued, so workers do not compute rows nobody waits for (a rerun
-        queues them again); running and done jobs are left for a rerun to pick up."""
-        job_ids = [job_id for chunk in chunks for job_id in chunk.jobs.values()]
-        if not job_ids:
-            return
-        try:
-            self.client.cancel(job_ids)
-        except BertqError:
-            pass  # Redis is gone: the jobs stay queued, and run
-
-
-class LocalBackend:
-    """Chunks in this process (no Redis): ``ModelCache`` and ``run_items``, like `bertq run`."""
-
-    window = 1
-
-    def __init__(self, settings: Settings, tasks: list[TaskSpec], cache: ModelCache | None = None) -> None:
-        from bertq.tasks import get_task
-        from bertq.workers.backends.models import ModelCache
-        from bertq.workers.backends.openvino import BackendConfig
-
-        cache = cache or ModelCache(
-            settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)
-        )
-        self.settings = settings
-        self.tasks = tasks
-        self.loaded = {spec.task: cache.get(spec.task, spec.model or settings.model_for(spec.task)) for spec in tasks}
-        self.runners = {spec.task: get_task(spec.task) for spec in tasks}
-        self.options = {spec.task: validate_options(spec.task, spec.options) for spec in tasks}
-
-    def start(self, chunk: Chunk) -> None:
-        from bertq.workers.runner import result_dicts, run_items
-
-        for spec in self.tasks:
-            items = [item for _, item in chunk.items[spec.task]]
-            if items:
-                computed = run_items(
-                    self.runners[spec.task],
-                    self.loaded[spec.task],
-                    items,
-                    self.options[spec.task],
-                    self.settings.max_batch_tokens,
-                    self.settings.max_batch_rows,
-                )
-                chunk.results[spec.task] = result_dicts(computed)
-
-    def results(self, chunk: Chunk) -> dict[TaskName, list[dict[str, Any]]]:
-        return chunk.results
-
-    def abandon(self, chunks: list[Chunk]) -> None:
-        pass
 
 
 # ---- progress ----------------------------------------------------------------------------------

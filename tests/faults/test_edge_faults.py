@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from bertq.schemas import JobStatus, TaskName
-from bertq.workers.queues.inbox import DeadLetter, DeadLetters
+from bertq.workers.queues.dead import DeadLetter, DeadLetters
 
 from bertq.records import JobView
 from tests.faults.conftest import FULL, record

@@ -17,7 +17,7 @@ import pytest
 from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.backends.models import load_model
-from bertq.workers.queues.inbox import DeadLetters
+from bertq.workers.queues.dead import DeadLetters
 from bertq.workers.runner import result_dicts, run_items
 
 from tests.faults.conftest import FULL, record

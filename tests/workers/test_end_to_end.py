@@ -1,4 +1,6 @@
-"""End to end: real worker processes, a real Redis, producers in this process."""
+"""End to end: a real Redis and producers in this process. Real worker processes where Celery or the
+command line meets the worker; elsewhere a worker's queue intake, job records and engine run in this
+process (``worker_in_this_process``), which is the same data path without the process's start."""
 
 from __future__ import annotations
 
@@ -7,15 +9,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from bertq.schemas import JobStatus
+from bertq.schemas import JobStatus, TaskName
+from bertq.workers.backends.models import ModelCache
+from bertq.workers.engine.engine import Engine
+from bertq.workers.queues.inbox import Inbox
+from bertq.workers.queues.intake import QueueIntake
+from bertq.workers.queues.sink import JobRecords
 from celery import Celery
 
 from bertq.cli import main as bertq_main
@@ -23,6 +32,7 @@ from bertq.client import Client, celery_message
 from bertq.errors import InvalidInput
 from bertq.records import RESULTS_STREAM, meta_key
 from bertq.settings import Settings
+from tests.procs import wait_until
 
 INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "sentiment": ([{"text": "Great battery 😀"}, {"text": "Screen cracked after a week"}], {}),
@@ -106,6 +116,39 @@ def main_worker(redis_url: str, models: dict[str, str]) -> Iterator[str]:
     kill(worker)
 
 
+@contextmanager
+def worker_in_this_process(redis_url: str, queue: str, models: dict[str, str], **settings: Any) -> Iterator[Engine]:
+    """What a worker runs for ``queue``, in this process: its intake, job records and engine, without
+    Celery, signals or a heartbeat. Give it a database no worker process uses (``redis_db``), whose
+    sweepers would take the jobs of a worker without a heartbeat for a dead one's."""
+    fields: dict[str, Any] = {f"model_{task}": path for task, path in models.items()}
+    configured = Settings(**fields, redis_url=redis_url, queue=queue, **settings)
+    client = redis.Redis.from_url(redis_url)
+    consumer = f"in-process-{uuid.uuid4().hex[:8]}"
+    inbox = Inbox(client, consumer, [queue])
+    records = JobRecords(
+        client,
+        inbox.inflight,
+        consumer,
+        configured.result_ttl_s,
+        configured.results_stream_maxlen,
+        configured.max_result_bytes,
+        consumer,
+    )
+    engine = Engine(configured, ModelCache(), consumer)
+    intake = QueueIntake(inbox, records, engine, configured)
+    engine.start()
+    fetching = threading.Thread(target=intake.run, name="in-process-intake", daemon=True)
+    fetching.start()
+    try:
+        yield engine
+    finally:
+        intake.stop()
+        fetching.join(10)
+        engine.drain(10, threading.Event())
+        client.close()
+
+
 def plain_celery(redis_url: str) -> Celery:
     app = Celery(broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.update(
@@ -169,17 +212,13 @@ def test_each_task_via_client_and_send_task_equals_bertq_run(
     assert_close(by_celery.get(timeout=30), expected)
 
 
-def test_statuses_unknown_queued_then_done(redis_url: str, models: dict[str, str]) -> None:
-    queue = f"idle-{uuid.uuid4().hex[:6]}"
-    client = client_for(redis_url, queue)
+def test_statuses_unknown_queued_then_done(redis_db: str, models: dict[str, str]) -> None:
+    client = client_for(redis_db, "q")
     assert client.get(str(uuid.uuid4())).status is JobStatus.unknown
     job_id = client.submit("sentiment", ["fine"])
     assert client.get(job_id).status is JobStatus.queued
-    worker = start_worker(worker_env(redis_url, queue, models))
-    try:
+    with worker_in_this_process(redis_db, "q", models):
         assert client.wait([job_id], timeout=120)[job_id].status is JobStatus.done
-    finally:
-        kill(worker)
 
 
 def test_an_invalid_item_fails_alone_and_a_bad_option_fails_the_job(main_worker: str, redis_url: str) -> None:
@@ -204,24 +243,21 @@ def test_an_invalid_item_fails_alone_and_a_bad_option_fails_the_job(main_worker:
     assert "bertq.nope" in views[unregistered.id].error["message"]  # type: ignore[index]
 
 
-def test_a_redelivered_finished_job_is_not_run_or_stored_again(main_worker: str, redis_url: str) -> None:
-    client = client_for(redis_url, main_worker)
-    job_id = client.submit("sentiment", ["twice"])
-    first = client.wait([job_id], timeout=60)[job_id]
-    assert first.status is JobStatus.done
-    store = redis.Redis.from_url(redis_url)
-    record = store.get(meta_key(job_id))
-    from bertq.schemas import TaskName
-
-    message = celery_message(
-        job_id, TaskName.sentiment, {"items": [{"text": "other"}], "model": None, "options": {}}, main_worker
-    )
-    store.lpush(main_worker, message)
-    deadline = time.monotonic() + 30
-    while store.llen(main_worker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    probe = client.submit("sentiment", ["after"])  # the worker took the duplicate before this one
-    assert client.wait([probe], timeout=60)[probe].status is JobStatus.done
+def test_a_redelivered_finished_job_is_not_run_or_stored_again(redis_db: str, models: dict[str, str]) -> None:
+    client = client_for(redis_db, "q")
+    store = redis.Redis.from_url(redis_db)
+    with worker_in_this_process(redis_db, "q", models):
+        job_id = client.submit("sentiment", ["twice"])
+        first = client.wait([job_id], timeout=60)[job_id]
+        assert first.status is JobStatus.done
+        record = store.get(meta_key(job_id))
+        message = celery_message(
+            job_id, TaskName.sentiment, {"items": [{"text": "other"}], "model": None, "options": {}}, "q"
+        )
+        store.lpush("q", message)
+        assert wait_until(lambda: store.llen("q") == 0, 30)
+        probe = client.submit("sentiment", ["after"])  # the worker took the duplicate before this one
+        assert client.wait([probe], timeout=60)[probe].status is JobStatus.done
     assert store.get(meta_key(job_id)) == record
     entries = [fields for _, fields in store.xrange(RESULTS_STREAM) if fields[b"job_id"] == job_id.encode()]
     assert len(entries) == 1
@@ -283,30 +319,31 @@ def test_cli_submit_wait_and_result_exit_1_for_a_failed_job(
     assert json.loads(capsys.readouterr().out)["error"]["field"] == "model"
 
 
-def test_real_messages_and_records_validate_against_the_exported_schema(main_worker: str, redis_url: str) -> None:
+def test_real_messages_and_records_validate_against_the_exported_schema(redis_db: str, models: dict[str, str]) -> None:
     import base64
 
     import jsonschema
     from bertq.schemas import json_schemas
 
     schemas = json_schemas()
-    store = redis.Redis.from_url(redis_url)
-    idle = f"schema-{uuid.uuid4().hex[:6]}"  # no worker: the messages stay to be read
-    queued_client = client_for(redis_url, idle)
+    store = redis.Redis.from_url(redis_db)
+    idle = "schema-idle"  # no worker: the messages stay to be read
+    queued_client = client_for(redis_db, idle)
     queued = queued_client.submit("qa", [{"question": "Who?", "context": "Ada."}], options={"top_k": 2})
     cancelled = queued_client.submit("sentiment", ["cancel"])
     queued_client.cancel([cancelled])
-    app = plain_celery(redis_url)
+    app = plain_celery(redis_db)
     app.send_task("bertq.fill_mask", kwargs={"items": [{"text": "A [MASK]."}], "options": {"top_k": 1}}, queue=idle)
     for raw in store.lrange(idle, 0, -1):
         message = json.loads(raw)
         task = message["headers"]["task"].removeprefix("bertq.")
         _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
         jsonschema.validate(kwargs, schemas["tasks"][task]["kwargs"])
-    client = client_for(redis_url, main_worker)
-    done = client.submit("embedding", ["fine", ""])
-    failed = client.submit("sentiment", ["x"], model="/not/allowed")
-    client.wait([done, failed], timeout=60)
+    client = client_for(redis_db, "q")
+    with worker_in_this_process(redis_db, "q", models):
+        done = client.submit("embedding", ["fine", ""])
+        failed = client.submit("sentiment", ["x"], model="/not/allowed")
+        client.wait([done, failed], timeout=60)
     record_schema = schemas["job"]["JobRecord"]
     statuses = set()
     for job_id in (queued, cancelled, done, failed):
@@ -318,3 +355,16 @@ def test_real_messages_and_records_validate_against_the_exported_schema(main_wor
     assert (done_record["bertq"]["backend"], done_record["bertq"]["precision"]) == ("torch", "fp32")
     jsonschema.validate(done_record["result"][0], schemas["tasks"]["embedding"]["result"])
     jsonschema.validate(done_record["result"][1], schemas["job"]["ItemError"])
+
+
+def test_a_high_priority_job_overtakes_a_backlog(redis_db: str, models: dict[str, str]) -> None:
+    client = client_for(redis_db, "q")
+    backlog = client.submit_many("sentiment", [f"bulk review {i}" for i in range(600)], items_per_message=1, priority=9)
+    urgent = client.submit("sentiment", ["urgent"], priority=0)
+    with worker_in_this_process(redis_db, "q", models, prefetch=32):
+        views = client.wait([urgent, *backlog], timeout=120)
+    assert all(view.status is JobStatus.done for view in views.values())
+    store = redis.Redis.from_url(redis_db)  # a database of its own: every entry is this test's
+    finished = [fields[b"job_id"].decode() for _, fields in store.xrange(RESULTS_STREAM)]
+    assert sorted(finished) == sorted(views)
+    assert finished.index(urgent) < len(backlog) // 10, finished.index(urgent)

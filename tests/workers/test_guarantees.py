@@ -1,6 +1,6 @@
 """Delivery guarantees a producer can see, against a real worker process: poison messages harm nobody,
-cancelled and revoked jobs are not computed, models are an allow-list, Redis faults reach producers
-as one typed error."""
+cancelled and revoked jobs are not computed, Redis faults reach producers as one typed error. (The
+model allow-list is the engine's: tests/workers/engine/test_failures.py.)"""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.procs import Fleet, Server, client_for, log_lines, raw_message, wait_
 
 @pytest.fixture(scope="module")
 def models(tiny_models: dict[str, Path]) -> dict[str, str]:
-    return {"sentiment": str(tiny_models["sentiment"]), "ner": str(tiny_models["ner"])}
+    return {"sentiment": str(tiny_models["sentiment"])}
 
 
 @pytest.fixture(scope="module")
@@ -143,25 +143,6 @@ def test_cancelled_and_revoked_jobs_are_not_computed_and_stay_cancelled(
     assert client.cancel([kept]) == {kept: (False, "done")}
     unknown = str(uuid.uuid4())
     assert client.cancel([unknown]) == {unknown: (False, "unknown")}
-
-
-def test_a_model_outside_the_allow_list_fails_the_job_and_loads_nothing(
-    worker: tuple[str, Fleet], redis_url: str, tiny_models: dict[str, Path]
-) -> None:
-    queue, fleet = worker
-    client = client_for(redis_url, queue)
-    other = str(tiny_models["multilabel"])  # a real checkpoint, just not one this worker serves
-    job_id = client.submit("sentiment", ["hello"], model=other)
-    view = client.wait([job_id], timeout=60)[job_id]
-    assert view.status is JobStatus.failed and view.error is not None
-    assert view.error["code"] == "model_not_allowed" and other in view.error["message"]
-    loaded = [line["model"] for line in log_lines(fleet.logs()) if line.get("event") == "model loaded"]
-    assert other not in loaded
-    served = client.submit("ner", ["Ada in London"], model=str(tiny_models["ner"]))  # its own configured model, named
-    assert client.wait([served], timeout=60)[served].status is JobStatus.done
-    crossed = client.submit("sentiment", ["hello"], model=str(tiny_models["ner"]))  # another task's model
-    view = client.wait([crossed], timeout=60)[crossed]
-    assert view.status is JobStatus.failed and view.error is not None and view.error["code"] == "model_not_allowed"
 
 
 def test_submitting_to_an_unreachable_redis_raises_one_typed_error(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Liveness, judged by `bertq worker --check` the way a Kubernetes probe runs it: 0 on a healthy worker,
 non-zero on a frozen one, on one whose engine holds work without progress, and when Redis is gone.
-`bertq status` lists live workers from their heartbeats."""
+`bertq status` lists live workers from their heartbeats. A process that has exited is not a live
+worker, even while it waits to be reaped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from bertq.schemas import JobStatus
+from bertq.workers.health import pid_alive
 
 from tests.procs import Fleet, Server, client_for, log_lines, wait_until, worker_env
 
@@ -96,3 +98,11 @@ def test_an_engine_holding_work_without_progress_ends_its_process(server: Server
         assert exits and "without progress" in exits[0]["reason"]
     finally:
         fleet.close()
+
+
+def test_an_exited_process_is_not_alive_before_or_after_it_is_reaped() -> None:
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert wait_until(lambda: not pid_alive(child.pid), 30)  # exited, not yet waited for: a zombie
+    assert child.wait(10) == 0
+    assert not pid_alive(child.pid)

@@ -1,6 +1,6 @@
 """Operating a worker with the tools people run fleets with, against a real worker process: its
-Prometheus endpoint, Celery events, `celery inspect` / `control`, JSON logs, expiry, priorities and
-per-task routing."""
+Prometheus endpoint, Celery events, `celery inspect` / `control`, JSON logs, Celery's expiry and
+per-task routing. (Priorities: tests/workers/test_end_to_end.py and tests/workers/engine/test_batching.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from bertq.schemas import JobStatus
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from bertq.records import RESULTS_STREAM
 from tests.deploy.dashboard import dashboard_series
 from tests.procs import Fleet, WorkerProcess, client_for, log_lines, raw_message, wait_until, worker_env
 
@@ -314,31 +313,6 @@ def test_an_expired_job_is_not_computed_and_ends_expired(
     for refused, field in ((countdown.id, "headers.eta"), (linked.id, "callbacks")):
         assert views[refused].status is JobStatus.failed and views[refused].error is not None
         assert (views[refused].error["code"], views[refused].error["field"]) == ("unsupported", field)
-
-
-def test_a_high_priority_job_overtakes_a_backlog(redis_url: str, models: dict[str, str], tmp_path: Path) -> None:
-    queue = f"prio-{uuid.uuid4().hex[:6]}"
-    client = client_for(redis_url, queue)
-    backlog = client.submit_many("sentiment", [f"bulk review {i}" for i in range(600)], items_per_message=1, priority=9)
-    urgent = client.submit("sentiment", ["urgent"], priority=0)
-    store = redis.Redis.from_url(redis_url)
-    last = store.xrevrange(RESULTS_STREAM, count=1)
-    start = last[0][0] if last else "0"
-    fleet = Fleet(tmp_path, worker_env(redis_url, queue, models, BERTQ_PREFETCH="32"))
-    try:
-        fleet.start()
-        views = client.wait([urgent, *backlog], timeout=120)
-        assert all(view.status is JobStatus.done for view in views.values())
-        order = [
-            fields[b"job_id"].decode()
-            for _, fields in store.xrange(
-                RESULTS_STREAM, min=f"({start.decode() if isinstance(start, bytes) else start}"
-            )
-        ]
-        finished = [job_id for job_id in order if job_id in views]
-        assert finished.index(urgent) < len(backlog) // 10, finished.index(urgent)
-    finally:
-        fleet.close()
 
 
 def test_a_worker_serving_some_tasks_takes_no_other_job(redis_url: str, models: dict[str, str], tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ class Delivery:
     refusal: BertqError | None = None
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
     digest: str = ""  # SHA-1 of the message: its records name it, so another message under this id is refused
+    first_item: int = 0  # the number of its first item in a longer input (item errors name items by it)
 
     @property
     def item_count(self) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -20,25 +19,23 @@ from typing import Any
 from bertq.schemas import TaskName
 from bertq.workers.engine.delivery import Delivery, Sink
 from bertq.workers.engine.engine import Engine
+from bertq.workers.engine.source import Source
 from bertq.workers.queues.inbox import Fetched, Inbox
 
-from bertq.connection import GiveUp, retry
 from bertq.errors import BertqError, InvalidMessage, Unsupported
 from bertq.log import get_logger
-from bertq.messages import Unreadable, loads, peek_id
+from bertq.messages import TASK_PREFIX, Unreadable, loads, peek_id
 from bertq.records import message_digest
 from bertq.settings import Settings
 
 log = get_logger(__name__)
 
-TASK_PREFIX = "bertq."
 FETCH_MOST = 64  # messages per fetch round trip
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
 KWARGS = {"items", "model", "options", "callback_url"}
 KNOWN_TASKS = [task.value for task in TaskName]
 RECONCILE_EVERY_S = 10.0
 QUARANTINE_CHECK_S = 1.0
-SOURCE = "queues"  # this source's name where the engine runs a delivery alone
 
 
 class Undeliverable(Exception):
@@ -185,97 +182,73 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-class QueueIntake:
+class QueueIntake(Source):
     """The thread that fetches from the queues while the engine has room.
 
-    It also runs quarantined jobs (on their last delivery, see workers/queues/inbox.py) one at a time:
-    when one waits, it lets the engine empty, takes that job alone, and takes nothing else until it
-    is done. And it adopts orphans: messages in this worker's in-flight hash that it never received,
-    because the reply of a fetch was lost in a Redis fault after the server had moved them."""
+    It also runs quarantined jobs (on their last delivery, see workers/queues/inbox.py) one at a time,
+    as the source base does. And it adopts orphans: messages in this worker's in-flight hash that it
+    never received, because the reply of a fetch was lost in a Redis fault after the server had moved
+    them."""
+
+    name = "queues"
 
     def __init__(self, inbox: Inbox, sink: Sink, engine: Engine, settings: Settings) -> None:
+        super().__init__(engine)
         self.inbox = inbox
         self.sink = sink
-        self.engine = engine
         self.settings = settings
-        self.stopping = threading.Event()
         self.last_fetch = time.monotonic()
         self._suspect = True  # look for orphans first: a previous life may have left some
         self._reconciled = 0.0
         self._quarantine_waiting = False
         self._quarantine_checked = 0.0
 
-    def stop(self) -> None:
-        self.stopping.set()
+    def on_fault(self, error: BaseException) -> None:
+        self._suspect = True  # a fetch whose reply was lost may have moved messages
 
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                self._step()
-        except GiveUp:
-            return
-
-    def _step(self) -> None:
-        if self.engine.running_alone():  # a job on its last delivery, of this source or another
-            self.stopping.wait(0.05)  # not wait_for_room: spinning would starve the engine
-            return
+    def waiting_alone(self) -> bool:
         if time.monotonic() - self._quarantine_checked > QUARANTINE_CHECK_S:
             self._quarantine_checked = time.monotonic()
-            self._quarantine_waiting = self._retry(self.inbox.quarantined, "look at the quarantine") > 0
-            self.engine.want_alone(SOURCE, self._quarantine_waiting)
-        if self._quarantine_waiting:
-            self._take_quarantined()
-            return
+            self._quarantine_waiting = self.retry(self.inbox.quarantined, "look at the quarantine") > 0
+        return self._quarantine_waiting
+
+    def take_alone(self) -> list[Delivery] | None:
+        fetched = self.retry(self.inbox.fetch_quarantined, "fetch a quarantined job")
+        if fetched is None:
+            self._quarantine_waiting = False
+            return None
+        log.warning("running a job on its last delivery alone", source=fetched.source)
+        return self._deliveries([fetched])
+
+    def take(self) -> None:
         room = self.engine.room()
         if room == 0:
             self.engine.wait_for_room(0.5)
             return
         if self._suspect or time.monotonic() - self._reconciled > RECONCILE_EVERY_S:
             self._adopt_orphans()
-        fetched = self._retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES), "fetch")
+        fetched = self.retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES), "fetch")
         self.last_fetch = time.monotonic()
         if fetched:
-            self._hand_over(fetched)
+            self.engine.submit(self._deliveries(fetched))
         else:
-            self._retry(self.inbox.wait, "wait for jobs")
-
-    def _take_quarantined(self) -> None:
-        if not self.engine.take_turn_alone(SOURCE):  # no source gets room meanwhile: the engine empties
-            self.stopping.wait(0.05)
-            return
-        try:
-            fetched = self._retry(self.inbox.fetch_quarantined, "fetch a quarantined job")
-        except BaseException:
-            self.engine.end_turn_alone()
-            raise
-        if fetched is None:
-            self._quarantine_waiting = False
-            self.engine.want_alone(SOURCE, False)
-            self.engine.end_turn_alone()
-            return
-        log.warning("running a job on its last delivery alone", source=fetched.source)
-        self._hand_over([fetched], alone=True)
-
-    def _retry(self, operation: Any, what: str) -> Any:
-        def suspect(_: BaseException) -> None:
-            self._suspect = True
-
-        return retry(operation, what, self.stopping, on_error=suspect)
+            self.retry(self.inbox.wait, "wait for jobs")
 
     def _adopt_orphans(self) -> None:
         # what the engine holds first: a message it acknowledges meanwhile is gone from the hash too
         known = {delivery.ref.tag for delivery in self.engine.held() if isinstance(delivery.ref, Fetched)}
         self._reconciled = time.monotonic()
-        if not self._suspect and self._retry(self.inbox.count, "count in-flight messages") <= len(known):
+        if not self._suspect and self.retry(self.inbox.count, "count in-flight messages") <= len(known):
             return
-        held = self._retry(self.inbox.held, "list in-flight messages")
+        held = self.retry(self.inbox.held, "list in-flight messages")
         orphans = [fetched for tag, fetched in held.items() if tag not in known]
         self._suspect = False
         if orphans:
             log.warning("adopting in-flight messages this worker never received", messages=len(orphans))
-            self._hand_over(sorted(orphans, key=lambda f: f.order))
+            self.engine.submit(self._deliveries(sorted(orphans, key=lambda f: f.order)))
 
-    def _hand_over(self, fetched: list[Fetched], alone: bool = False) -> list[Delivery]:
+    def _deliveries(self, fetched: list[Fetched]) -> list[Delivery]:
+        """Each message decoded alone; one that names no job is dead-lettered."""
         deliveries = []
         for message in fetched:
             try:
@@ -283,8 +256,7 @@ class QueueIntake:
             except Exception as error:  # whatever a message holds, it harms nobody else
                 reason = str(error) if isinstance(error, Undeliverable) else f"unreadable: {type(error).__name__}"
                 log.warning("message dead-lettered", reason=reason, source=message.source, bytes=len(message.raw))
-                self._retry(
+                self.retry(
                     lambda message=message, reason=reason: self.inbox.dead_letter(message, reason), "dead-letter"
                 )
-        self.engine.submit(deliveries, alone=alone)
         return deliveries

@@ -24,30 +24,31 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-from bertq.workers.queues.inbox import (
-    CONSUMER_LISTS,
-    CONSUMERS,
-    DEAD,
+from bertq.workers.engine.source import (
     DEAD_LETTER_FN,
     DEAD_MAXLEN,
-    DELIVERIES,
-    QUARANTINE_PREFIX,
-    RETURN_LANDED,
-    SPLIT_VALUE,
     DeadLetterLimits,
-    as_bytes,
-    as_text,
-    heartbeat_key,
-    identity,
-    inflight_key,
-    landing_key,
-    message_kwargs,
-    task_name,
+    Redelivery,
+    dead_letter_reason,
 )
+from bertq.workers.queues.inbox import IN_FLIGHT, RETURN_LANDED
 
 from bertq.connection import is_transient
 from bertq.errors import DeadLettered
+from bertq.keys import (
+    CONSUMER_LISTS,
+    CONSUMERS,
+    DEAD,
+    DELIVERIES,
+    QUARANTINE_PREFIX,
+    as_bytes,
+    as_text,
+    heartbeat_key,
+    inflight_key,
+    landing_key,
+)
 from bertq.log import get_logger
+from bertq.messages import identity, message_kwargs, task_name
 from bertq.records import (
     RECORD_STATE,
     RESULTS_STREAM,
@@ -76,35 +77,36 @@ return 1
 # webhooks, consumers. ARGV: tag, identity, max deliveries, dead-letter record, record ttl, reason, consumer,
 # stream maxlen, job id ('' when the message has none), task, quarantine prefix, '1' for a webhook, the
 # message's digest, the dead-letter limits (ttl, maxlen, most bytes), then its queued record ('' for none),
-# which a requeued job's running record goes back to. -1: the consumer came back.
+# which a requeued job's running record goes back to. Returns what became of it, by the number of its next
+# delivery as ``redelivery`` decides (a ``Redelivery`` value); 'back': the consumer came back; 'gone': no
+# such message.
 _RECLAIM = (
-    SPLIT_VALUE
+    IN_FLIGHT
     + RECORD_STATE
     + DEAD_LETTER_FN
     + """
-if redis.call('ZSCORE', KEYS[7], ARGV[7]) ~= '0' then return -1 end
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local source, raw = split(value)
-local prefix = ARGV[11]
+if redis.call('ZSCORE', KEYS[7], ARGV[7]) ~= '0' then return 'back' end
+local source, raw = take_held(KEYS[1], ARGV[1])
+if not source then return 'gone' end
+local prefix, most = ARGV[11], tonumber(ARGV[3])
 local queue_list = source
 if string.sub(source, 1, #prefix) == prefix then queue_list = string.sub(source, #prefix + 1) end
 local count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if count < tonumber(ARGV[3]) and ARGV[17] ~= '' and state_of(KEYS[4]) == 'STARTED'
+local number = count + 1  -- of its next delivery
+if number <= most and ARGV[17] ~= '' and state_of(KEYS[4]) == 'STARTED'
     and not is_impostor(KEYS[4], ARGV[13]) then
   redis.call('SET', KEYS[4], ARGV[17], 'EX', ARGV[5])  -- queued again, not running
 end
-if count + 1 == tonumber(ARGV[3]) then
-  redis.call('RPUSH', prefix .. queue_list, raw)  -- its last delivery: it will run alone
-  return 3
-elseif count < tonumber(ARGV[3]) then
+if number < most then
   redis.call('RPUSH', queue_list, raw)
-  return 1
+  return 'run'
+elseif number == most then
+  redis.call('RPUSH', prefix .. queue_list, raw)  -- its last delivery: it will run alone
+  return 'alone'
 end
 redis.call('HDEL', KEYS[2], ARGV[2])
-dead_letter(KEYS[3], {ARGV[14], ARGV[15], ARGV[16]}, {'job_id', ARGV[9], 'task', ARGV[10], 'reason', ARGV[6],
-  'deliveries', count, 'source', queue_list, 'worker', ARGV[7]}, raw)
+dead_letter_message(KEYS[3], {ARGV[14], ARGV[15], ARGV[16]}, {'job_id', ARGV[9], 'task', ARGV[10], 'reason',
+  ARGV[6], 'deliveries', count, 'source', queue_list, 'worker', ARGV[7]}, raw)
 if ARGV[9] ~= '' and not is_final(KEYS[4]) and not is_impostor(KEYS[4], ARGV[13]) then
   redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
   redis.call('PUBLISH', KEYS[4], ARGV[4])
@@ -114,7 +116,7 @@ if ARGV[9] ~= '' and not is_final(KEYS[4]) and not is_impostor(KEYS[4], ARGV[13]
     redis.call('ZADD', KEYS[6], tonumber(t[1]), ARGV[9])
   end
 end
-return 2
+return 'dead'
 """
 )
 
@@ -207,12 +209,13 @@ class Reaper:
             tasks = []
             for tag, value in cast(dict[bytes, bytes], page).items():
                 tasks.append(self._reclaim_one(pipe, consumer, inflight, as_text(tag), as_bytes(value)))
-            for task, outcome in zip(tasks, pipe.execute()):
-                report.came_back |= outcome == -1
-                report.requeued += outcome in (1, 3)
-                report.quarantined += outcome == 3
-                report.dead_lettered += outcome == 2
-                if outcome == 2:
+            for task, reply in zip(tasks, pipe.execute()):
+                outcome = as_text(reply)
+                report.came_back |= outcome == "back"
+                report.requeued += outcome in (Redelivery.run, Redelivery.alone)
+                report.quarantined += outcome == Redelivery.alone
+                report.dead_lettered += outcome == Redelivery.dead
+                if outcome == Redelivery.dead:
                     report.dead_lettered_tasks.append(task_name(task) or "unknown")
             if int(cursor) == 0:
                 break
@@ -235,7 +238,7 @@ class Reaper:
             f"its worker {consumer} stopped heartbeating for over {self.visibility_timeout_s} s while holding "
             "it (killed, out of memory, or frozen)"
         )
-        reason = f"delivered {self.max_deliveries} times without finishing; each time {cause}"
+        reason = dead_letter_reason(self.max_deliveries, self.max_deliveries, cause)
         kwargs = message_kwargs(raw)
         callback_url = kwargs.get("callback_url")
         info: dict[str, Any] = {"deliveries": self.max_deliveries}

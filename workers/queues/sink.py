@@ -13,17 +13,11 @@ from typing import Any
 import redis
 from bertq.schemas import JobStatus
 from bertq.workers.engine.delivery import Claim, Delivery, Outcome
-from bertq.workers.queues.inbox import (
-    DEAD,
-    DEAD_LETTER_FN,
-    DELIVERIES,
-    RELEASE,
-    SPLIT_VALUE,
-    DeadLetterLimits,
-    Fetched,
-)
+from bertq.workers.engine.source import DEAD_LETTER_FN, DeadLetterLimits
+from bertq.workers.queues.inbox import IN_FLIGHT, Fetched
 
 from bertq.errors import ResultTooLarge
+from bertq.keys import DEAD, DELIVERIES
 from bertq.records import (
     RECORD_STATE,
     RESULTS_STREAM,
@@ -40,17 +34,16 @@ from bertq.records import (
 # the message's digest, consumer, the dead-letter limits (ttl, maxlen, most bytes), then its expiry in unix
 # seconds ('' for none), compared with Redis's clock, the one clock every worker shares.
 _CLAIM = (
-    SPLIT_VALUE
+    IN_FLIGHT
     + RECORD_STATE
     + DEAD_LETTER_FN
     + """
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {'lost', 0} end
 local failed = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
 if is_impostor(KEYS[1], ARGV[5]) then
-  local source, raw = split(redis.call('HGET', KEYS[2], ARGV[3]))
-  redis.call('HDEL', KEYS[2], ARGV[3])
+  local source, raw = take_held(KEYS[2], ARGV[3])
   local state = state_of(KEYS[1]) or 'unknown'
-  dead_letter(KEYS[4], {ARGV[7], ARGV[8], ARGV[9]}, {'job_id', ARGV[4], 'task', '', 'reason',
+  dead_letter_message(KEYS[4], {ARGV[7], ARGV[8], ARGV[9]}, {'job_id', ARGV[4], 'task', '', 'reason',
     'duplicate: job ' .. ARGV[4] .. ' (' .. state .. ') belongs to another message; this one was refused '
     .. 'and the job left as it is', 'deliveries', 1, 'source', source, 'worker', ARGV[6]}, raw)
   return {'duplicate', failed}
@@ -63,6 +56,22 @@ if ARGV[10] ~= '' then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {'run', failed}
+"""
+)
+
+# Back to the front of its queue, not counted as a delivery: a worker shutting down gives back what
+# it has not started. KEYS: in-flight hash, record. ARGV: tag, queued record, ttl.
+_RELEASE = (
+    IN_FLIGHT
+    + RECORD_STATE
+    + """
+local source, raw = take_held(KEYS[1], ARGV[1])
+if not source then return 0 end
+redis.call('RPUSH', source, raw)
+if ARGV[2] ~= '' and state_of(KEYS[2]) == 'STARTED' then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+end
+return 1
 """
 )
 
@@ -114,7 +123,7 @@ class JobRecords:
         self.max_record_bytes = max_record_bytes
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
-        self._release = client.register_script(RELEASE)
+        self._release = client.register_script(_RELEASE)
 
     def claim(self, deliveries: list[Delivery]) -> list[Claim]:
         pipe = self.client.pipeline(transaction=False)

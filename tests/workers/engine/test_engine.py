@@ -11,8 +11,9 @@ from bertq.schemas import JobStatus
 from bertq.tasks.base import Row
 from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.delivery import Delivery
-from bertq.workers.engine.engine import SCAN_BATCHES, Engine, PendingRow
+from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.memory import MemorySink
+from bertq.workers.engine.pool import SCAN_BATCHES, PendingRow, Pool
 
 from bertq.settings import Settings
 from tests.procs import wait_until
@@ -20,11 +21,10 @@ from tests.procs import wait_until
 
 def test_batch_holds_the_oldest_row_and_comes_from_the_oldest_rows() -> None:
     settings = Settings(max_batch_tokens=1024, max_batch_rows=64)
-    engine = Engine(settings, models=None, worker_name="test")  # type: ignore[arg-type]
     rng = random.Random(3)
     job = SimpleNamespace(loaded=SimpleNamespace(budget=None))  # a model that never ran out of memory
     pool = [PendingRow(Row(i, [1] * rng.randint(4, 300)), job=job, rank=(0, float(i))) for i in range(5000)]  # type: ignore[arg-type]
-    batch = engine._select(pool)
+    batch = Pool(settings).select(pool)
     window = settings.max_batch_rows * SCAN_BATCHES
     assert pool[0] in batch
     assert all(pending.row.item < window for pending in batch)

@@ -9,21 +9,13 @@ import uuid
 import pytest
 import redis
 from bertq.schemas import JobStatus, TaskName
-from bertq.workers.queues.inbox import (
-    CONSUMERS,
-    DEAD,
-    DELIVERIES,
-    DeadLetterLimits,
-    DeadLetters,
-    Inbox,
-    inflight_key,
-    landing_key,
-    priority_list,
-    queue_lists,
-)
+from bertq.workers.engine.source import DeadLetterLimits
+from bertq.workers.queues.dead import DeadLetters
+from bertq.workers.queues.inbox import Inbox
 from bertq.workers.queues.reaper import Reaper, Reclaimed
 
 from bertq.client import Client, celery_message
+from bertq.keys import CONSUMERS, DEAD, DELIVERIES, inflight_key, landing_key, priority_list, queue_lists
 from bertq.records import RESULTS_STREAM, JobView, meta_key
 from bertq.settings import Settings
 

@@ -10,11 +10,12 @@ import pytest
 import redis
 from bertq.schemas import JobStatus, TaskName
 from bertq.workers.engine.delivery import Claim, Delivery
-from bertq.workers.queues.inbox import DEAD, Inbox
+from bertq.workers.queues.inbox import Inbox
 from bertq.workers.queues.intake import decode
 from bertq.workers.queues.sink import JobRecords
 
 from bertq.client import Client, celery_message
+from bertq.keys import DEAD
 from bertq.records import JobView, meta_key
 from bertq.settings import Settings
 

@@ -24,9 +24,11 @@ from bertq.tasks import get_task
 from bertq.workers.backends.models import load_model
 from bertq.workers.engine.delivery import Delivery, Outcome
 from bertq.workers.runner import result_dicts, run_items
-from bertq.workers.streams.intake import StreamIntake, StreamSink, parse_sources
+from bertq.workers.streams.intake import StreamIntake
+from bertq.workers.streams.sink import StreamSink
 
 from bertq.connection import connect
+from bertq.streams import parse_sources, stream_state
 from tests.procs import Fleet, Server, same_results, texts, wait_until, worker_env
 
 
@@ -145,8 +147,6 @@ def test_a_worker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path: Path,
 
 
 def test_status_shows_each_sources_lag_and_pending(redis_url: str) -> None:
-    from bertq.workers.streams.intake import stream_state
-
     stream = f"lag-{uuid.uuid4().hex[:6]}"
     store = redis.Redis.from_url(redis_url)
     for i in range(5):
@@ -178,6 +178,8 @@ class Holding:
         self.lock = threading.Lock()
 
     def submit(self, deliveries: list[Delivery], alone: bool = False) -> None:
+        if not deliveries:  # as the engine: nothing to hold
+            return
         with self.lock:
             self.deliveries += deliveries
             for entry_id, _ in deliveries[0].ref.entries:
@@ -189,6 +191,9 @@ class Holding:
 
     def take_turn_alone(self, source: str) -> bool:
         return self.held_messages == 0
+
+    def end_turn_alone(self) -> None:
+        pass
 
     def running_alone(self) -> bool:
         return False
@@ -341,7 +346,9 @@ def test_dead_letters_are_trimmed_by_age_and_cut_to_the_byte_cap(redis_url: str)
     assert json.loads(cut["fields"]) == {"text": "é" * 150, "n": "0"}
     assert short["source_id"] == ids[1] and "truncated" not in short
     assert json.loads(short["fields"]) == {"text": "short", "n": "1"}
-    assert "delivered 4 times" in short["reason"] and not engine.taken
+    # the queue's dead-letter fields too: this claim is the 4th delivery, but 3 ended without finishing
+    assert (short["deliveries"], short["source"], short["worker"]) == ("3", stream, "me")
+    assert "delivered 3 times without finishing (BERTQ_MAX_DELIVERIES=3)" in short["reason"] and not engine.taken
 
 
 def test_claimed_entries_get_their_own_delivery_counts_among_many_of_this_workers(redis_url: str) -> None:

@@ -1,0 +1,42 @@
+"""What an observer (Celery events, metrics) is told: each job received, started and finished, each
+forward batch with its tokens, and each model load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bertq.schemas import JobStatus
+from bertq.workers.backends.models import ModelCache
+from bertq.workers.engine.delivery import Delivery
+from bertq.workers.engine.engine import Engine
+from bertq.workers.engine.memory import MemorySink
+
+from tests.procs import wait_until
+from tests.workers.engine.recording import Recorder
+
+
+def test_an_observer_sees_each_job_received_started_and_finished_and_each_batch(
+    start_engine: Callable[..., Engine],
+) -> None:
+    sink, recorder = MemorySink(), Recorder()
+    engine = start_engine(recorder, models=ModelCache())  # a cold cache: the load is seen too
+    engine.submit([Delivery("job", "sentiment", [{"text": "fine"}, {"text": "a longer review"}], sink=sink)])
+    sink.wait(["job"], 30)
+    assert wait_until(lambda: recorder.outcomes != [], 10)  # told after the sink stored it
+    assert recorder.receipts == ["job"] and recorder.starts == ["job"]
+    assert recorder.outcomes == [("job", JobStatus.done, True)]
+    (batch,) = recorder.batches
+    assert (batch.task, batch.rows, batch.splits) == ("sentiment", 2, 0)
+    assert 0 < batch.tokens <= batch.padded_tokens and batch.padded_tokens % 16 == 0 and batch.seconds > 0
+    assert recorder.loads == ["sentiment"]
+
+
+def test_a_job_stored_twice_is_told_as_not_stored_the_second_time(start_engine: Callable[..., Engine]) -> None:
+    sink, recorder = MemorySink(), Recorder()
+    engine = start_engine(recorder)
+    engine.submit([Delivery("job", "sentiment", [{"text": "fine"}], sink=sink)])
+    sink.wait(["job"], 30)
+    engine.submit([Delivery("job", "sentiment", [{"text": "again"}], sink=sink)])  # a redelivery its sink ran
+    assert wait_until(lambda: len(recorder.outcomes) == 2, 10)
+    assert recorder.outcomes == [("job", JobStatus.done, True), ("job", JobStatus.done, False)]
+    assert sink.outcomes["job"].delivery.items == [{"text": "fine"}]  # the first stays

@@ -1,0 +1,114 @@
+"""A job inside the engine, from its claim to its outcome: which rows each item waits for, its results
+as its items finish (counted against the result cap), and the one log line of each of its states."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bertq.schemas import JobStatus
+from bertq.tasks.base import Loaded, Row, Task
+from bertq.workers.engine.delivery import Delivery, Outcome
+from bertq.workers.runner import finish_item, result_dicts
+from pydantic import BaseModel
+
+from bertq.errors import BertqError, ResultTooLarge
+from bertq.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    delivery: Delivery
+    task: Task
+    loaded: Loaded
+    options: BaseModel
+    items: list[Any]
+    results: list[BaseModel | BertqError | None]
+    rows_left: dict[int, int] = field(default_factory=dict)
+    outputs: dict[int, list[tuple[Row, Any]]] = field(default_factory=dict)
+    started: bool = False  # a row of it went into a forward batch
+    result_bytes: int = 0  # JSON bytes of the item results finished so far
+    too_large: ResultTooLarge | None = None  # its results outgrew BERTQ_MAX_RESULT_BYTES: they are dropped
+
+    def rows_to_run(self, prepared: list[list[Row] | BertqError]) -> list[Row]:
+        """Every item's rows, each item now waiting for its own; an item that failed to prepare has
+        its error as its result at once."""
+        rows: list[Row] = []
+        for index, entry in enumerate(prepared):
+            if isinstance(entry, BertqError):
+                self.results[index] = entry
+            else:
+                self.rows_left[index] = len(entry)
+                rows.extend(entry)
+        return rows
+
+    def take_output(self, rows: Iterable[Row], output: Any, max_result_bytes: int) -> bool:
+        """The forward output of ``rows`` (one model input and its copies in this job): every item
+        whose last row this was is finished. Returns whether the job has no rows left."""
+        for row in rows:
+            index = row.item
+            self.outputs.setdefault(index, []).append((row, output))
+            self.rows_left[index] -= 1
+            if self.rows_left[index]:
+                continue
+            done = self.outputs.pop(index)
+            if self.too_large is None:
+                result = finish_item(
+                    self.task, self.loaded, self.items[index], self.options, [r for r, _ in done], [o for _, o in done]
+                )
+                self.results[index] = self._within_result_cap(result, max_result_bytes)
+            del self.rows_left[index]
+        return not self.rows_left
+
+    def _within_result_cap(self, result: BaseModel | BertqError, most: int) -> BaseModel | BertqError:
+        """The item's result, counted against the job's result cap as it is built: an item over the cap
+        alone becomes an item error; a job whose items add up to more fails, and its results are dropped
+        at once rather than held until the record would be refused."""
+        size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
+        if size > most:
+            return ResultTooLarge(
+                f"this item's result is {size} bytes, over the limit of {most} (BERTQ_MAX_RESULT_BYTES)",
+                field="results",
+            )
+        self.result_bytes += size
+        if self.result_bytes > most:
+            finished = sum(1 for done in self.results if done is not None)
+            self.too_large = ResultTooLarge(
+                f"the results passed {most} bytes (BERTQ_MAX_RESULT_BYTES) after {finished + 1} of "
+                f"{len(self.items)} items: send fewer items per job or ask for less",
+                field="results",
+            )
+            self.results = [None] * len(self.items)
+        return result if self.too_large is None else self.too_large
+
+    def outcome(self, worker_name: str) -> Outcome:
+        """Once no rows are left: done with every item's result (or error), or failed when the results
+        outgrew the cap."""
+        info = {"worker": worker_name, **self.loaded.info(), "deliveries": self.delivery.deliveries}
+        if self.too_large is not None:
+            return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
+        return Outcome(self.delivery, JobStatus.done, results=result_dicts(self.results), info=info)
+
+
+def log_started(delivery: Delivery, worker_name: str) -> None:
+    fields: dict[str, Any] = {"job_id": delivery.job_id, "task": delivery.task, "items": delivery.item_count}
+    if delivery.submitted_at is not None:
+        fields["queued_ms"] = round((time.time() - delivery.submitted_at) * 1000, 1)
+    log.info("job started", deliveries=delivery.deliveries, worker=worker_name, **fields)
+
+
+def log_outcome(outcome: Outcome, fresh: bool, worker_name: str) -> None:
+    delivery = outcome.delivery
+    fields: dict[str, Any] = {"job_id": delivery.job_id, "task": delivery.task, "items": delivery.item_count}
+    if outcome.error is not None:
+        fields.update(code=outcome.error.code, error=str(outcome.error))
+    if outcome.results is not None:
+        fields["failed_items"] = sum(1 for result in outcome.results if "error" in result)
+    if delivery.submitted_at is not None:
+        fields["elapsed_ms"] = round((time.time() - delivery.submitted_at) * 1000, 1)
+    event = f"job {outcome.status.value}" if fresh else f"job {outcome.status.value}, record already final"
+    log.info(event, worker=worker_name, **fields)

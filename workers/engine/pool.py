@@ -1,0 +1,124 @@
+"""The engine's pool: prepared rows waiting for the device, by (task, model), across jobs (TEI's queue).
+
+Each model's rows are kept in (priority, arrival) order. The forward thread takes one batch at a time:
+when the device is idle and no batch is full yet, it waits up to ``BERTQ_MAX_WAIT_MS`` after the first
+row arrived for more to fill it, then takes the length-sorted batch that holds that first row, under
+the model's budget of padded tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bertq.schemas import TaskName
+from bertq.tasks.base import Row, padded_length
+from bertq.workers.batcher import pack
+from bertq.workers.engine.jobs import Job
+from bertq.workers.runner import distinct_rows
+
+from bertq.settings import Settings
+
+SCAN_BATCHES = 8  # a batch is packed from at most this many full batches' worth of the oldest rows
+
+
+@dataclass(eq=False)
+class PendingRow:
+    row: Row
+    job: Job
+    rank: tuple[int, float]  # (priority, arrival): 0 first, then oldest first
+    copies: list[Row] = field(default_factory=list)  # rows of the same job with the same input
+
+
+class Pool:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.closed = False  # draining: no rows come in, and no batch waits to fill
+        self._stopped = False
+        self._rows: dict[tuple[TaskName, str], list[PendingRow]] = {}
+        self._changed = threading.Condition()
+
+    def add(self, job: Job, rows: list[Row]) -> bool:
+        """Pool the job's rows, each distinct input once, in their place by rank. False, and nothing
+        pooled, once the pool is closed."""
+        rank = (job.delivery.priority, time.monotonic())
+        distinct, position = distinct_rows(rows)
+        pending = [PendingRow(rows[i], job, rank) for i in distinct]
+        for index, row in enumerate(rows):
+            if distinct[position[index]] != index:
+                pending[position[index]].copies.append(row)
+        with self._changed:
+            if self.closed:
+                return False
+            rows_of = self._rows.setdefault((job.task.name, job.loaded.model_id), [])
+            at = len(rows_of)
+            if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
+                at = bisect.bisect_right([p.rank for p in rows_of], rank)
+            rows_of[at:at] = pending
+            self._changed.notify_all()
+        return True
+
+    def close(self) -> list[Job]:
+        """Take no more rows. Returns the jobs none of whose rows has started, taken out of the pool;
+        the rows of started jobs stay, to be finished."""
+        with self._changed:
+            self.closed = True
+            unstarted = {id(p.job): p.job for rows in self._rows.values() for p in rows if not p.job.started}
+            for key, rows in self._rows.items():
+                self._rows[key] = [p for p in rows if p.job.started]
+            self._changed.notify_all()
+        return list(unstarted.values())
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    def next_batch(self) -> tuple[list[PendingRow], list[Job]] | None:
+        """Wait for the next batch (None once stopped): the one that holds the first row, of the highest
+        priority (0 first) and the oldest among equals. Also returns the jobs this batch starts."""
+        max_wait = self.settings.max_wait_ms / 1000
+        with self._changed:
+            while True:
+                if self._stopped:
+                    return None
+                groups = [(rows[0].rank, key) for key, rows in self._rows.items() if rows]
+                if not groups:
+                    self._changed.wait()
+                    continue
+                (_, first_arrived), key = min(groups)
+                rows = self._rows[key]
+                wait = first_arrived + max_wait - time.monotonic()
+                if wait <= 0 or self._is_full(rows) or self.closed:
+                    break
+                self._changed.wait(wait)
+            batch = self.select(rows)
+            taken = {id(pending) for pending in batch}
+            self._rows[key] = [pending for pending in rows if id(pending) not in taken]
+            first = list({id(p.job): p.job for p in batch if not p.job.started}.values())
+            for job in first:
+                job.started = True  # under the pool lock: close sees it
+        return batch, first
+
+    def select(self, rows: list[PendingRow]) -> list[PendingRow]:
+        """Of the length-sorted batches the first rows pack into, the one holding the first row:
+        sorted batches for throughput, and no row waits behind newer or lower-priority work for long.
+        Only the first ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of
+        held rows) does not make every batch pay for sorting all of it."""
+        window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
+        batches = pack([pending.row for pending in window], self._budget(window), self.settings.max_batch_rows)
+        first = 0  # the pool is kept in (priority, arrival) order
+        chosen = next(batch for batch in batches if first in batch)
+        return [window[i] for i in chosen]
+
+    def _budget(self, rows: list[PendingRow]) -> int:
+        """Padded tokens a batch of these rows' model may hold: less after it ran out of memory."""
+        budget = rows[0].job.loaded.budget
+        return budget.tokens(self.settings.max_batch_tokens) if budget is not None else self.settings.max_batch_tokens
+
+    def _is_full(self, rows: list[PendingRow]) -> bool:
+        if len(rows) >= self.settings.max_batch_rows:
+            return True
+        return len(rows) * padded_length(max(len(pending.row) for pending in rows)) >= self._budget(rows)
