@@ -115,28 +115,50 @@ def test_help_documents_the_exit_codes_and_version(capsys: pytest.CaptureFixture
     assert done.value.code == 0 and capsys.readouterr().out.startswith("bertq ")
 
 
-def test_run_streams_a_file_of_any_length_in_order(
+def test_run_streams_a_file_of_any_length_in_order_through_the_engine(
     tmp_path: Path, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Path]
 ) -> None:
-    import torch
+    """`bertq run` goes through the worker's engine and its MemorySink (a subclass that only records
+    the sinks made, so the real one runs), and prints what run_items computes, but for float noise."""
+    from bertq.schemas import TaskName, validate_options
+    from bertq.tasks import get_task
+    from bertq.workers.backends.models import ModelCache
+    from bertq.workers.engine.memory import MemorySink
 
+    from bench.enrich import one_torch_thread, reference_results, same_output
+    from bertq.settings import Settings
+
+    sinks: list[MemorySink] = []
+
+    class Recorded(MemorySink):
+        def __init__(self) -> None:
+            super().__init__()
+            sinks.append(self)
+
+    env.setattr("bertq.workers.engine.local.MemorySink", Recorded)
     count = 5000  # over BERTQ_MAX_ITEMS_PER_JOB (4096): no cap in-process
-    texts = [f"review {i} of the kettle" for i in range(count)]
-    texts[4500] = ""
+    items: list[dict[str, str]] = [{"text": f"review {i} of the kettle"} for i in range(count)]
+    items[4500] = {"text": ""}
     source = tmp_path / "items.jsonl"
-    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["run", "sentiment", "--model", str(tiny_models["sentiment"]), "--input", str(source)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(results) == count
+    source.write_text("".join(json.dumps(item) + "\n" for item in items))
+    model = str(tiny_models["sentiment"])
+    with one_torch_thread():
+        assert main(["run", "sentiment", "--model", model, "--input", str(source)]) == 0
+        results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        task = get_task(TaskName.sentiment)
+        loaded = ModelCache().get(TaskName.sentiment, model)
+        options = validate_options(TaskName.sentiment, {})
+        reference = [
+            result for chunk in reference_results(task, loaded, items, options, Settings()) for result in chunk
+        ]
+    assert len(results) == count and same_output(results, reference)
     assert results[4500] == {
         "error": {"code": "invalid_input", "field": "items[4500].text", "message": "items[4500].text: empty text"}
     }
     assert all(result["label"] in ("NEGATIVE", "POSITIVE") for i, result in enumerate(results) if i != 4500)
+    (sink,) = sinks
+    assert sink.claimed == [f"local-{number}" for number in range(5)]  # 1024-item chunks, one job each
+    assert sink.outcomes == {} and sink.finish_calls >= 1  # every outcome was stored there and taken
 
 
 def test_submit_splits_a_file_over_the_job_limit_into_jobs_and_waits_for_all(

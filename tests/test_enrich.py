@@ -378,6 +378,41 @@ def test_the_progress_bar_shows_rows_rate_and_eta_on_a_terminal(tmp_path: Path, 
     assert "300/300" in drawn and "rows/s" in drawn and "<" in drawn  # done/total [elapsed<ETA, rate]
 
 
+def test_local_runs_each_chunk_through_the_engine_and_writes_what_run_items_did(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    """One job per task per chunk through the LocalEngine's MemorySink, two chunks in flight; the
+    output equals the old in-process backend's (``runner.run_items``) but for float noise."""
+    from bertq.workers.backends.models import ModelCache
+
+    from bench.enrich import RunItemsBackend, same_output
+
+    source = write_csv(tmp_path / "in.csv", review_texts(400))
+    specs = task_specs(["sentiment", "ner"], models={"sentiment": models["sentiment"], "ner": models["ner"]})
+    settings = Settings(max_text_chars=MAX_TEXT_CHARS)
+    engine = LocalBackend(settings, specs)
+    backends = {"engine": engine, "run_items": RunItemsBackend(settings, specs, ModelCache())}
+    written = {}
+    with one_torch_thread():
+        for name, backend in backends.items():
+            job = EnrichJob(
+                source, tmp_path / f"{name}.csv", FileFormat.csv, FileFormat.csv, specs, 64, settings.limits()
+            )
+            enrichment = Enrichment(job)
+            enrichment.prepare()
+            assert enrichment.run(backend) == Summary(rows=400, failed_rows=3, resumed_from=0)
+            written[name] = read_csv(job.output)
+    sink = engine.local.sink
+    assert sink.claimed == [f"local-{number}" for number in range(2 * 7)]  # 7 chunks of 64 rows, 2 tasks
+    assert sink.outcomes == {} and sink.finish_calls >= 1  # stored there, and taken
+    assert all(state == "stopped" for state in engine.local.engine.stage_states().values())  # closed with the run
+    assert len(written["engine"]) == len(written["run_items"]) == 400
+    for ours, theirs in zip(written["engine"], written["run_items"]):
+        assert ours["error"] == theirs["error"] and ours["id"] == theirs["id"]
+        for task in ("sentiment", "ner"):
+            assert same_output(json.loads(ours[task] or "null"), json.loads(theirs[task] or "null")), (ours["id"], task)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "says"),
     [

@@ -97,7 +97,8 @@ for name in {PRODUCER_MODULES!r}:
     __import__(name)
 print(" ".join(sorted(m for m in sys.modules if m.startswith("bertq.workers."))))
 """
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    python = [str(venv / "bin" / "python"), "-c", code]
+    done = subprocess.run(python, capture_output=True, text=True, timeout=60, cwd=venv)  # not the checkout's bertq/
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["bertq.workers.app"]
 

@@ -23,6 +23,7 @@ from bertq.workers.backends.paths import BackendConfig
 from bertq.workers.engine.delivery import Delivery
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.memory import MemorySink
+from bertq.workers.engine.pool import SCAN_BATCHES
 
 from bertq.settings import Settings
 
@@ -53,6 +54,11 @@ class LocalEngine:
                 "max_message_bytes": sys.maxsize,
                 "max_result_bytes": sys.maxsize,
                 "max_held_items": CHUNKS_IN_FLIGHT * chunk_items,
+                # the pool packs a batch from its oldest max_batch_rows x SCAN_BATCHES rows: so that a
+                # chunk is length-sorted as a whole, as run_items sorted it (with the user's rows cap
+                # the window held half a chunk: 1.3% more padding, 0.96x of run_items on MiniLM); on a
+                # CPU's token budget the rows cap itself rarely binds
+                "max_batch_rows": max(settings.max_batch_rows, -(-chunk_items // SCAN_BATCHES)),
             }
         )
         self.sink = MemorySink()

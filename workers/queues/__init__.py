@@ -1,1 +1,1 @@
-"""The Celery job queues on Redis: a source (inbox, intake, reaper) and its sink (job records)."""
+"""The Celery job queues on Redis: a source (inbox, intake, reaper), its sink (job records), and the dead letters."""

@@ -9,6 +9,7 @@ the message's first ``BERTQ_DEAD_LETTER_MAX_BYTES`` for ``BERTQ_DEAD_LETTER_TTL_
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -77,8 +78,9 @@ class DeadLetters:
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
     def find(self, key: str) -> DeadLetter | None:
-        """By entry id or by job id."""
-        if "-" in key and key.split("-", 1)[0].isdigit():
+        """By entry id or by job id. A job id (a UUID) can start with eight digits and a dash: only
+        ``<ms>-<seq>`` is read as an entry id."""
+        if re.fullmatch(r"\d+-\d+", key):
             entries = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(DEAD, key, key))
             if entries:
                 return _dead_letter(*entries[0])

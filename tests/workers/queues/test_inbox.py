@@ -293,3 +293,8 @@ def test_a_requeued_job_reads_queued_again_not_running(client: redis.Redis, redi
     client.set(meta_key(job_id), json.dumps({"status": "STARTED", "result": None}))  # claimed, then killed
     reclaim_silent(client, "dead")
     assert producer.get(job_id).status is JobStatus.queued
+
+
+def test_a_job_id_that_starts_with_digits_is_not_read_as_an_entry_id(client: redis.Redis, redis_db: str) -> None:
+    # a UUID whose first eight hex digits are all decimal ("12345678-...") made XRANGE fail
+    assert DeadLetters(client, 60).find("12345678-9abc-4def-8123-456789abcdef") is None
