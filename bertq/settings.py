@@ -217,7 +217,7 @@ class Settings(BaseSettings):
         return str(getattr(self, f"model_{task.value}"))
 
     def stream_specs(self) -> list[str]:
-        """``streams`` as one spec per source (see workers/streams/intake.py: parse_sources)."""
+        """``streams`` as one spec per source (see bertq/streams.py: parse_sources)."""
         text = self.streams.strip()
         if text.startswith("["):
             import json

@@ -42,7 +42,7 @@ HEAVY = ("torch", "transformers", "numpy", "prometheus_client")
         ("bertq.client",),
         ("bertq.workers.app",),
         ("bertq.enrich", "bertq.files"),  # `bertq enrich` through the queue is a producer
-        ("bertq.status", "bertq.workers.queues.inbox"),  # `bertq status`, `bertq dead`
+        ("bertq.status", "bertq.workers.queues.dead"),  # `bertq status`, `bertq dead`
         ("bertq.cli",),
     ],
     ids=["foundation", "client", "celery-app", "enrich", "status", "cli"],
