@@ -5,6 +5,7 @@ Redis: ``BERTQ_TEST_REDIS_URL`` when set, else an embedded Valkey started once p
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A run started by a shell's `cmd &` without job control inherits SIGINT ignored, and every Python it
+# starts would ignore Ctrl-C too (Python installs no handler for a signal it starts with ignored): the
+# tests that Ctrl-C `bertq enrich` need it delivered. A handled signal is reset to default across exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

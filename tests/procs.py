@@ -50,13 +50,6 @@ def server_binary() -> str:
     return str(get_binary_path())
 
 
-def ctrl_c_default() -> None:
-    """A ``preexec_fn`` that puts SIGINT back to its default, so the child's Python turns Ctrl-C into
-    KeyboardInterrupt even when the test run inherited SIGINT ignored (a shell's ``cmd &`` without job
-    control): Python installs no handler for a signal it starts with ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, Summary, task_spec
 from bertq.enrich.local import LocalBackend
 from bertq.files import FileFormat, RowReader
 from bertq.settings import Settings
-from tests.procs import Fleet, Server, client_for, ctrl_c_default, same_results, texts, wait_until, worker_env
+from tests.procs import Fleet, Server, client_for, same_results, texts, wait_until, worker_env
 
 ROWS = 20_000
 MAX_TEXT_CHARS = 2000  # so a row can pass the limit cheaply
@@ -231,7 +231,6 @@ def run_enrich(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        preexec_fn=ctrl_c_default,
     )
 
 

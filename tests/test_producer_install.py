@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.procs import ctrl_c_default
-
 ROOT = Path(__file__).parents[1]
 #: What the package is built from (pyproject.toml's package dirs and the readme it names). A copy, so
 #: that the build leaves no build/ folder in the checkout, whose stale files a later build would ship.
@@ -145,7 +143,6 @@ def test_every_producer_command_runs(venv: Path, redis_db: str, tmp_path: Path) 
             stderr=err,
             cwd=tmp_path,
             env=command_env(venv, redis_db, tmp_path),
-            preexec_fn=ctrl_c_default,
         )
         try:
             deadline = time.monotonic() + 30
