@@ -291,8 +291,9 @@ def celery_follows_the_master(group: Group, job_id: str, expected: list[dict[str
 
     app = Celery("sentinel-probe", set_as_current=False)
     app.config_from_object(celery_config(Settings(redis_url=group.url, queue=QUEUE)))
+    result = app.AsyncResult(job_id)
     try:
-        assert same_results(app.AsyncResult(job_id).get(timeout=30), expected)
+        assert same_results(result.get(timeout=30), expected)
         replies: list[dict[str, Any]] = []
 
         def pong() -> bool:
@@ -302,6 +303,12 @@ def celery_follows_the_master(group: Group, job_id: str, expected: list[dict[str
         assert wait_until(pong, 30)
         assert replies[0] == {worker_name: {"ok": "pong"}}
     finally:
+        # an AsyncResult unsubscribes in __del__, whenever the garbage collector gets to it (in some later
+        # test), and its backend then retries for minutes against this group's servers, gone by then: it
+        # lets go of its subscription now, while the master is up
+        result.backend.remove_pending_result(result)
+        result.backend.result_consumer.stop()
+        result.backend = None
         app.close()
 
 
