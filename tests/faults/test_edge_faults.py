@@ -331,7 +331,7 @@ def test_hostile_messages_beside_healthy_jobs_harm_no_worker_and_no_job(
 
 # ---- 2. idle rolling restarts under a trickle of jobs ---------------------------------------------------
 
-RESTARTS = 100 if FULL else 8  # in pairs
+RESTARTS = 100 if FULL else 4  # in pairs
 
 
 def test_idle_rolling_restarts_under_a_trickle_of_jobs_lose_nothing(
