@@ -27,8 +27,11 @@ venv: $(STAMP) $(SIDE_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bertq demo
 
+# Three test processes (pytest-xdist; most tests wait on servers and workers, so three keep two cores
+# busy), each taking whole modules, so that a module's fixtures (servers, conversions, big inputs) are
+# built once; the slowest modules go first (tests/conftest.py).
 test: lint $(SIDE_STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n 3 --dist loadscope --no-loadscope-reorder
 
 # ruff (lint and format) and mypy, configured in pyproject.toml; `make test` runs them first.
 lint: $(STAMP)
