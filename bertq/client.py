@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 
 from bertq.connection import broker_error, connect
-from bertq.errors import InvalidInput, SubmitIncomplete
+from bertq.errors import InvalidInput, ResultsTrimmed, SubmitIncomplete
 from bertq.keys import priority_list
 from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, message_digest, meta_key, queued_record
 from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
@@ -239,13 +239,41 @@ class Client:
         return {job_id: views[job_id] for job_id in job_ids}
 
     def stream(self, last_id: str = "$", block_ms: int = 1000) -> Iterator[tuple[str, str, str]]:
-        """Follow the completion stream: (stream entry id, job id, "done" | "failed"), forever."""
+        """Follow the completion stream: (stream entry id, job id, final status), forever, from after
+        ``last_id`` ("$": from now on, "0": from the oldest entry kept).
+
+        Raises ``ResultsTrimmed`` when the stream no longer holds ``last_id`` nor anything before it
+        (its length cap trimmed them), so entries after ``last_id`` may be gone unread: a resume from an
+        old id, or a reader slower than the writers. Nothing is skipped silently."""
+        if last_id == "$":  # the id itself, now: a "$" read again each round would skip what came between
+            newest = cast(list[Any], self.redis.xrevrange(RESULTS_STREAM, count=1))
+            last_id = newest[0][0].decode() if newest else "0-0"
+        return self._follow(last_id, block_ms)
+
+    def _follow(self, last_id: str, block_ms: int) -> Iterator[tuple[str, str, str]]:
         while True:
-            reply = cast(list[Any], self.redis.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500))
-            for _, entries in reply or []:
+            with self.redis.pipeline(transaction=False) as pipe:  # one round trip: the oldest entry, then the read
+                pipe.xrange(RESULTS_STREAM, count=1)
+                pipe.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500)
+                oldest, reply = pipe.execute()
+            if last_id not in ("0", "0-0") and oldest and _entry_id(oldest[0][0].decode()) > _entry_id(last_id):
+                raise ResultsTrimmed(
+                    f"the completion stream was trimmed past {last_id} (its oldest entry is now"
+                    f" {oldest[0][0].decode()}): entries after {last_id} may be gone unread; the stream keeps about"
+                    " BERTQ_RESULTS_STREAM_MAXLEN entries. Read the records of the jobs you follow (Client.get),"
+                    " then follow the stream again",
+                    last_id=last_id,
+                    oldest_id=oldest[0][0].decode(),
+                )
+            for _, entries in cast(list[Any], reply) or []:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
                     yield last_id, fields[b"job_id"].decode(), fields[b"status"].decode()
+
+
+def _entry_id(text: str) -> tuple[int, int]:
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def _maybe_sent(error: redis.RedisError) -> bool:

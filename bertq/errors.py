@@ -94,6 +94,20 @@ class SubmitIncomplete(BrokerUnavailable):
         self.unconfirmed_ids = list(unconfirmed_ids or [])
 
 
+class ResultsTrimmed(BertqError):
+    """``Client.stream`` resumed or fell behind past the completion stream's length cap
+    (BERTQ_RESULTS_STREAM_MAXLEN): the stream's oldest entry (``oldest_id``) is newer than ``last_id``,
+    so entries after ``last_id`` may have been trimmed unread. Read the records of the jobs you follow
+    (``Client.get``), then follow the stream again. Raised to consumers; never stored on a job."""
+
+    code = "results_trimmed"
+
+    def __init__(self, message: str, last_id: str = "", oldest_id: str = "") -> None:
+        super().__init__(message)
+        self.last_id = last_id
+        self.oldest_id = oldest_id
+
+
 class ResultTooLarge(BertqError):
     """The job's results are bigger than a record may be (BERTQ_MAX_RESULT_BYTES): split the job, or
     ask for less (for example no per-token vectors)."""

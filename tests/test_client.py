@@ -1,14 +1,17 @@
-"""The producer client against a real Redis: waiting ends for a job whose record expired."""
+"""The producer client against a real Redis: waiting ends for a job whose record expired, and following
+the completion stream never skips trimmed entries silently."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
+import pytest
 import redis
 from bertq.schemas import JobStatus
 
 from bertq.client import Client
+from bertq.errors import ResultsTrimmed
 from bertq.records import meta_key, queued_record
 from bertq.settings import Settings
 
@@ -37,3 +40,34 @@ def test_a_job_whose_record_expired_in_the_queue_can_still_be_cancelled(redis_db
     assert client.cancel([job_id]) == {job_id: (False, "unknown")}
     assert client.cancel([job_id], unknown_too=True) == {job_id: (True, "cancelled")}
     assert client.get(job_id).status is JobStatus.cancelled  # a worker that fetches it skips it
+
+
+def test_stream_says_when_entries_it_had_not_read_were_trimmed(redis_db: str) -> None:
+    # cancelling a queued job appends it to the completion stream, capped as the workers cap it
+    client = Client(redis_db, Settings(redis_url=redis_db, queue="q", results_stream_maxlen=10))
+    first = client.submit("sentiment", ["the first"])
+    client.cancel([first])
+    last_id, job_id, status = next(client.stream("0", block_ms=100))
+    assert (job_id, status) == (first, "cancelled")
+    # 300 more: the approximate cap drops whole nodes of 100 entries, the unread ones after last_id with them
+    client.cancel(client.submit_many("sentiment", [f"text {i}" for i in range(300)], items_per_message=1))
+    assert redis.Redis.from_url(redis_db).xlen("bertq:results") < 301
+    with pytest.raises(ResultsTrimmed, match="BERTQ_RESULTS_STREAM_MAXLEN") as trimmed:
+        next(client.stream(last_id, block_ms=100))
+    assert trimmed.value.last_id == last_id
+    # a reader that is past the trimmed entries goes on
+    newest = redis.Redis.from_url(redis_db).xrevrange("bertq:results", count=1)[0][0].decode()
+    later = client.submit("sentiment", ["a later one"])
+    client.cancel([later])
+    assert next(client.stream(newest, block_ms=100))[1:] == (later, "cancelled")
+
+
+def test_stream_from_now_on_misses_nothing_written_between_its_reads(redis_db: str) -> None:
+    client = Client(redis_db, Settings(redis_url=redis_db, queue="q"))
+    old = client.submit("sentiment", ["before"])
+    client.cancel([old])
+    following = client.stream(block_ms=50)  # "$": what comes after the newest entry now
+    ids = client.submit_many("sentiment", ["one", "two", "three"], items_per_message=1)
+    for job_id in ids:  # each appended while the reader is between two reads
+        client.cancel([job_id])
+    assert [next(following)[1] for _ in ids] == ids
