@@ -256,14 +256,15 @@ class Client:
                 pipe.xrange(RESULTS_STREAM, count=1)
                 pipe.xread({RESULTS_STREAM: last_id}, block=block_ms, count=500)
                 oldest, reply = pipe.execute()
-            if last_id not in ("0", "0-0") and oldest and _entry_id(oldest[0][0].decode()) > _entry_id(last_id):
+            oldest_id = oldest[0][0].decode() if oldest else None
+            if last_id not in ("0", "0-0") and oldest_id and _entry_id(oldest_id) > _entry_id(last_id):
                 raise ResultsTrimmed(
-                    f"the completion stream was trimmed past {last_id} (its oldest entry is now"
-                    f" {oldest[0][0].decode()}): entries after {last_id} may be gone unread; the stream keeps about"
+                    f"the completion stream was trimmed past {last_id} (its oldest entry is now {oldest_id}):"
+                    f" entries after {last_id} may be gone unread; the stream keeps about"
                     " BERTQ_RESULTS_STREAM_MAXLEN entries. Read the records of the jobs you follow (Client.get),"
                     " then follow the stream again",
                     last_id=last_id,
-                    oldest_id=oldest[0][0].decode(),
+                    oldest_id=oldest_id,
                 )
             for _, entries in cast(list[Any], reply) or []:
                 for entry_id, fields in entries:
