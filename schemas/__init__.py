@@ -49,6 +49,8 @@ from bertq.schemas.tasks import (
     TaskName,
     TextItem,
     TokenVector,
+    Vector,
+    VectorEncoding,
 )
 
 __all__ = [
@@ -93,6 +95,8 @@ __all__ = [
     "TaskName",
     "TextItem",
     "TokenVector",
+    "Vector",
+    "VectorEncoding",
     "json_schemas",
     "parse_task",
     "validate_item",

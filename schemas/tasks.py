@@ -118,10 +118,26 @@ class NspOptions(_Strict):
     pass
 
 
+VectorEncoding = Literal["float", "base64", "float16", "int8", "binary"]
+
+
 class EmbeddingOptions(_Strict):
     pooling: Literal["mean", "cls", "pooler"] = "mean"
-    normalize: bool = Field(True, description="L2-normalise the pooled vector.")
+    normalize: bool = Field(True, description="L2-normalise the pooled vector (after the cut to `dimensions`).")
     return_tokens: bool = Field(False, description="Also return each token's contextual vector.")
+    dimensions: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the first d components (Matryoshka models), then normalise; at most the model's size.",
+    )
+    encoding: VectorEncoding = Field(
+        "float",
+        description=(
+            "How vectors are written: float (a list), base64 (little-endian float32 bytes, as OpenAI's API), "
+            "float16 (base64 of little-endian float16), int8 (a list of round(127·x), saturating at ±127), "
+            "binary (the bits x > 0 packed big-endian into bytes, base64; sentence-transformers' ubinary)."
+        ),
+    )
 
 
 class SimilarityOptions(_Strict):
@@ -217,15 +233,19 @@ class NspResult(_Strict):
     truncated: bool = False
 
 
+# A vector as the embedding task's `encoding` option writes it: floats, int8 steps, or base64 bytes.
+Vector = list[int] | list[float] | str
+
+
 class TokenVector(_Strict):
     token: str
     start: int
     end: int
-    vector: list[float]
+    vector: Vector
 
 
 class EmbeddingResult(_Strict):
-    embedding: list[float]
+    embedding: Vector
     tokens: list[TokenVector] | None = None
     truncated: bool = False
 

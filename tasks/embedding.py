@@ -1,19 +1,21 @@
 """Sentence embeddings: mean, CLS or pooler pooling, optional L2 normalisation, optional per-token
-contextual vectors with their tokens and character offsets. Matches sentence-transformers' `encode`
+contextual vectors with their tokens and character offsets, cut to the first `dimensions` and written
+in the `encoding` asked for (`bertq.vectors` reads them back). Matches sentence-transformers' `encode`
 for checkpoints in its layout (their `max_seq_length` is honoured)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bertq.schemas import EmbeddingOptions, EmbeddingResult, TaskName, TextItem, TokenVector
+from bertq.schemas import EmbeddingOptions, EmbeddingResult, TaskName, TextItem, TokenVector, Vector, VectorEncoding
 from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
 
-from bertq.errors import BertqError
+from bertq.errors import BertqError, InvalidInput
 
 
 @dataclass
@@ -67,16 +69,35 @@ class EmbeddingTask:
         self, loaded: Loaded, item: TextItem, options: EmbeddingOptions, rows: list[Row], outputs: list[Any]
     ) -> EmbeddingResult:
         (row,), ((vector, token_vectors),) = rows, outputs
+        size = options.dimensions or len(vector)
+        if size > len(vector):
+            raise InvalidInput(f"must be at most the model's {len(vector)} dimensions", field="options.dimensions")
+        vector = vector[:size]
         if options.normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         tokens = None
         if token_vectors is not None:
             names = loaded.tokenizer.convert_ids_to_tokens(row.input_ids)
             tokens = [
-                TokenVector(token=name, start=start, end=end, vector=vec.tolist())
+                TokenVector(token=name, start=start, end=end, vector=encode_vector(vec[:size], options.encoding))
                 for name, (start, end), vec in zip(names, row.meta.offsets, token_vectors)
             ]
-        return EmbeddingResult(embedding=vector.tolist(), tokens=tokens, truncated=row.meta.truncated)
+        return EmbeddingResult(
+            embedding=encode_vector(vector, options.encoding), tokens=tokens, truncated=row.meta.truncated
+        )
+
+
+def encode_vector(vector: np.ndarray, encoding: VectorEncoding) -> Vector:
+    """``vector`` written as the ``encoding`` option says (see EmbeddingOptions.encoding)."""
+    if encoding == "float":
+        return vector.tolist()
+    if encoding == "int8":
+        return np.clip(np.rint(vector * 127), -127, 127).astype(np.int8).tolist()
+    if encoding == "binary":
+        data = np.packbits(vector > 0).tobytes()
+    else:
+        data = vector.astype("<f4" if encoding == "base64" else "<f2").tobytes()
+    return base64.b64encode(data).decode("ascii")
 
 
 TASK = EmbeddingTask()

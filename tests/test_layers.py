@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("public contract", ["bertq.schemas.*"]),
     ("light modules", [
         "bertq.settings", "bertq.tasks.*", "bertq.keys", "bertq.messages", "bertq.records", "bertq.streams",
-        "bertq.connection", "bertq.embedded", "bertq.tiny_models", "bertq.files",
+        "bertq.connection", "bertq.embedded", "bertq.tiny_models", "bertq.files", "bertq.vectors",
     ]),
     ("celery app", ["bertq.workers", "bertq.workers.app"]),
     ("rows through a model", ["bertq.workers.runner", "bertq.workers.batcher", "bertq.workers.budget"]),

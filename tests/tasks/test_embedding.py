@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from bertq.schemas import EmbeddingResult, Limits, TaskName, validate_items, val
 from bertq.tasks import get_task
 from bertq.workers.backends.models import load_model
 from bertq.workers.runner import run_items
+
+from bertq.vectors import decode_vector
 
 TEXTS = [
     "The café's crème brûlée was superb",
@@ -87,3 +91,48 @@ def test_same_results_alone_and_packed_with_200_others(minilm_loaded) -> None:  
     for one, many in zip(alone, packed):
         assert cosine(np.array(one.embedding), np.array(many.embedding)) >= 0.99999
         assert one.truncated == many.truncated
+
+
+def test_dimensions_are_the_cut_and_normalised_full_vector(minilm_loaded) -> None:  # type: ignore[no-untyped-def]
+    full = embed(minilm_loaded, TEXTS[:3], normalize=False)
+    cut = embed(minilm_loaded, TEXTS[:3], dimensions=128)
+    for whole, short in zip(full, cut):
+        expected = np.array(whole.embedding[:128])
+        np.testing.assert_allclose(short.embedding, expected / np.linalg.norm(expected), atol=1e-6)
+    (tokens,) = embed(minilm_loaded, TEXTS[:1], dimensions=64, return_tokens=True)
+    assert tokens.tokens is not None and {len(token.vector) for token in tokens.tokens} == {64}
+
+
+def test_dimensions_above_the_model_fail_each_item_naming_the_option(minilm_loaded) -> None:  # type: ignore[no-untyped-def]
+    items = validate_items(TaskName.embedding, [{"text": "a"}, {"text": "b"}], Limits())
+    options = validate_options(TaskName.embedding, {"dimensions": 385})
+    results = run_items(get_task(TaskName.embedding), minilm_loaded, items, options, 8192, 64)
+    assert [getattr(error, "field", None) for error in results] == ["options.dimensions"] * 2
+    assert "384" in str(results[0])
+
+
+def test_every_encoding_decodes_to_what_its_definition_says(minilm_loaded) -> None:  # type: ignore[no-untyped-def]
+    from sentence_transformers.quantization import quantize_embeddings
+
+    floats = np.array([result.embedding for result in embed(minilm_loaded, TEXTS)])
+    for encoding, tolerance in [("base64", 0.0), ("float16", 1e-3), ("int8", 0.5 / 127)]:
+        results = embed(minilm_loaded, TEXTS, encoding=encoding)
+        wire = [json.loads(result.model_dump_json())["embedding"] for result in results]  # as a consumer reads it
+        decoded = np.array([decode_vector(vector, encoding) for vector in wire])
+        assert np.abs(decoded - floats).max() <= tolerance + 1e-7, encoding
+        if encoding == "int8":
+            assert all(isinstance(x, int) for vector in wire for x in vector)
+            assert wire == np.rint(floats * 127).astype(int).tolist()
+    binary = [result.embedding for result in embed(minilm_loaded, TEXTS, encoding="binary")]
+    reference = quantize_embeddings(floats, precision="ubinary")
+    assert [base64.b64decode(vector) for vector in binary] == [row.tobytes() for row in reference]
+    assert [decode_vector(vector, "binary", 384) for vector in binary] == (floats > 0).astype(float).tolist()
+
+
+def test_token_vectors_take_the_encoding_too(minilm_loaded) -> None:  # type: ignore[no-untyped-def]
+    (floats,) = embed(minilm_loaded, TEXTS[:1], return_tokens=True)
+    (encoded,) = embed(minilm_loaded, TEXTS[:1], return_tokens=True, encoding="base64")
+    assert floats.tokens is not None and encoded.tokens is not None
+    for plain, packed in zip(floats.tokens, encoded.tokens):
+        assert isinstance(packed.vector, str)
+        assert decode_vector(packed.vector, "base64") == np.array(plain.vector, dtype="<f4").tolist()
