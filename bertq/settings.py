@@ -25,6 +25,8 @@ DEFAULT_MODELS: dict[TaskName, str] = {
     TaskName.similarity: "sentence-transformers/all-MiniLM-L6-v2",
     # what bert-extractive-summarizer's Summarizer() loads, so that its users get the same summaries
     TaskName.summarize: "google-bert/bert-large-uncased",
+    # sentence-transformers' cross-encoder trained on MS MARCO passages: one label, the sigmoid of its logit
+    TaskName.rerank: "cross-encoder/ms-marco-MiniLM-L6-v2",
 }
 
 
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
     model_embedding: str = Field(DEFAULT_MODELS[TaskName.embedding], description="Hub id or local path.")
     model_similarity: str = Field(DEFAULT_MODELS[TaskName.similarity], description="Hub id or local path.")
     model_summarize: str = Field(DEFAULT_MODELS[TaskName.summarize], description="Hub id or local path.")
+    model_rerank: str = Field(
+        DEFAULT_MODELS[TaskName.rerank], description="Hub id or local path: a one-label sequence classifier."
+    )
 
     device: str = Field("cpu", description="`cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -114,7 +119,9 @@ class Settings(BaseSettings):
 
     max_text_chars: int = Field(50_000, ge=1, description="Longest accepted text, in characters.")
     max_items_per_job: int = Field(4096, ge=1, description="Most items in one job.")
-    max_candidates: int = Field(1024, ge=1, description="Most candidates in one similarity item.")
+    max_candidates: int = Field(
+        1024, ge=1, description="Most candidates in one similarity item, or documents in one rerank item."
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(

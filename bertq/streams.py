@@ -4,14 +4,15 @@ writing of streams is in workers/streams/."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, get_origin
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertq.errors import BertqError
 from bertq.keys import as_text
-from bertq.schemas import TaskName, validate_options
+from bertq.schemas import TaskName, item_shapes, validate_options
 
 DEAD_SUFFIX = ":dead"  # + a source stream: its dead letters
 
@@ -22,7 +23,7 @@ class StreamSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="The source stream.")
-    tasks: list[TaskName] = Field(min_length=1, description="Tasks to run on each entry's text.")
+    tasks: list[TaskName] = Field(min_length=1, description="Tasks to run on each entry.")
     output: str = Field("", description="The output stream (default: `<input>:enriched`).")
     group: str = Field("bertq", description="Consumer group of the workers on this source.")
     text_field: str = Field("text", description="The field that holds the text.")
@@ -44,6 +45,25 @@ class StreamSource(BaseModel):
         if self.id_field and self.id_field not in self.keep:
             self.keep = [self.id_field, *self.keep]
         return self
+
+    def item(self, task: TaskName, fields: dict[str, str]) -> dict[str, Any]:
+        """``task``'s item from an entry's fields: ``text`` from ``text_field``, every other item field
+        (a pair's, a query's, a rerank's) from the entry field of its name, and a list of texts (candidates,
+        documents) as a JSON array. A field the entry lacks is left out, for validation to name it."""
+        item: dict[str, Any] = {}
+        for shape in item_shapes(task):
+            for name, info in shape.model_fields.items():
+                where = self.text_field if name == "text" else name
+                if where not in fields:
+                    continue
+                value: Any = fields[where]
+                if get_origin(info.annotation) is list:
+                    try:
+                        value = json.loads(value)
+                    except (ValueError, RecursionError):  # the parser recurses: a deep nest is not a ValueError
+                        pass  # left as the string it is: validation says the field must be a list
+                item[name] = value
+        return item
 
     @property
     def dead(self) -> str:

@@ -25,6 +25,7 @@ TINY_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "qa": ("BertForQuestionAnswering", {}),
     "fill_mask": ("BertForMaskedLM", {}),
     "nsp": ("BertForNextSentencePrediction", {}),
+    "rerank": ("BertForSequenceClassification", {"labels": ["LABEL_0"]}),  # a cross-encoder: one label
     "base": ("BertModel", {}),
 }
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any, Literal
 
-from bertq.schemas.tasks import CONTRACTS, SimilarityQuery, TaskName
+from bertq.schemas.tasks import CONTRACTS, RerankItem, SimilarityQuery, TaskName
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from bertq.errors import BertqError, InvalidInput
@@ -155,6 +155,10 @@ def validate_item_count(items: Any, limits: Limits) -> list[Any]:
     return items
 
 
+#: the item fields that list texts, whose length BERTQ_MAX_CANDIDATES caps
+CAPPED_LISTS: dict[type[BaseModel], str] = {SimilarityQuery: "candidates", RerankItem: "documents"}
+
+
 def validate_item(task: TaskName, index: int, item: Any, limits: Limits) -> BaseModel:
     """One item. The error names the field, e.g. ``items[3].text``. A task with several item shapes
     (similarity) gets the shape's own model."""
@@ -168,10 +172,12 @@ def validate_item(task: TaskName, index: int, item: Any, limits: Limits) -> Base
         raise _invalid(error, prefix, shapes=issubclass(model, RootModel)) from None
     if isinstance(parsed, RootModel):
         parsed = parsed.root
-    if isinstance(parsed, SimilarityQuery) and len(parsed.candidates) > limits.max_candidates:
+    listed = CAPPED_LISTS.get(type(parsed))
+    if listed is not None and len(getattr(parsed, listed)) > limits.max_candidates:
         raise InvalidInput(
-            f"{len(parsed.candidates)} candidates is over the limit of {limits.max_candidates} (BERTQ_MAX_CANDIDATES)",
-            field=f"{prefix}.candidates",
+            f"{len(getattr(parsed, listed))} {listed} is over the limit of {limits.max_candidates} "
+            "(BERTQ_MAX_CANDIDATES)",
+            field=f"{prefix}.{listed}",
         )
     for field, text in _texts(prefix, parsed):
         if not text.strip():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
 from pydantic_core import PydanticCustomError
@@ -18,6 +18,7 @@ class TaskName(str, Enum):
     embedding = "embedding"
     similarity = "similarity"
     summarize = "summarize"
+    rerank = "rerank"
 
 
 class _Strict(BaseModel):
@@ -58,6 +59,14 @@ class SimilarityQuery(_Strict):
     query: str
     candidates: list[str] = Field(min_length=1, description="At most BERTQ_MAX_CANDIDATES texts.")
     top_k: int | None = Field(None, ge=1, description="Keep the k best candidates (default: all, ranked).")
+
+
+class RerankItem(_Strict):
+    """A query and the documents a cross-encoder scores against it, each pair in one input."""
+
+    query: str
+    documents: list[str] = Field(min_length=1, description="At most BERTQ_MAX_CANDIDATES texts.")
+    top_k: int | None = Field(None, ge=1, description="Keep the k best documents (default: all, ranked).")
 
 
 SIMILARITY_SHAPES = (
@@ -142,6 +151,14 @@ class EmbeddingOptions(_Strict):
 
 class SimilarityOptions(_Strict):
     pooling: Literal["mean", "cls", "pooler"] = Field("mean", description="As the embedding task's.")
+
+
+class RerankOptions(_Strict):
+    raw_scores: bool = Field(
+        False,
+        description="Return the logits instead of the activation CrossEncoder.predict applies (the sigmoid "
+        "for a one-label model, unless the checkpoint names another).",
+    )
 
 
 class SummarizeOptions(_Strict):
@@ -288,6 +305,18 @@ class SummarizeResult(_Strict):
     truncated: bool = Field(False, description="A candidate sentence was cut to the model's window.")
 
 
+class DocumentScore(_Strict):
+    index: int = Field(description="Position of the document in the item's `documents`.")
+    score: float
+
+
+class RerankResult(_Strict):
+    ranked: list[DocumentScore] = Field(
+        description="The top_k documents, best first (equal scores: lower index first)."
+    )
+    truncated: bool = Field(False, description="A document was cut to fit the model's window beside the query.")
+
+
 class TaskContract(BaseModel):
     item: type[BaseModel]
     options: type[BaseModel]
@@ -303,4 +332,24 @@ CONTRACTS: dict[TaskName, TaskContract] = {
     TaskName.embedding: TaskContract(item=TextItem, options=EmbeddingOptions, result=EmbeddingResult),
     TaskName.similarity: TaskContract(item=SimilarityItem, options=SimilarityOptions, result=SimilarityResult),
     TaskName.summarize: TaskContract(item=TextItem, options=SummarizeOptions, result=SummarizeResult),
+    TaskName.rerank: TaskContract(item=RerankItem, options=RerankOptions, result=RerankResult),
 }
+
+
+def item_shapes(task: TaskName) -> list[type[BaseModel]]:
+    """The models of the item shapes a task takes: one, or for an item that is a union of shapes
+    (similarity: a pair or a query), each member."""
+    model = CONTRACTS[task].item
+    if not issubclass(model, RootModel):
+        return [model]
+    found: list[type[BaseModel]] = []
+
+    def walk(annotation: Any) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.append(annotation)
+            return
+        for argument in get_args(annotation):
+            walk(argument)
+
+    walk(model.model_fields["root"].annotation)
+    return found

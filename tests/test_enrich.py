@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bertq.schemas import JobStatus, Limits
+from bertq.schemas import JobStatus, Limits, RerankOptions, TaskName, validate_items
+from bertq.tasks import get_task
+from bertq.workers.backends.models import load_model
+from bertq.workers.runner import result_dicts, run_items
 
 from bench.enrich import one_torch_thread
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
@@ -581,6 +584,29 @@ def test_tasks_of_several_fields_read_them_from_columns(
     assert pair["qa"]["answer"] in pair["body"] and isinstance(pair["nsp"]["is_next"], bool) and pair["error"] is None
     assert -1 <= pair["similarity"]["score"] <= 1
     assert [entry["index"] for entry in query["similarity"]["ranked"]] == [0]  # top_k 1: "a kettle" is nearer
+
+
+def test_rerank_reads_a_query_column_and_a_list_of_documents(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    documents = ["The battery lasts all day.", "The screen is gorgeous.", "Delivery took two days."]
+    rows = [{"q": "battery life", "docs": documents, "top_k": 2}, {"q": "battery life", "docs": []}]
+    source = tmp_path / "questions.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    specs = task_specs(
+        ["rerank"], models={"rerank": str(tiny_models["rerank"])}, columns={"query": "q", "documents": "docs"}
+    )
+    output = tmp_path / "questions.out.jsonl"
+    enrichment = Enrichment(EnrichJob(source, output, FileFormat.jsonl, FileFormat.jsonl, specs, 64, Limits()))
+    enrichment.prepare()
+    with one_torch_thread():
+        summary = enrichment.run(LocalBackend(Settings(), specs))
+    ranked, empty = [json.loads(line) for line in output.read_text().splitlines()]
+    assert summary.rows == 2 and summary.failed_rows == 1
+    loaded = load_model(get_task(TaskName.rerank), str(tiny_models["rerank"]))
+    items = validate_items(TaskName.rerank, [{"query": "battery life", "documents": documents, "top_k": 2}], Limits())
+    (expected,) = result_dicts(run_items(get_task(TaskName.rerank), loaded, items, RerankOptions(), 1024, 64))
+    assert same_results(ranked["rerank"], expected) and len(expected["ranked"]) == 2
+    assert ranked["error"] is None and empty["rerank"] is None
+    assert empty["error"].startswith("rerank: docs: ")
 
 
 def test_a_rerun_waits_for_the_jobs_an_interrupted_run_left_instead_of_queueing_them_again(

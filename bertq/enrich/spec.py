@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, get_args
-
-from pydantic import BaseModel, RootModel
+from typing import Any
 
 from bertq.errors import InvalidInput
-from bertq.schemas import CONTRACTS, TaskName, parse_task, validate_options
+from bertq.schemas import TaskName, item_shapes, parse_task, validate_options
 
 _ITEM_PREFIX = re.compile(r"^items\[\d+\]\.?")
 
@@ -38,25 +36,6 @@ class TaskSpec:
             return f"column {absent[0]!r}"
         either = " or ".join(" and ".join(repr(column) for column in shape) for shape in self.shapes)
         return f"columns for {self.task.value} ({either})"
-
-
-def item_shapes(task: TaskName) -> list[type[BaseModel]]:
-    """The models of the item shapes a task takes: one, or for an item that is a union of shapes
-    (similarity: a pair or a query), each member."""
-    model = CONTRACTS[task].item
-    if not issubclass(model, RootModel):
-        return [model]
-    found: list[type[BaseModel]] = []
-
-    def walk(annotation: Any) -> None:
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.append(annotation)
-            return
-        for argument in get_args(annotation):
-            walk(argument)
-
-    walk(model.model_fields["root"].annotation)
-    return found
 
 
 def task_specs(

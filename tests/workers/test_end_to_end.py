@@ -70,12 +70,23 @@ INPUTS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         ],
         {"num_sentences": 3},
     ),
+    "rerank": (
+        [
+            {
+                "query": "How long does the battery last?",
+                "documents": ["The screen is gorgeous.", "The battery lasts all day.", "Delivery took two days."],
+                "top_k": 2,
+            },
+            {"query": "Anything?", "documents": []},
+        ],
+        {},
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models: dict[str, Path], minilm: Path) -> dict[str, str]:
-    paths = {task: str(tiny_models[task]) for task in ("sentiment", "ner", "qa", "fill_mask", "nsp")}
+    paths = {task: str(tiny_models[task]) for task in ("sentiment", "ner", "qa", "fill_mask", "nsp", "rerank")}
     return {**paths, "embedding": str(minilm), "similarity": str(minilm), "summarize": str(minilm)}
 
 

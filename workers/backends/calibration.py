@@ -162,7 +162,7 @@ QUESTIONS = (
 def task_items(task: TaskName, texts: list[str], mask_token: str | None = None) -> list[dict[str, Any]]:
     """Raw items of ``task`` made from calibration texts: the texts as they are; for fill_mask the
     middle word masked; for nsp and similarity each text with the next as its pair; for qa a short
-    question on it; for summarize four texts as one document."""
+    question on it; for rerank a question against three texts; for summarize four texts as one document."""
     if task is TaskName.fill_mask:
         items = []
         for text in texts:
@@ -176,6 +176,11 @@ def task_items(task: TaskName, texts: list[str], mask_token: str | None = None) 
         return [{"question": QUESTIONS[i % len(QUESTIONS)], "context": text} for i, text in enumerate(texts)]
     if task is TaskName.similarity:
         return [{"text_a": text, "text_b": texts[(i + 1) % len(texts)]} for i, text in enumerate(texts)]
+    if task is TaskName.rerank:  # a question against three texts
+        return [
+            {"query": QUESTIONS[i % len(QUESTIONS)], "documents": [texts[(i + k) % len(texts)] for k in range(3)]}
+            for i in range(len(texts))
+        ]
     if task is TaskName.summarize:  # several texts make one document of many sentences
         return [{"text": " ".join(texts[i : i + 4])} for i in range(0, len(texts), 4)]
     return [{"text": text} for text in texts]

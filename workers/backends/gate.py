@@ -38,6 +38,7 @@ AGREEMENT_OF = {
     TaskName.nsp: "NSP is_next",
     TaskName.similarity: "similarity score within 0.01 (pairs), best candidate (queries)",
     TaskName.summarize: "summary sentences chosen",
+    TaskName.rerank: "best document",
 }
 
 #: Two similarity scores this close are the same decision.
@@ -96,7 +97,7 @@ def compare(
         spans = [(_spans(a), _spans(b)) for a, b in zip(expected, got)]
         union = sum(len(a | b) for a, b in spans)
         agreement = sum(len(a & b) for a, b in spans) / union if union else 1.0
-    elif task is TaskName.similarity:
+    elif task in (TaskName.similarity, TaskName.rerank):
         agreement = sum(_same_similarity(a, b) for a, b in zip(expected, got)) / len(expected)
     else:
         agreement = sum(_top1(task, a) == _top1(task, b) for a, b in zip(expected, got)) / len(expected)
@@ -119,7 +120,7 @@ def _cosine(a: Any, b: Any) -> float:
 
 
 def _same_similarity(a: Any, b: Any) -> bool:
-    """Pairs: scores within SCORE_TOLERANCE; queries: the same best candidate."""
+    """Pairs: scores within SCORE_TOLERANCE; queries (and rerank items): the same best candidate."""
     if isinstance(a, BertqError) or isinstance(b, BertqError):
         return type(a) is type(b)
     a, b = getattr(a, "root", a), getattr(b, "root", b)

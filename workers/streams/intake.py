@@ -224,9 +224,7 @@ class StreamIntake(Source):
         read = Read(source, entries)
         deliveries = []
         for task in source.tasks:
-            items = [
-                {"text": fields[source.text_field]} if source.text_field in fields else {} for _, fields in entries
-            ]
+            items = [source.item(task, fields) for _, fields in entries]
             deliveries.append(
                 Delivery(
                     job_id=f"{source.input}/{entries[0][0]}/{task.value}",

@@ -37,6 +37,7 @@ CHECKPOINT = {
     "embedding": "base",
     "similarity": "base",
     "summarize": "base",
+    "rerank": "rerank",
 }
 #: Paths other than exact torch fp32: (backend, dtype). bf16 ones need a CPU with native bf16.
 PATHS = [("openvino", "fp32"), ("openvino", "auto"), ("openvino-int8", "auto"), ("torch", "bf16")]

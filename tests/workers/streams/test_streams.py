@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
+from bertq.schemas import JobStatus, Limits, RerankOptions, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.backends.models import load_model
 from bertq.workers.engine.delivery import Delivery, Outcome
@@ -365,3 +365,42 @@ def test_claimed_entries_get_their_own_delivery_counts_among_many_of_this_worker
         assert wait_until(lambda: store.xlen(f"{stream}:dead") == 2, 5)
     assert {fields[b"source_id"].decode() for _, fields in store.xrange(f"{stream}:dead")} == {ids[0], ids[9]}
     assert set(pending(store, stream)) == set(ids[1:9]) and not engine.taken
+
+
+def test_a_rerank_source_reads_the_query_and_a_json_list_of_documents(
+    redis_db: str, tiny_models: dict[str, Path]
+) -> None:
+    """Tasks of several item fields read them from the entry fields of their names (a list as JSON), in a
+    real engine in this process; entries that are not such items get error entries."""
+    from bertq.workers.backends.models import ModelCache
+    from bertq.workers.engine.engine import Engine
+
+    from bertq.settings import Settings
+
+    store = redis.Redis.from_url(redis_db)
+    documents = ["The battery lasts all day.", "The screen is gorgeous.", "Delivery took two days."]
+    good = [{"query": f"battery {i}", "documents": json.dumps(documents), "top_k": "2"} for i in range(20)]
+    bad = [
+        {"query": "q", "documents": "not json"},
+        {"query": "q", "documents": "[" * 100_000},  # nested past the parser's recursion limit
+        {"documents": json.dumps(documents)},
+    ]
+    ids = [store.xadd("questions", fields).decode() for fields in good + bad]  # type: ignore[arg-type]
+    settings = Settings(redis_url=redis_db, model_rerank=str(tiny_models["rerank"]))
+    engine = Engine(settings, ModelCache(), "me")
+    client = connect(redis_db)
+    (source,) = parse_sources(["questions=rerank"])
+    intake = StreamIntake(client, [source], StreamSink(client, "me", 30), engine, "me", 30, 5, 3, 86_400, 1 << 20)
+    engine.start()
+    try:
+        with running(intake):
+            assert wait_until(lambda: store.xlen("questions:enriched") == len(ids), 60)
+    finally:
+        engine.stop()
+    entries = {entry["source_id"]: json.loads(entry["rerank"]) for entry in output(store, "questions:enriched")}
+    loaded = load_model(get_task(TaskName.rerank), str(tiny_models["rerank"]))
+    items = validate_items(TaskName.rerank, [{"query": "battery 3", "documents": documents, "top_k": 2}], Limits())
+    (expected,) = result_dicts(run_items(get_task(TaskName.rerank), loaded, items, RerankOptions(), 1024, 64))
+    assert same_results(entries[ids[3]], expected) and len(expected["ranked"]) == 2
+    errors = [entries[entry_id]["error"]["field"] for entry_id in ids[len(good) :]]
+    assert errors == ["documents", "documents", "query"]
