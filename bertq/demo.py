@@ -19,7 +19,7 @@ from bertq.schemas import TaskName
 from bertq.settings import Settings
 
 DEMO_JOBS: dict[TaskName, tuple[list[dict[str, Any]], dict[str, Any]]] = {
-    TaskName.sentiment: ([{"text": "The battery lasts all day and the screen is gorgeous."}], {}),
+    TaskName.sentiment: ([{"text": "The battery lasts all day and the screen is gorgeous."}], {"long_text": "chunk"}),
     TaskName.ner: ([{"text": "Ada Lovelace worked with Charles Babbage in London."}], {}),
     TaskName.qa: (
         [{"question": "Where did Ada work?", "context": "Ada Lovelace worked with Charles Babbage in London."}],
@@ -27,7 +27,7 @@ DEMO_JOBS: dict[TaskName, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     ),
     TaskName.fill_mask: ([{"text": "The delivery was [MASK] and the box was damaged."}], {"top_k": 3}),
     TaskName.nsp: ([{"text": "I ordered a kettle.", "text_pair": "It arrived two days later."}], {}),
-    TaskName.embedding: ([{"text": "Great value for the price."}, {"text": ""}], {}),
+    TaskName.embedding: ([{"text": "Great value for the price."}, {"text": ""}], {"dimensions": 128}),
     TaskName.similarity: (
         [
             {"text_a": "The battery lasts all day.", "text_b": "Battery life is excellent."},

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     max_candidates: int = Field(
         1024, ge=1, description="Most candidates in one similarity item, or documents in one rerank item."
     )
+    max_chunks: int = Field(64, ge=1, description="Most windows of one text with `long_text: chunk`.")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(

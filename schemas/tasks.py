@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -101,7 +101,17 @@ class SimilarityItem(
 # ---- options ---------------------------------------------------------------------------------------
 
 
-class SentimentOptions(_Strict):
+class LongTextOptions(_Strict):
+    """How a text over the model's window is read (embedding, similarity, sentiment)."""
+
+    long_text: Literal["truncate", "chunk"] = Field(
+        "truncate",
+        description="truncate: its first window only; chunk: every window, the result their token-weighted mean.",
+    )
+    chunk_overlap: int = Field(32, ge=0, description="Tokens each window shares with the previous one (chunk).")
+
+
+class SentimentOptions(LongTextOptions):
     top_k: int | None = Field(None, ge=1, description="Keep only the k most likely labels in `scores`.")
 
 
@@ -130,7 +140,7 @@ class NspOptions(_Strict):
 VectorEncoding = Literal["float", "base64", "float16", "int8", "binary"]
 
 
-class EmbeddingOptions(_Strict):
+class EmbeddingOptions(LongTextOptions):
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     normalize: bool = Field(True, description="L2-normalise the pooled vector (after the cut to `dimensions`).")
     return_tokens: bool = Field(False, description="Also return each token's contextual vector.")
@@ -148,8 +158,16 @@ class EmbeddingOptions(_Strict):
         ),
     )
 
+    @model_validator(mode="after")
+    def _tokens_of_one_window(self) -> EmbeddingOptions:
+        if self.return_tokens and self.long_text == "chunk":
+            raise PydanticCustomError(
+                "option_conflict", "return_tokens needs long_text: truncate (token vectors are per window)"
+            )
+        return self
 
-class SimilarityOptions(_Strict):
+
+class SimilarityOptions(LongTextOptions):
     pooling: Literal["mean", "cls", "pooler"] = Field("mean", description="As the embedding task's.")
 
 
@@ -206,6 +224,7 @@ class SentimentResult(_Strict):
         description="Every label's probability (raw output for regression heads), most likely first."
     )
     truncated: bool = False
+    chunks: int | None = Field(None, description="Windows whose mean this is (long_text: chunk).")
 
 
 class NerEntity(_Strict):
@@ -265,6 +284,7 @@ class EmbeddingResult(_Strict):
     embedding: Vector
     tokens: list[TokenVector] | None = None
     truncated: bool = False
+    chunks: int | None = Field(None, description="Windows whose mean this is (long_text: chunk).")
 
 
 class SimilarityScore(_Strict):
@@ -272,6 +292,7 @@ class SimilarityScore(_Strict):
 
     score: float = Field(description="Cosine similarity of the two texts' embeddings, -1 to 1.")
     truncated: bool = Field(False, description="A text was cut to the model's window.")
+    chunks: int | None = Field(None, description="Windows of both texts (long_text: chunk).")
 
 
 class CandidateScore(_Strict):
@@ -286,6 +307,7 @@ class SimilarityRanking(_Strict):
         description="The top_k candidates, best first (equal scores: lower index first)."
     )
     truncated: bool = Field(False, description="The query or a candidate was cut to the model's window.")
+    chunks: int | None = Field(None, description="Windows of the query and every candidate (long_text: chunk).")
 
 
 class SimilarityResult(RootModel[SimilarityScore | SimilarityRanking]):

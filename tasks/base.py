@@ -48,6 +48,7 @@ class Loaded:
     precision: str = "fp32"  # what it computes in: fp32, fp16, bf16, int8+bf16, int8+fp32
     budget: Any = None  # the runner's TokenBudget (workers/budget.py): padded tokens per batch after OOMs
     accuracy: dict[str, Any] | None = None  # the accuracy gate's report, on paths that are not exact fp32
+    max_chunks: int = 64  # most windows of one text with long_text: chunk (BERTQ_MAX_CHUNKS)
 
     def info(self) -> dict[str, str]:
         """What produced a result, for the job record: a consumer can tell int8 vectors from fp32 ones."""

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 from bertq.schemas import EmbeddingOptions, EmbeddingResult, TaskName, TextItem, TokenVector, Vector, VectorEncoding
-from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+from bertq.tasks.base import Batch, Loaded, Row
+from bertq.tasks.chunks import Window, text_windows, weighted_mean
 
 from bertq.errors import BertqError, InvalidInput
 
@@ -22,7 +23,7 @@ from bertq.errors import BertqError, InvalidInput
 class EmbeddingRow:
     pooling: str
     offsets: list[tuple[int, int]] | None  # set when per-token vectors are asked for
-    truncated: bool
+    window: Window
 
 
 class EmbeddingTask:
@@ -37,19 +38,13 @@ class EmbeddingTask:
     def preprocess(
         self, loaded: Loaded, items: list[TextItem], options: EmbeddingOptions
     ) -> list[list[Row] | BertqError]:
-        texts, cut = zip(*(cap_chars(item.text, chars_for_tokens(loaded.max_length)) for item in items))
-        encoded = loaded.tokenizer(
-            list(texts), truncation=True, max_length=loaded.max_length, return_offsets_mapping=options.return_tokens
+        windows = text_windows(
+            loaded, [item.text for item in items], options, return_offsets_mapping=options.return_tokens
         )
-        rows: list[list[Row] | BertqError] = []
-        for i, encoding in enumerate(encoded.encodings):
-            meta = EmbeddingRow(
-                pooling=options.pooling,
-                offsets=list(encoding.offsets) if options.return_tokens else None,
-                truncated=cut[i] or bool(encoding.overflowing),
-            )
-            rows.append([Row(i, list(encoding.ids), list(encoding.type_ids), meta)])
-        return rows
+        return [
+            text if isinstance(text, BertqError) else window_rows(i, text, options.pooling, options.return_tokens)
+            for i, text in enumerate(windows)
+        ]
 
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
         output = loaded.model(**batch.model_inputs())
@@ -68,7 +63,8 @@ class EmbeddingTask:
     def postprocess(
         self, loaded: Loaded, item: TextItem, options: EmbeddingOptions, rows: list[Row], outputs: list[Any]
     ) -> EmbeddingResult:
-        (row,), ((vector, token_vectors),) = rows, outputs
+        vector = weighted_mean([pooled for pooled, _ in outputs], [row.meta.window for row in rows])
+        row, token_vectors = rows[0], outputs[0][1]  # token vectors: one window only (truncate)
         size = options.dimensions or len(vector)
         if size > len(vector):
             raise InvalidInput(f"must be at most the model's {len(vector)} dimensions", field="options.dimensions")
@@ -83,8 +79,24 @@ class EmbeddingTask:
                 for name, (start, end), vec in zip(names, row.meta.offsets, token_vectors)
             ]
         return EmbeddingResult(
-            embedding=encode_vector(vector, options.encoding), tokens=tokens, truncated=row.meta.truncated
+            embedding=encode_vector(vector, options.encoding),
+            tokens=tokens,
+            truncated=row.meta.window.truncated,
+            chunks=len(rows) if options.long_text == "chunk" else None,
         )
+
+
+def window_rows(item: int, windows: list[tuple[Any, Window]], pooling: str, offsets: bool) -> list[Row]:
+    """One text's rows, a window each, as the embedding task (and similarity) pool them."""
+    return [
+        Row(
+            item,
+            list(encoding.ids),
+            list(encoding.type_ids),
+            EmbeddingRow(pooling, list(encoding.offsets) if offsets else None, window),
+        )
+        for encoding, window in windows
+    ]
 
 
 def encode_vector(vector: np.ndarray, encoding: VectorEncoding) -> Vector:

@@ -1,6 +1,7 @@
 """Sequence classification: the top label and every label's score, most likely first. Scores follow
 transformers' text-classification pipeline: sigmoid for multi-label checkpoints and single-logit
-ones, raw outputs for regression, softmax otherwise."""
+ones, raw outputs for regression, softmax otherwise. A long text's scores (long_text: chunk) are its
+windows' scores averaged by their tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bertq.schemas import LabelScore, SentimentOptions, SentimentResult, TaskName, TextItem
-from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+from bertq.tasks.base import Batch, Loaded, Row
+from bertq.tasks.chunks import text_windows, weighted_mean
 
 from bertq.errors import BertqError
 
@@ -41,12 +43,12 @@ class SentimentTask:
     def preprocess(
         self, loaded: Loaded, items: list[TextItem], options: SentimentOptions
     ) -> list[list[Row] | BertqError]:
-        texts, cut = zip(*(cap_chars(item.text, chars_for_tokens(loaded.max_length)) for item in items))
-        encoded = loaded.tokenizer(list(texts), truncation=True, max_length=loaded.max_length)
-        # a row's meta is whether its text was cut
+        # a row's meta is its window (tasks/chunks.py): with long_text truncate, the text's first one
         return [
-            [Row(i, list(encoding.ids), list(encoding.type_ids), meta=cut[i] or bool(encoding.overflowing))]
-            for i, encoding in enumerate(encoded.encodings)
+            text
+            if isinstance(text, BertqError)
+            else [Row(i, list(encoding.ids), list(encoding.type_ids), meta=window) for encoding, window in text]
+            for i, text in enumerate(text_windows(loaded, [item.text for item in items], options))
         ]
 
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
@@ -56,13 +58,19 @@ class SentimentTask:
     def postprocess(
         self, loaded: Loaded, item: TextItem, options: SentimentOptions, rows: list[Row], outputs: list[Any]
     ) -> SentimentResult:
-        (row,), (scores,) = rows, outputs
+        scores = weighted_mean(outputs, [row.meta for row in rows])
         ranked = sorted(
             (LabelScore(label=label, score=float(score)) for label, score in zip(loaded.extra["labels"], scores)),
             key=lambda label_score: label_score.score,
             reverse=True,
         )[: options.top_k]
-        return SentimentResult(label=ranked[0].label, score=ranked[0].score, scores=ranked, truncated=row.meta)
+        return SentimentResult(
+            label=ranked[0].label,
+            score=ranked[0].score,
+            scores=ranked,
+            truncated=rows[0].meta.truncated,
+            chunks=len(rows) if options.long_text == "chunk" else None,
+        )
 
 
 TASK = SentimentTask()

@@ -20,11 +20,12 @@ from bertq.schemas import (
     SimilarityScore,
     TaskName,
 )
-from bertq.tasks.base import Batch, Loaded, Row, cap_chars, chars_for_tokens
+from bertq.tasks.base import Batch, Loaded, Row
+from bertq.tasks.chunks import text_windows, weighted_mean
 from bertq.tasks.embedding import TASK as EMBEDDING
 from bertq.tasks.embedding import EmbeddingRow
 
-from bertq.errors import BertqError
+from bertq.errors import BertqError, InvalidInput
 
 
 @dataclass
@@ -38,6 +39,13 @@ def item_texts(item: SimilarityPair | SimilarityQuery) -> list[str]:
     return [item.text_a, item.text_b] if isinstance(item, SimilarityPair) else [item.query, *item.candidates]
 
 
+def text_field(item: SimilarityPair | SimilarityQuery, position: int) -> str:
+    """The item field of the text at ``position``: ``text_b``, ``candidates[2]``."""
+    if isinstance(item, SimilarityPair):
+        return ("text_a", "text_b")[position]
+    return "query" if position == 0 else f"candidates[{position - 1}]"
+
+
 class SimilarityTask:
     name = TaskName.similarity
     model_class = EMBEDDING.model_class
@@ -49,23 +57,30 @@ class SimilarityTask:
         self, loaded: Loaded, items: list[SimilarityPair | SimilarityQuery], options: SimilarityOptions
     ) -> list[list[Row] | BertqError]:
         per_item = [item_texts(item) for item in items]
-        limit = chars_for_tokens(loaded.max_length)
-        capped = [cap_chars(text, limit) for texts in per_item for text in texts]
-        encoded = loaded.tokenizer([text for text, _ in capped], truncation=True, max_length=loaded.max_length)
-        encodings = iter(zip(encoded.encodings, capped))
+        windows = iter(text_windows(loaded, [text for texts in per_item for text in texts], options))
         rows: list[list[Row] | BertqError] = []
         for i, texts in enumerate(per_item):
-            item_rows: list[Row] = []
-            for position in range(len(texts)):
-                encoding, (_, cut) = next(encodings)
-                meta = SimilarityRow(
-                    pooling=options.pooling,
-                    offsets=None,
-                    truncated=cut or bool(encoding.overflowing),
-                    position=position,
+            found = [next(windows) for _ in texts]
+            failed = [(position, text) for position, text in enumerate(found) if isinstance(text, BertqError)]
+            if failed:  # the item's first text in error names the item's error
+                position, error = failed[0]
+                option = (error.field or "").startswith("options.")
+                rows.append(
+                    InvalidInput(error.message, field=error.field if option else text_field(items[i], position))
                 )
-                item_rows.append(Row(i, list(encoding.ids), list(encoding.type_ids), meta))
-            rows.append(item_rows)
+                continue
+            rows.append(
+                [
+                    Row(
+                        i,
+                        list(encoding.ids),
+                        list(encoding.type_ids),
+                        SimilarityRow(options.pooling, None, window, position),
+                    )
+                    for position, text in enumerate(found)
+                    for encoding, window in text  # type: ignore[union-attr]
+                ]
+            )
         return rows
 
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
@@ -79,17 +94,21 @@ class SimilarityTask:
         rows: list[Row],
         outputs: list[Any],
     ) -> SimilarityScore | SimilarityRanking:
-        ordered = sorted(zip(rows, outputs), key=lambda pair: pair[0].meta.position)
-        vectors = np.stack([vector for _, (vector, _) in ordered]).astype(np.float64)
+        windows: dict[int, list[tuple[Any, Any]]] = {}  # per text: (window, pooled vector)
+        for row, (vector, _) in zip(rows, outputs):
+            windows.setdefault(row.meta.position, []).append((row.meta.window, vector))
+        pooled = [weighted_mean([v for _, v in windows[p]], [w for w, _ in windows[p]]) for p in sorted(windows)]
+        vectors = np.stack(pooled).astype(np.float64)
         # as sentence-transformers' cos_sim: each vector over max(norm, 1e-12), then dot products
         unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         scores = unit[1:] @ unit[0]
-        truncated = any(row.meta.truncated for row in rows)
+        truncated = any(row.meta.window.truncated for row in rows)
+        chunks = len(rows) if options.long_text == "chunk" else None
         if isinstance(item, SimilarityPair):
-            return SimilarityScore(score=float(scores[0]), truncated=truncated)
+            return SimilarityScore(score=float(scores[0]), truncated=truncated, chunks=chunks)
         best = np.argsort(-scores, kind="stable")[: item.top_k]
         ranked = [CandidateScore(index=int(i), score=float(scores[i])) for i in best]
-        return SimilarityRanking(ranked=ranked, truncated=truncated)
+        return SimilarityRanking(ranked=ranked, truncated=truncated, chunks=chunks)
 
 
 TASK = SimilarityTask()

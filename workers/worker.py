@@ -90,7 +90,11 @@ class Worker:
         self.engine = Engine(
             settings,
             ModelCache(
-                settings.device, settings.dtype, settings.max_loaded_models, BackendConfig.from_settings(settings)
+                settings.device,
+                settings.dtype,
+                settings.max_loaded_models,
+                BackendConfig.from_settings(settings),
+                settings.max_chunks,
             ),
             node,
             Observers(*observers),

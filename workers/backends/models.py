@@ -67,12 +67,18 @@ class ModelCache:
     recently used goes first (jobs already holding it keep it until they finish). Thread-safe."""
 
     def __init__(
-        self, device: str = "cpu", dtype: str = "auto", most: int = 8, backend: BackendConfig | None = None
+        self,
+        device: str = "cpu",
+        dtype: str = "auto",
+        most: int = 8,
+        backend: BackendConfig | None = None,
+        max_chunks: int = 64,
     ) -> None:
         self.device = device
         self.dtype = dtype
         self.most = most
         self.backend = backend or BackendConfig()
+        self.max_chunks = max_chunks
         self._models: OrderedDict[tuple[TaskName, str], Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -83,6 +89,7 @@ class ModelCache:
                 self._models.move_to_end(key)
                 return self._models[key]
             loaded = load_model(get_task(task), model_id, self.device, self.dtype, self.backend)
+            loaded.max_chunks = self.max_chunks
             self._models[key] = loaded
             while len(self._models) > self.most:
                 (old_task, old_model), _ = self._models.popitem(last=False)

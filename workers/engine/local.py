@@ -72,7 +72,9 @@ class LocalEngine:
         if self._models is None:
             settings = self.settings
             backend = BackendConfig.from_settings(settings)
-            self._models = ModelCache(settings.device, settings.dtype, settings.max_loaded_models, backend)
+            self._models = ModelCache(
+                settings.device, settings.dtype, settings.max_loaded_models, backend, settings.max_chunks
+            )
         return self._models
 
     @property
