@@ -123,6 +123,15 @@ class Settings(BaseSettings):
         1024, ge=1, description="Most candidates in one similarity item, or documents in one rerank item."
     )
     max_chunks: int = Field(64, ge=1, description="Most windows of one text with `long_text: chunk`.")
+    result_cache_ttl_s: int = Field(
+        0,
+        ge=0,
+        description="Seconds an item's result is kept for other jobs with the same task, model, options and item "
+        "(0: no result cache).",
+    )
+    result_cache_max_bytes: int = Field(
+        65_536, ge=1, description="Largest item result the result cache keeps, in JSON bytes."
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(

@@ -83,6 +83,15 @@ class Metrics:
         self.model_load_seconds = Histogram(
             "bertq_model_load_seconds", "Seconds to load a model.", ["task"], buckets=SECONDS, registry=registry
         )
+        self.cache_hits = Counter(
+            "bertq_cache_hits", "Items answered from the result cache, by task.", ["task"], registry=registry
+        )
+        self.cache_misses = Counter(
+            "bertq_cache_misses",
+            "Items looked up in the result cache and computed, by task.",
+            ["task"],
+            registry=registry,
+        )
         self.redis_errors = Counter(
             "bertq_redis_errors", "Failed Redis calls (retried), by operation.", ["operation"], registry=registry
         )
@@ -162,6 +171,10 @@ class Metrics:
 
     def model_loaded(self, task: str, seconds: float) -> None:
         self.model_load_seconds.labels(task).observe(seconds)
+
+    def cache(self, task: str, hits: int, misses: int) -> None:
+        self.cache_hits.labels(task).inc(hits)
+        self.cache_misses.labels(task).inc(misses)
 
     def redis_error(self, operation: str) -> None:
         self.redis_errors.labels(operation).inc()

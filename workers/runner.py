@@ -6,6 +6,7 @@ reference the tasks' parity tests, the accuracy gate and the bench compare again
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from typing import Any
 
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
@@ -17,6 +18,13 @@ from bertq.errors import BertqError, InferenceFailed, InvalidInput
 from bertq.log import get_logger
 
 log = get_logger(__name__)
+
+
+@dataclass
+class Cached:
+    """An item whose result the result cache had (workers/engine/cache.py): it runs no rows."""
+
+    result: dict[str, Any]
 
 
 #: What OpenVINO's and the allocators' out-of-memory errors say (they raise plain RuntimeErrors).
@@ -100,11 +108,14 @@ def finish_item(
 
 def preprocess_items(
     task: Task, loaded: Loaded, items: list[Any], options: Any, first_index: int = 0
-) -> list[list[Row] | BertqError]:
-    """Rows per item; items that are already errors stay errors, a tokenizer error fails one item. Error
-    fields number items from ``first_index`` (a part of a longer stream names its items as the whole)."""
-    valid = [i for i, item in enumerate(items) if not isinstance(item, BertqError)]
-    prepared: list[list[Row] | BertqError] = [item if isinstance(item, BertqError) else [] for item in items]
+) -> list[list[Row] | BertqError | Cached]:
+    """Rows per item; items that are already errors stay errors, and cached ones stay cached, a tokenizer
+    error fails one item. Error fields number items from ``first_index`` (a part of a longer stream names
+    its items as the whole)."""
+    valid = [i for i, item in enumerate(items) if not isinstance(item, (BertqError, Cached))]
+    prepared: list[list[Row] | BertqError | Cached] = [
+        item if isinstance(item, (BertqError, Cached)) else [] for item in items
+    ]
     try:
         per_item = task.preprocess(loaded, [items[i] for i in valid], options)
     except Exception:
@@ -180,8 +191,13 @@ def run_items(
 
 
 def result_dicts(results: list[Any]) -> list[dict[str, Any]]:
-    """Per-item results as JSON-ready dicts; an item error becomes ``{"error": {...}}``."""
+    """Per-item results as JSON-ready dicts; an item error becomes ``{"error": {...}}``, and a cached result
+    says ``cached: true``."""
     return [
-        {"error": result.to_record()} if isinstance(result, BertqError) else result.model_dump(mode="json")
+        {"error": result.to_record()}
+        if isinstance(result, BertqError)
+        else {**result.result, "cached": True}
+        if isinstance(result, Cached)
+        else result.model_dump(mode="json")
         for result in results
     ]

@@ -21,10 +21,12 @@ import sys
 import threading
 from typing import Any
 
+import redis
 from bertq.workers.app import configure
 from bertq.workers.backends.models import ModelCache
 from bertq.workers.backends.paths import BackendConfig
 from bertq.workers.control import install_control_commands, quiet_celery
+from bertq.workers.engine.cache import ResultCache
 from bertq.workers.engine.delivery import Observers
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.source import DEAD_MAXLEN, DeadLetterLimits
@@ -55,6 +57,12 @@ from bertq.settings import Settings
 from bertq.streams import StreamSource
 
 log = get_logger(__name__)
+
+
+def result_cache(client: redis.Redis, settings: Settings, observer: Observers) -> ResultCache | None:
+    if not settings.result_cache_ttl_s:
+        return None
+    return ResultCache(client, settings.result_cache_ttl_s, settings.result_cache_max_bytes, observer)
 
 
 class Worker:
@@ -99,6 +107,7 @@ class Worker:
             node,
             Observers(*observers),
             on_stage_death=lambda stage, error: die(EXIT_STAGE_DIED, f"engine stage {stage} died: {error}"),
+            cache=result_cache(client, settings, Observers(*observers)),
         )
         self.intake = QueueIntake(self.inbox, self.records, self.engine, settings)
         self.streams = None

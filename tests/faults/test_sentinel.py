@@ -35,6 +35,7 @@ from tests.procs import (
     Fleet,
     Server,
     audit,
+    computed,
     count_final,
     first_final_after,
     free_port,
@@ -293,7 +294,7 @@ def celery_follows_the_master(group: Group, job_id: str, expected: list[dict[str
     app.config_from_object(celery_config(Settings(redis_url=group.url, queue=QUEUE)))
     result = app.AsyncResult(job_id)
     try:
-        assert same_results(result.get(timeout=30), expected)
+        assert same_results(computed(result.get(timeout=30)), expected)
         replies: list[dict[str, Any]] = []
 
         def pong() -> bool:

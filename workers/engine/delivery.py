@@ -102,6 +102,9 @@ class Observer:
     def model_loaded(self, task: str, seconds: float) -> None:
         pass
 
+    def cache(self, task: str, hits: int, misses: int) -> None:
+        """A job's items were looked up in the result cache."""
+
     def redis_error(self, operation: str) -> None:
         pass
 
@@ -134,6 +137,10 @@ class Observers:
     def model_loaded(self, task: str, seconds: float) -> None:
         for observer in self.observers:
             observer.model_loaded(task, seconds)
+
+    def cache(self, task: str, hits: int, misses: int) -> None:
+        for observer in self.observers:
+            observer.cache(task, hits, misses)
 
     def redis_error(self, operation: str) -> None:
         for observer in self.observers:

@@ -25,18 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bertq.schemas import JobStatus, parse_task, validate_item, validate_item_count, validate_options
+from bertq.schemas import JobStatus
 from bertq.tasks import get_task
 from bertq.tasks.base import Row, padded_length
 from bertq.workers.backends.models import ModelCache
+from bertq.workers.engine.cache import ResultCache
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Observers, Outcome
 from bertq.workers.engine.held import Held
-from bertq.workers.engine.jobs import Job, log_started
+from bertq.workers.engine.jobs import Job, log_started, validate_delivery
 from bertq.workers.engine.pool import PendingRow, Pool
-from bertq.workers.runner import forward_rows, preprocess_items
+from bertq.workers.runner import Cached, forward_rows, preprocess_items
 
 from bertq.connection import GiveUp, deadline_timer
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
+from bertq.errors import BertqError, InferenceFailed, InvalidInput
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -68,8 +69,10 @@ class Engine:
         worker_name: str,
         observer: Observer | None = None,
         on_stage_death: Callable[[str, BaseException], None] | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
         self.models = models
         self.worker_name = worker_name
         self.observer: Observer = observer or Observers()
@@ -265,6 +268,8 @@ class Engine:
     def _start_job(self, delivery: Delivery) -> None:
         try:
             job = self._accept(delivery)
+            if self.cache is not None:
+                self.cache.look_up(job)
             rows = preprocess_items(job.task, job.loaded, job.items, job.options, delivery.first_item)
         except BertqError as error:
             self._fail(delivery, error)
@@ -279,31 +284,7 @@ class Engine:
         self._finish.put([Outcome(delivery, JobStatus.failed, error=error, info={"worker": self.worker_name})])
 
     def _accept(self, delivery: Delivery) -> Job:
-        if delivery.size > self.settings.max_message_bytes:
-            raise InvalidInput(
-                f"{delivery.size} bytes is over the limit of {self.settings.max_message_bytes} "
-                "(BERTQ_MAX_MESSAGE_BYTES)",
-                field="message",
-            )
-        task_name = parse_task(delivery.task)
-        options = validate_options(task_name, delivery.options)
-        limits = self.settings.limits()
-        raw_items = validate_item_count(delivery.items, limits)
-        items: list[Any] = []
-        for index, raw in enumerate(raw_items):
-            try:
-                items.append(validate_item(task_name, delivery.first_item + index, raw, limits))
-            except InvalidInput as error:
-                items.append(error)
-        model_id = delivery.model or self.settings.model_for(task_name)
-        if not isinstance(model_id, str):
-            raise InvalidInput("must be a hub id or a local path", field="model")
-        if not self.settings.model_allowed(task_name, model_id):
-            raise ModelNotAllowed(
-                f"model {model_id!r} is not served by this worker for {task_name.value}; allowed: "
-                f"BERTQ_MODEL_{task_name.name.upper()} and BERTQ_ALLOWED_MODELS",
-                field="model",
-            )
+        task_name, options, items, model_id = validate_delivery(delivery, self.settings)
         cached = self.models.has(task_name, model_id)
         self.loading_since = time.monotonic()
         try:
@@ -315,8 +296,8 @@ class Engine:
             self.last_progress = time.monotonic()
         return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
 
-    def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError]) -> None:
-        rows = job.rows_to_run(prepared)
+    def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError | Cached]) -> None:
+        rows = job.rows_to_run(prepared, self.settings.max_result_bytes)
         if not rows:  # every item failed validation: nothing to run
             self._finish.put([job.outcome(self.worker_name)])
         elif not self._pool.add(job, rows):  # stopping: give it back rather than start it
@@ -353,10 +334,13 @@ class Engine:
     def _finish_loop(self) -> None:
         while (entry := self._finish.get()) is not None:
             outcomes: list[Outcome] = []
+            computed: list[tuple[Job, Outcome]] = []  # for the result cache
             more: list[_Finishing] = _take_ready(self._finish)
             for ready in (entry, *more):  # everything ready, stored in one round trip
                 if isinstance(ready, _Batch):
-                    outcomes.extend(job.outcome(self.worker_name) for job in self._collect(ready))
+                    finished = [(job, job.outcome(self.worker_name)) for job in self._collect(ready)]
+                    computed += finished
+                    outcomes += [outcome for _, outcome in finished]
                 elif isinstance(ready, tuple):
                     self._held.acknowledge(ready[1])
                     if ready[0] == "cancelled":
@@ -367,6 +351,8 @@ class Engine:
             if outcomes:
                 self._held.store(outcomes)
                 self.last_progress = time.monotonic()
+            if computed and self.cache is not None:
+                self.cache.store(computed)
 
     def _collect(self, batch: _Batch) -> list[Job]:
         """The jobs whose last rows were in this batch."""

@@ -3,19 +3,21 @@ as its items finish (counted against the result cap), and the one log line of ea
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertq.schemas import JobStatus
+from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers.engine.delivery import Delivery, Outcome
-from bertq.workers.runner import finish_item, result_dicts
+from bertq.workers.runner import Cached, finish_item, result_dicts
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, ResultTooLarge
+from bertq.errors import BertqError, InvalidInput, ModelNotAllowed, ResultTooLarge
 from bertq.log import get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -27,20 +29,23 @@ class Job:
     loaded: Loaded
     options: BaseModel
     items: list[Any]
-    results: list[BaseModel | BertqError | None]
+    results: list[BaseModel | BertqError | Cached | None]
     rows_left: dict[int, int] = field(default_factory=dict)
     outputs: dict[int, list[tuple[Row, Any]]] = field(default_factory=dict)
     started: bool = False  # a row of it went into a forward batch
     result_bytes: int = 0  # JSON bytes of the item results finished so far
     too_large: ResultTooLarge | None = None  # its results outgrew BERTQ_MAX_RESULT_BYTES: they are dropped
+    cache_keys: list[str | None] = field(default_factory=list)  # per item, with the result cache on
 
-    def rows_to_run(self, prepared: list[list[Row] | BertqError]) -> list[Row]:
+    def rows_to_run(self, prepared: list[list[Row] | BertqError | Cached], max_result_bytes: int) -> list[Row]:
         """Every item's rows, each item now waiting for its own; an item that failed to prepare has
-        its error as its result at once."""
+        its error as its result at once, and a cached one its result (counted against the cap)."""
         rows: list[Row] = []
         for index, entry in enumerate(prepared):
             if isinstance(entry, BertqError):
                 self.results[index] = entry
+            elif isinstance(entry, Cached):
+                self.results[index] = self._within_result_cap(entry, max_result_bytes)
             else:
                 self.rows_left[index] = len(entry)
                 rows.extend(entry)
@@ -64,11 +69,14 @@ class Job:
             del self.rows_left[index]
         return not self.rows_left
 
-    def _within_result_cap(self, result: BaseModel | BertqError, most: int) -> BaseModel | BertqError:
+    def _within_result_cap(self, result: BaseModel | BertqError | Cached, most: int) -> BaseModel | BertqError | Cached:
         """The item's result, counted against the job's result cap as it is built: an item over the cap
         alone becomes an item error; a job whose items add up to more fails, and its results are dropped
         at once rather than held until the record would be refused."""
-        size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
+        if isinstance(result, Cached):
+            size = len(json.dumps(result.result))
+        else:
+            size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
         if size > most:
             return ResultTooLarge(
                 f"this item's result is {size} bytes, over the limit of {most} (BERTQ_MAX_RESULT_BYTES)",
@@ -92,6 +100,35 @@ class Job:
         if self.too_large is not None:
             return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
         return Outcome(self.delivery, JobStatus.done, results=result_dicts(self.results), info=info)
+
+
+def validate_delivery(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseModel, list[Any], str]:
+    """What a delivery asks for, checked: its task, options, items (each parsed or its own error) and
+    the model to serve it, which must be one this worker serves."""
+    if delivery.size > settings.max_message_bytes:
+        raise InvalidInput(
+            f"{delivery.size} bytes is over the limit of {settings.max_message_bytes} (BERTQ_MAX_MESSAGE_BYTES)",
+            field="message",
+        )
+    task_name = parse_task(delivery.task)
+    options = validate_options(task_name, delivery.options)
+    limits = settings.limits()
+    items: list[Any] = []
+    for index, raw in enumerate(validate_item_count(delivery.items, limits)):
+        try:
+            items.append(validate_item(task_name, delivery.first_item + index, raw, limits))
+        except InvalidInput as error:
+            items.append(error)
+    model_id = delivery.model or settings.model_for(task_name)
+    if not isinstance(model_id, str):
+        raise InvalidInput("must be a hub id or a local path", field="model")
+    if not settings.model_allowed(task_name, model_id):
+        raise ModelNotAllowed(
+            f"model {model_id!r} is not served by this worker for {task_name.value}; allowed: "
+            f"BERTQ_MODEL_{task_name.name.upper()} and BERTQ_ALLOWED_MODELS",
+            field="model",
+        )
+    return task_name, options, items, model_id
 
 
 def log_started(delivery: Delivery, worker_name: str) -> None:
