@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -120,6 +121,7 @@ def run_demo(settings: Settings, stream: bool = False) -> int:
         where = url if settings.redis_url else f"an embedded Valkey at {url}"
         print(f"Redis: {where}. Starting one worker process...")
         env.update(BERTQ_REDIS_URL=url, BERTQ_LOG_LEVEL=os.environ.get("BERTQ_LOG_LEVEL", "WARNING"))
+        env.setdefault("BERTQ_RESULT_CACHE_TTL_S", "600")  # the repeated job below is answered from it
         command = [sys.executable, "-m", "bertq", "worker"]
         if stream:
             command += [
@@ -152,7 +154,13 @@ def _jobs_demo(url: str, settings: Settings) -> int:
             failures += 1
             print(f"  error: {view.error}")
     print("\nThe empty embedding item shows a per-item error record; its batch-mate still succeeded.")
-    return 1 if failures else 0
+    items, options = DEMO_JOBS[TaskName.sentiment]
+    time.sleep(0.2)  # the result cache is written just after the record
+    repeat = client.wait([client.submit("sentiment", items, options=options)], timeout=60).popitem()[1]
+    cached = [result.get("cached", False) for result in repeat.results or []]
+    how = "answered from the result cache" if all(cached) else "computed again (its cache entry was not written yet)"
+    print(f"The sentiment job sent again under a new job id was {how}: cached {cached}.")
+    return 1 if failures or repeat.status.value != "done" else 0
 
 
 STREAM = "demo:reviews"
@@ -161,7 +169,6 @@ REVIEWS = 300
 
 def _stream_demo(url: str) -> int:
     import random
-    import time
 
     import redis
 
