@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.context import Context
 from bench.latency import client_for
+from bench.streams import enrich_entries
 from bench.timing import System, measure
 from bertq.records import meta_key
 
@@ -113,18 +114,8 @@ def run_cache(ctx: Context) -> list[dict[str, Any]]:
     ):
 
         def enrich(name: str, worker: Any) -> None:
-            stream, out = f"{STREAM}:{name}", f"{STREAM}:{name}:enriched"
-            start = ctx.redis.xlen(out)
-            pipe = ctx.redis.pipeline(transaction=False)
-            for text in entries:
-                pipe.xadd(stream, {"text": text})
-            pipe.execute()
-            deadline = time.monotonic() + 600
-            while ctx.redis.xlen(out) < start + len(entries):
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"stream worker stopped or timed out ({worker.poll()})")
-                time.sleep(0.005)
-            written = ctx.redis.xrevrange(out, count=len(entries))
+            enrich_entries(ctx, f"{STREAM}:{name}", entries, worker)
+            written = ctx.redis.xrevrange(f"{STREAM}:{name}:enriched", count=len(entries))
             cached = sum(json.loads(fields[b"sentiment"]).get("cached", False) for _, fields in written)
             cached_share[name] = cached / len(entries)
 

@@ -15,6 +15,22 @@ STREAM = "bench:reviews"
 TASKS = {"embedding": "the real all-MiniLM-L6-v2", "sentiment": "the tiny checkpoint"}
 
 
+def enrich_entries(ctx: Context, stream: str, texts: list[str], worker: Any) -> None:
+    """Write ``texts`` as entries of ``stream`` and return once ``worker`` (a Popen) has written an
+    output entry for each."""
+    out = f"{stream}:enriched"
+    before = ctx.redis.xlen(out)
+    pipe = ctx.redis.pipeline(transaction=False)
+    for text in texts:
+        pipe.xadd(stream, {"text": text})
+    pipe.execute()
+    deadline = time.monotonic() + 600
+    while ctx.redis.xlen(out) < before + len(texts):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"stream worker stopped or timed out ({worker.poll()})")
+        time.sleep(0.005)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     tables = {}
     for task, model_note in TASKS.items():
@@ -30,17 +46,7 @@ def run(ctx: Context) -> dict[str, Any]:
             )
 
             def enrich(batch: list[str], stream: str = stream, worker: Any = worker) -> None:
-                out = f"{stream}:enriched"
-                before = ctx.redis.xlen(out)
-                pipe = ctx.redis.pipeline(transaction=False)
-                for text in batch:
-                    pipe.xadd(stream, {"text": text})
-                pipe.execute()
-                deadline = time.monotonic() + 600
-                while ctx.redis.xlen(out) < before + len(batch):
-                    if worker.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"stream worker stopped or timed out ({worker.poll()})")
-                    time.sleep(0.005)
+                enrich_entries(ctx, stream, batch, worker)
 
             bertq = BertqInProcess(ctx, task, model)
             systems = [
