@@ -130,7 +130,12 @@ class Worker:
             settings, self.engine, self.inbox, node, lambda why: die(EXIT_WEDGED, why), metrics, sources
         )
         reaper = Reaper(
-            client, settings.visibility_timeout_s, settings.max_deliveries, settings.result_ttl_s, dead_letters
+            client,
+            settings.visibility_timeout_s,
+            settings.max_deliveries,
+            settings.result_ttl_s,
+            dead_letters,
+            results_stream_maxlen=settings.results_stream_maxlen,
         )
         self.sweeper = Sweeper(
             reaper,

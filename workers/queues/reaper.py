@@ -26,7 +26,6 @@ from typing import Any, cast
 import redis
 from bertq.workers.engine.source import (
     DEAD_LETTER_FN,
-    DEAD_MAXLEN,
     DeadLetterLimits,
     Redelivery,
     dead_letter_reason,
@@ -164,11 +163,13 @@ class Reaper:
         record_ttl_s: int,
         dead_letters: DeadLetterLimits | None = None,
         clock: Any = time.monotonic,
+        results_stream_maxlen: int = 100_000,
     ) -> None:
         self.client = client
         self.visibility_timeout_s = visibility_timeout_s
         self.max_deliveries = max_deliveries
         self.record_ttl_s = record_ttl_s
+        self.results_stream_maxlen = results_stream_maxlen  # the completion stream's cap, as the sinks cap it
         self.dead_letters = dead_letters or DeadLetterLimits()
         self.clock = clock
         self._sightings: dict[str, tuple[bytes, float]] = {}  # consumer -> (score, when it last changed)
@@ -263,7 +264,7 @@ class Reaper:
                 self.record_ttl_s,
                 reason,
                 consumer,
-                DEAD_MAXLEN,
+                self.results_stream_maxlen,
                 job_id,
                 task or "",
                 QUARANTINE_PREFIX,

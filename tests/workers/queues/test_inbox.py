@@ -45,10 +45,19 @@ class Clock:
         return self.now
 
 
-def reclaim_silent(client: redis.Redis, consumer: str, max_deliveries: int = 3) -> Reclaimed:
+def reclaim_silent(
+    client: redis.Redis, consumer: str, max_deliveries: int = 3, results_stream_maxlen: int = 100_000
+) -> Reclaimed:
     """Watch ``consumer`` for a visibility timeout (1 s of a test clock) without a beat, then reclaim it."""
     clock = Clock()
-    reaper = Reaper(client, visibility_timeout_s=1, max_deliveries=max_deliveries, record_ttl_s=60, clock=clock)
+    reaper = Reaper(
+        client,
+        visibility_timeout_s=1,
+        max_deliveries=max_deliveries,
+        record_ttl_s=60,
+        clock=clock,
+        results_stream_maxlen=results_stream_maxlen,
+    )
     assert consumer not in reaper.silent_consumers()
     clock.now = 1.0
     report = reaper.reclaim(consumer, reaper.silent_consumers()[consumer])
@@ -134,6 +143,15 @@ def test_the_last_delivery_dead_letters_the_job_and_fails_its_record(client: red
     assert (letter.job_id, letter.deliveries, letter.message, letter.source) == (job_id, 3, raw, "q")
     assert client.hget(DELIVERIES, job_id) is None
     assert [f[b"status"] for _, f in client.xrange(RESULTS_STREAM)] == [b"failed"]
+
+
+def test_dead_lettering_caps_the_completion_stream_as_the_workers_sinks_do(client: redis.Redis) -> None:
+    for i in range(300):  # full nodes of 100 entries: what an approximate cap can trim
+        client.xadd(RESULTS_STREAM, {"job_id": f"old-{i}", "status": "done"})
+    client.lpush("q", message())
+    Inbox(client, "dead", ["q"]).fetch(1, 1 << 20)
+    reclaim_silent(client, "dead", max_deliveries=1, results_stream_maxlen=10)
+    assert client.xlen(RESULTS_STREAM) < 301  # near the cap of 10 (BERTQ_RESULTS_STREAM_MAXLEN), not the dead letters'
 
 
 def test_dead_lettering_never_overwrites_a_final_record(client: redis.Redis) -> None:
