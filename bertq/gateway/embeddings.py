@@ -1,0 +1,125 @@
+"""OpenAI-compatible ``POST /v1/embeddings``: one embedding job per request, waited for.
+
+``model`` is the configured embedding model (BERTQ_MODEL_EMBEDDING) or one BERTQ_ALLOWED_MODELS
+permits. ``usage`` counts no tokens: job records do not carry token counts, and the gateway has no
+tokenizer (it loads no model), so ``prompt_tokens`` and ``total_tokens`` are 0 rather than a guess.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from bertq.gateway.checks import checked_model, checked_texts
+from bertq.gateway.errors import ErrorAnswer, GatewayError
+from bertq.gateway.state import GatewayState
+from bertq.schemas import TaskName
+
+router = APIRouter()
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request. Token arrays as ``input`` are not supported: send texts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="BERTQ_MODEL_EMBEDDING's hub id or path, or a model BERTQ_ALLOWED_MODELS permits.")
+    input: str | list[str] = Field(description="A text or a list of texts (at most BERTQ_MAX_ITEMS_PER_JOB).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: each embedding is the base64 of its little-endian float32 bytes."
+    )
+    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` components, normalised.")
+    user: str | None = Field(None, description="Accepted, as OpenAI's; not used.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_only(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(text, str) for text in value)):
+            return value
+        raise PydanticCustomError(
+            "input_type", "must be a string or a list of strings (token arrays are not supported)"
+        )
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str = Field(description="Floats, or a base64 string with encoding_format base64.")
+    index: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="0: job records carry no token counts (see README, HTTP gateway).")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+def encoded(vector: list[float], dimensions: int | None, encoding_format: str) -> list[float] | str:
+    if dimensions is not None and dimensions < len(vector):
+        vector = vector[:dimensions]
+        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+        vector = [value / norm for value in vector]
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingsResponse,
+    responses={
+        422: {"model": ErrorAnswer},
+        502: {"model": ErrorAnswer},
+        503: {"model": ErrorAnswer},
+        504: {"model": ErrorAnswer},
+    },
+)
+async def create_embeddings(request: EmbeddingsRequest, state: GatewayState) -> JSONResponse:
+    """Embed the texts of ``input`` through the queue and wait, at most BERTQ_HTTP_EMBEDDINGS_TIMEOUT_S
+    (then 504 with the job id to poll at ``GET /v1/jobs/{id}``)."""
+    settings = state.settings
+    texts = [request.input] if isinstance(request.input, str) else request.input
+    items = checked_texts(settings, texts)
+    checked_model(settings, TaskName.embedding, request.model)
+    model = None if request.model == settings.model_embedding else request.model  # the workers' own default
+    job_id = await state.queue.submit("embedding", items, model=model)
+    view = await state.queue.wait(job_id, settings.http_embeddings_timeout_s)
+    if not view.finished:
+        raise GatewayError(
+            504,
+            "timeout",
+            f"job {job_id} is {view.status.value} after {settings.http_embeddings_timeout_s:g} s "
+            f"(BERTQ_HTTP_EMBEDDINGS_TIMEOUT_S): poll GET /v1/jobs/{job_id}",
+            headers={"Location": f"/v1/jobs/{job_id}"},
+            job_id=job_id,
+        )
+    if view.results is None:
+        error = view.error or {"code": view.status.value, "field": None, "message": f"the job is {view.status.value}"}
+        raise GatewayError(_status_of(error["code"]), error["code"], error["message"], error["field"], job_id=job_id)
+    data = []
+    for index, result in enumerate(view.results):
+        if "error" in result:
+            error = result["error"]
+            message = f"input[{index}]: {error['message']}"
+            raise GatewayError(_status_of(error["code"]), error["code"], message, f"input[{index}]", job_id=job_id)
+        vector = encoded(result["embedding"], request.dimensions, request.encoding_format)
+        data.append({"object": "embedding", "embedding": vector, "index": index})
+    usage = {"prompt_tokens": 0, "total_tokens": 0}
+    return JSONResponse({"object": "list", "data": data, "model": request.model, "usage": usage})
+
+
+def _status_of(code: str) -> int:
+    """A job the worker refused for the caller's own mistake is the caller's (422); others are the backend's."""
+    return 422 if code in ("invalid_input", "model_not_allowed", "unsupported") else 502
