@@ -7,9 +7,6 @@ tokenizer (it loads no model), so ``prompt_tokens`` and ``total_tokens`` are 0 r
 
 from __future__ import annotations
 
-import base64
-import math
-import struct
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -35,7 +32,9 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="`base64`: each embedding is the base64 of its little-endian float32 bytes."
     )
-    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` components, normalised.")
+    dimensions: int | None = Field(
+        None, ge=1, description="Keep the first `dimensions` components, normalised (at most the model's size)."
+    )
     user: str | None = Field(None, description="Accepted, as OpenAI's; not used.")
 
     @field_validator("input", mode="before")
@@ -66,16 +65,6 @@ class EmbeddingsResponse(BaseModel):
     usage: Usage
 
 
-def encoded(vector: list[float], dimensions: int | None, encoding_format: str) -> list[float] | str:
-    if dimensions is not None and dimensions < len(vector):
-        vector = vector[:dimensions]
-        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
-        vector = [value / norm for value in vector]
-    if encoding_format == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-    return vector
-
-
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingsResponse,
@@ -94,7 +83,8 @@ async def create_embeddings(request: EmbeddingsRequest, state: GatewayState) -> 
     items = checked_texts(settings, texts)
     checked_model(settings, TaskName.embedding, request.model)
     model = None if request.model == settings.model_embedding else request.model  # the workers' own default
-    job_id = await state.queue.submit("embedding", items, model=model)
+    options = {"encoding": request.encoding_format, "dimensions": request.dimensions}
+    job_id = await state.queue.submit("embedding", items, model=model, options=options)
     view = await state.queue.wait(job_id, settings.http_embeddings_timeout_s)
     if not view.finished:
         raise GatewayError(
@@ -112,10 +102,11 @@ async def create_embeddings(request: EmbeddingsRequest, state: GatewayState) -> 
     for index, result in enumerate(view.results):
         if "error" in result:
             error = result["error"]
-            message = f"input[{index}]: {error['message']}"
-            raise GatewayError(_status_of(error["code"]), error["code"], message, f"input[{index}]", job_id=job_id)
-        vector = encoded(result["embedding"], request.dimensions, request.encoding_format)
-        data.append({"object": "embedding", "embedding": vector, "index": index})
+            # an option's error (dimensions over the model's) names the request's field of that name
+            field = error["field"].removeprefix("options.") if error["field"] else f"input[{index}]"
+            message = error["message"] if error["field"] else f"input[{index}]: {error['message']}"
+            raise GatewayError(_status_of(error["code"]), error["code"], message, field, job_id=job_id)
+        data.append({"object": "embedding", "embedding": result["embedding"], "index": index})
     usage = {"prompt_tokens": 0, "total_tokens": 0}
     return JSONResponse({"object": "list", "data": data, "model": request.model, "usage": usage})
 
