@@ -26,7 +26,7 @@ log = get_logger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     """The app on ``settings.redis_url``. It connects lazily: it starts whether or not Redis answers,
     and ``/readyz`` says which."""
-    client = Client(settings=settings)
+    queue = JobQueue(Client(settings=settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("no API keys: every client may queue jobs (set BERTQ_API_KEYS)")
         log.info("gateway started", queue=settings.queue)
         yield
-        client.redis.close()
+        await queue.close()
         log.info("gateway stopped")
 
     app = FastAPI(
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="OpenAI-compatible embeddings and an asynchronous job API over bertq's queue.",
         lifespan=lifespan,
     )
-    app.state.gateway = Gateway(settings, JobQueue(client))
+    app.state.gateway = Gateway(settings, queue)
     app.state.metrics = GatewayMetrics()
     keyed = [Depends(require_key)]
     app.include_router(embeddings.router, dependencies=keyed)

@@ -85,7 +85,7 @@ async def create_embeddings(request: EmbeddingsRequest, state: GatewayState) -> 
     model = None if request.model == settings.model_embedding else request.model  # the workers' own default
     options = {"encoding": request.encoding_format, "dimensions": request.dimensions}
     job_id = await state.queue.submit("embedding", items, model=model, options=options)
-    view = await state.queue.wait(job_id, settings.http_embeddings_timeout_s)
+    view = await state.queue.wait(job_id, settings.http_embeddings_timeout_s, just_queued=True)
     if not view.finished:
         raise GatewayError(
             504,

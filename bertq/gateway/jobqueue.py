@@ -1,29 +1,25 @@
 """The gateway's asynchronous face of ``bertq.client.Client``. The client is synchronous (redis-py), so
-each call runs in the thread pool; a wait polls the job's record between sleeps on the event loop, so
-a request that waits holds no thread."""
+each call runs in the thread pool. Waiting for a job is asynchronous (bertq.gateway.completions): a
+request that waits holds no thread."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import anyio
 import redis
 from starlette.concurrency import run_in_threadpool
 
 from bertq.client import Client
 from bertq.connection import broker_error
 from bertq.errors import SubmitIncomplete
+from bertq.gateway.completions import Completions
 from bertq.records import JobView
-
-#: The first and the longest pause between two reads of a waited-for record, as ``Client.wait`` backs off.
-FIRST_POLL_S = 0.002
-LONGEST_POLL_S = 0.05
 
 
 class JobQueue:
     def __init__(self, client: Client) -> None:
         self.client = client
+        self.completions = Completions(client.url)
 
     async def submit(self, task: str, items: list[Any], **send: Any) -> str:
         """One job; ``send``: Client.submit's model, options, priority and callback_url."""
@@ -50,17 +46,14 @@ class JobQueue:
         view: JobView = await run_in_threadpool(self.client.get, job_id)
         return view
 
-    async def wait(self, job_id: str, timeout_s: float) -> JobView:
-        """The job's view once it is final, or as it is when ``timeout_s`` runs out."""
-        deadline = time.monotonic() + timeout_s
-        delay = FIRST_POLL_S
-        while True:
-            view = await self.get(job_id)
-            left = deadline - time.monotonic()
-            if view.finished or left <= 0:
-                return view
-            await anyio.sleep(min(delay, left))
-            delay = min(delay * 1.5, LONGEST_POLL_S)
+    async def wait(self, job_id: str, timeout_s: float, just_queued: bool = False) -> JobView:
+        """The job's view once it is final, or as it is when ``timeout_s`` runs out. ``just_queued``:
+        the caller queued it an instant ago (no first read, which would find it queued)."""
+        return await self.completions.wait(job_id, timeout_s, just_queued)
+
+    async def close(self) -> None:
+        await self.completions.close()
+        self.client.redis.close()
 
     async def cancel(self, job_id: str) -> tuple[bool, str]:
         outcomes: dict[str, tuple[bool, str]] = await run_in_threadpool(self.client.cancel, [job_id])
