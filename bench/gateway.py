@@ -8,6 +8,7 @@ The clients run in this process, on the same two cores as the gateway, the worke
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import statistics
 import sys
@@ -24,6 +25,8 @@ from bench.texts import percentile
 
 QUEUE = "bench-gateway"
 CONCURRENCY = (1, 16, 64)
+CLIENTS_PER_PROCESS = 16
+SPAWN_S = 2.0  # time for the load-generating processes to start before they begin together
 
 
 def free_port() -> int:
@@ -46,14 +49,17 @@ def timed(latencies_s: list[float], seconds: float) -> dict[str, Any]:
 
 def with_cpu(measure: Callable[[], dict[str, Any]], pids: dict[str, int]) -> dict[str, Any]:
     """``measure()``'s figures plus the CPU milliseconds per request each process spent meanwhile: the
-    named ``pids`` and ``client`` (this process: the load generator, or the direct Client path)."""
+    named ``pids`` and ``client`` (the load generators' own count, or this process: the direct Client
+    path)."""
     before = {name: cpu_s(pid) for name, pid in pids.items()}
     started = os.times()
     measured = measure()
     done = os.times()
     requests = max(1, len(measured["latencies_s"]))
     cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-    cpu["client"] = (done.user - started.user) + (done.system - started.system)
+    cpu["client"] = sum(
+        getattr(done, f) - getattr(started, f) for f in ("user", "system", "children_user", "children_system")
+    )
     measured["cpu_ms"] = {name: 1000 * seconds / requests for name, seconds in cpu.items()}
     return measured
 
@@ -74,19 +80,39 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def through_gateway(url: str, model: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
-    """``clients`` concurrent loops, each on its own connection of one httpx client, sending one-text
-    embedding requests back to back for ``seconds``."""
+    """``clients`` concurrent loops sending one-text embedding requests back to back for ``seconds``,
+    each on its own connection, in processes of at most CLIENTS_PER_PROCESS loops sharing one httpx
+    client: one httpx client with 64 connections spent about 7 ms of CPU per request, five times what
+    it spends with 16, and became the bottleneck of the measurement. The processes start first and
+    begin together; their start-up is neither timed nor counted in their CPU."""
+    processes = -(-clients // CLIENTS_PER_PROCESS)
+    begin = time.time() + SPAWN_S
+    jobs = [
+        (url, model, texts, len(range(i, clients, processes)), i, processes, begin, seconds) for i in range(processes)
+    ]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.starmap(load_client, jobs)
+    measured = timed(
+        [latency for part in parts for latency in part["latencies_s"]], max(p["end"] for p in parts) - begin
+    )
+    measured["client_cpu_s"] = sum(part["cpu_s"] for part in parts)
+    return measured
+
+
+def load_client(
+    url: str, model: str, texts: list[str], loops: int, first: int, stride: int, begin: float, seconds: float
+) -> dict[str, Any]:
+    """One load-generating process: from ``begin`` (wall clock), ``loops`` concurrent request loops on
+    one httpx client for ``seconds``; their latencies, the end, and this process's CPU meanwhile."""
     import httpx
 
-    async def run() -> dict[str, Any]:
+    async def run() -> list[float]:
         latencies: list[float] = []
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        limits = httpx.Limits(max_connections=loops, max_keepalive_connections=loops)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
-            start = time.perf_counter()
-            deadline = start + seconds
+            deadline = time.perf_counter() + seconds
 
-            async def loop(offset: int) -> None:
-                index = offset
+            async def loop(index: int) -> None:
                 while time.perf_counter() < deadline:
                     sent = time.perf_counter()
                     text = texts[index % len(texts)]
@@ -94,12 +120,20 @@ def through_gateway(url: str, model: str, texts: list[str], clients: int, second
                     if answer.status_code != 200:
                         raise RuntimeError(f"gateway answered {answer.status_code}: {answer.text[:300]}")
                     latencies.append(time.perf_counter() - sent)
-                    index += clients
+                    index += stride * loops
 
-            await asyncio.gather(*(loop(i) for i in range(clients)))
-            return timed(latencies, time.perf_counter() - start)
+            await asyncio.gather(*(loop(first + i * stride) for i in range(loops)))
+        return latencies
 
-    return asyncio.run(run())
+    time.sleep(max(0.0, begin - time.time()))
+    before = os.times()
+    latencies = asyncio.run(run())
+    after = os.times()
+    return {
+        "latencies_s": latencies,
+        "end": time.time(),
+        "cpu_s": after.user - before.user + after.system - before.system,
+    }
 
 
 def direct(ctx: Context, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
@@ -207,6 +241,27 @@ def run(ctx: Context) -> dict[str, Any]:
     return figures
 
 
+def reading(rows: list[dict[str, Any]]) -> list[str]:
+    """What the rows say, in figures of this run."""
+    own = [line["gateway"]["cpu_ms"]["gateway"] for line in rows]
+    direct_client = [line["direct"]["cpu_ms"]["client"] for line in rows]
+    last = rows[-1]
+    load = last["gateway"]["cpu_ms"]["client"]
+    times = load / last["gateway"]["cpu_ms"]["gateway"]
+    return [
+        f"The gateway process spent {min(own):.1f}-{max(own):.1f} ms of CPU per request, about what the direct path "
+        f"spent in its caller ({min(direct_client):.1f}-{max(direct_client):.1f} ms for `Client.submit` + "
+        f"`Client.wait`; {min(own):.1f} ms is one core's CPU for {1000 / min(own):.0f} requests a second). What "
+        f"the ratio at {last['clients']} clients measures is mostly the price of HTTP on shared cores: the httpx "
+        f"clients generating the load spent {load:.1f} ms per request ({times:.1f}x "
+        "the gateway's own), CPU taken from the gateway and the worker that the direct path does not pay.",
+    ]
+
+
+def cores(path: dict[str, Any]) -> float:
+    return float(path["per_s"] * sum(path["cpu_ms"].values()) / 1000)
+
+
 def rate(path: dict[str, Any]) -> str:
     low, high = path["per_s_spread"]
     return f"{path['per_s']:.1f} ({low:.0f}-{high:.0f})"
@@ -233,7 +288,8 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "## HTTP gateway",
         "",
         "One-text `POST /v1/embeddings` requests through `bertq serve` (closed loop: each client sends its next "
-        "request when the last is answered), against the same one-text jobs sent by as many threads with "
+        "request when the last is answered; httpx, 16 connections per load-generating process), against the same "
+        "one-text jobs sent by as many threads with "
         "`Client.submit` + `Client.wait`, in the same run. One worker on the tiny embedding checkpoint (2 layers, "
         f"32 wide), texts cut to 32 words. Per row {figures['rounds']} rounds of {figures['seconds_per_round']:g} s "
         "per path, the paths alternated; requests/s is the median round (the range in brackets), latencies are "
@@ -262,18 +318,27 @@ def markdown(figures: dict[str, Any]) -> list[str]:
                 "gateway process",
                 "its load client (httpx)",
                 "worker (gateway's jobs)",
+                "cores busy (gateway path)",
                 "direct Client",
                 "worker (direct jobs)",
+                "cores busy (direct path)",
             ],
             [
                 [
                     line["clients"],
                     *(f"{line['gateway']['cpu_ms'][name]:.1f}" for name in ("gateway", "client", "worker")),
+                    f"{cores(line['gateway']):.2f}",
                     *(f"{line['direct']['cpu_ms'][name]:.1f}" for name in ("client", "worker")),
+                    f"{cores(line['direct']):.2f}",
                 ]
                 for line in figures["rows"]
             ],
         ),
+        "",
+        "Cores busy: requests/s times the CPU per request of the processes measured (Redis not counted). Where it "
+        "nears 2, the two cores are the limit, and the HTTP client generating the load takes its share of them.",
+        "",
+        *reading(figures["rows"]),
         "",
         f"Load average (1, 5, 15 min) before the section: {before}; after: {after}.",
     ]
