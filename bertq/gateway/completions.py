@@ -76,8 +76,8 @@ class Completions:
         """The job's view once it is final, or as it is when ``timeout_s`` runs out. ``just_queued``:
         the caller queued it an instant ago, so a first read would find it queued."""
         deadline = time.monotonic() + timeout_s
-        await self._follow()
-        must_read = not just_queued
+        # a follower started only now may have begun after the job's entry: read the record first then
+        must_read = await self._follow() or not just_queued
         while True:
             went_by = job_id in self.recent_ids
             if must_read or went_by:
@@ -108,17 +108,18 @@ class Completions:
         if not others:
             self.waiters.pop(job_id, None)
 
-    async def _follow(self) -> None:
+    async def _follow(self) -> bool:
         """Start the follower at the first wait, from the stream's newest entry now (read here, so that
-        every completion after this point reaches it)."""
+        every completion after this point reaches it). Whether it was not following before this call."""
         if self.follower is not None:
-            return
+            return False
         try:
             start = await self._newest()
         except redis.RedisError:
-            return  # the waiter's reads say what is wrong; the next wait tries again
+            return True  # the waiter's reads say what is wrong; the next wait tries again
         if self.follower is None:  # another waiter may have started it meanwhile
             self.follower = asyncio.get_running_loop().create_task(self._run(start), name="bertq-completions")
+        return True
 
     async def _newest(self) -> str:
         newest: Any = await self.redis.xrevrange(RESULTS_STREAM, count=1)
