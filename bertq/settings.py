@@ -237,10 +237,11 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body the gateway reads; a bigger one is answered 413 before anything is queued.",
     )
-    http_embeddings_timeout_s: float = Field(
+    http_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="How long `POST /v1/embeddings` waits for its job; then it answers 504 with the job id to poll.",
+        description="How long `POST /v1/embeddings` and `POST /v1/rerank` wait for their job; then they answer 504 "
+        "with the job id to poll.",
     )
     http_max_wait_s: float = Field(60.0, gt=0, description="Longest `?wait=` of `GET /v1/jobs/{id}`, in seconds.")
 

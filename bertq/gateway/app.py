@@ -10,7 +10,7 @@ from importlib.metadata import version
 from fastapi import Depends, FastAPI
 
 from bertq.client import Client
-from bertq.gateway import embeddings, jobs, observe, probes
+from bertq.gateway import embeddings, jobs, observe, probes, rerank
 from bertq.gateway.auth import require_key
 from bertq.gateway.errors import install_error_handlers
 from bertq.gateway.jobqueue import JobQueue
@@ -40,13 +40,14 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="bertq gateway",
         version=version("bertq"),
-        description="OpenAI-compatible embeddings and an asynchronous job API over bertq's queue.",
+        description="OpenAI-compatible embeddings, reranking in TEI's shape and a job API over bertq's queue.",
         lifespan=lifespan,
     )
     app.state.gateway = Gateway(settings, queue)
     app.state.metrics = GatewayMetrics()
     keyed = [Depends(require_key)]
     app.include_router(embeddings.router, dependencies=keyed)
+    app.include_router(rerank.router, dependencies=keyed)
     app.include_router(jobs.router, dependencies=keyed)
     app.include_router(probes.router)
     app.include_router(observe.router)

@@ -79,3 +79,15 @@ def checked_model(settings: Settings, task: TaskName, model: str | None) -> None
             "BERTQ_ALLOWED_MODELS",
             field="model",
         )
+
+
+def checked_rerank(settings: Settings, query: str, texts: list[str]) -> dict[str, Any]:
+    """The rerank item for ``query`` and ``texts``; raises InvalidInput naming ``query``, ``texts`` or
+    ``texts[i]`` for anything a worker would refuse."""
+    item = {"query": query, "documents": texts}
+    try:
+        validate_item(TaskName.rerank, 0, item, settings.limits())
+    except InvalidInput as error:
+        field = (error.field or "").removeprefix("items[0].").replace("documents", "texts")
+        raise InvalidInput(error.message.replace("documents", "texts"), field=field or "texts") from None
+    return item

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from bertq.gateway.checks import checked_model, checked_texts
-from bertq.gateway.errors import ErrorAnswer, GatewayError
+from bertq.gateway.errors import ErrorAnswer
 from bertq.gateway.state import GatewayState
+from bertq.gateway.waited import STATUSES, item_failed, results_of, workers_model
 from bertq.schemas import TaskName
 
 router = APIRouter()
@@ -68,49 +69,22 @@ class EmbeddingsResponse(BaseModel):
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingsResponse,
-    responses={
-        422: {"model": ErrorAnswer},
-        502: {"model": ErrorAnswer},
-        503: {"model": ErrorAnswer},
-        504: {"model": ErrorAnswer},
-    },
+    responses={status: {"model": ErrorAnswer} for status in STATUSES},
 )
 async def create_embeddings(request: EmbeddingsRequest, state: GatewayState) -> JSONResponse:
-    """Embed the texts of ``input`` through the queue and wait, at most BERTQ_HTTP_EMBEDDINGS_TIMEOUT_S
+    """Embed the texts of ``input`` through the queue and wait, at most BERTQ_HTTP_TIMEOUT_S
     (then 504 with the job id to poll at ``GET /v1/jobs/{id}``)."""
     settings = state.settings
     texts = [request.input] if isinstance(request.input, str) else request.input
     items = checked_texts(settings, texts)
     checked_model(settings, TaskName.embedding, request.model)
-    model = None if request.model == settings.model_embedding else request.model  # the workers' own default
     options = {"encoding": request.encoding_format, "dimensions": request.dimensions}
-    job_id = await state.queue.submit("embedding", items, model=model, options=options)
-    view = await state.queue.wait(job_id, settings.http_embeddings_timeout_s, just_queued=True)
-    if not view.finished:
-        raise GatewayError(
-            504,
-            "timeout",
-            f"job {job_id} is {view.status.value} after {settings.http_embeddings_timeout_s:g} s "
-            f"(BERTQ_HTTP_EMBEDDINGS_TIMEOUT_S): poll GET /v1/jobs/{job_id}",
-            headers={"Location": f"/v1/jobs/{job_id}"},
-            job_id=job_id,
-        )
-    if view.results is None:
-        error = view.error or {"code": view.status.value, "field": None, "message": f"the job is {view.status.value}"}
-        raise GatewayError(_status_of(error["code"]), error["code"], error["message"], error["field"], job_id=job_id)
+    model = workers_model(state, "embedding", request.model)
+    job_id, results = await results_of(state, "embedding", items, model, options)
     data = []
-    for index, result in enumerate(view.results):
+    for index, result in enumerate(results):
         if "error" in result:
-            error = result["error"]
-            # an option's error (dimensions over the model's) names the request's field of that name
-            field = error["field"].removeprefix("options.") if error["field"] else f"input[{index}]"
-            message = error["message"] if error["field"] else f"input[{index}]: {error['message']}"
-            raise GatewayError(_status_of(error["code"]), error["code"], message, field, job_id=job_id)
+            raise item_failed(job_id, result["error"], f"input[{index}]")
         data.append({"object": "embedding", "embedding": result["embedding"], "index": index})
     usage = {"prompt_tokens": 0, "total_tokens": 0}
     return JSONResponse({"object": "list", "data": data, "model": request.model, "usage": usage})
-
-
-def _status_of(code: str) -> int:
-    """A job the worker refused for the caller's own mistake is the caller's (422); others are the backend's."""
-    return 422 if code in ("invalid_input", "model_not_allowed", "unsupported") else 502

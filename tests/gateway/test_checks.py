@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from bertq.gateway import embeddings, jobs, observe, probes
+from bertq.gateway import embeddings, jobs, observe, probes, rerank
 from bertq.gateway.app import create_app
 from bertq.settings import Settings
 from tests.procs import free_port
@@ -87,7 +87,11 @@ def test_importing_the_gateway_loads_no_model_library() -> None:
 def test_a_wrong_or_missing_key_is_401_and_queues_nothing(
     redis_db: str, store: redis.Redis, headers: dict[str, str]
 ) -> None:
-    for path, body in (("/v1/jobs", {"task": "embedding", "items": ["a"]}), ("/v1/embeddings", {"model": "m"})):
+    for path, body in (
+        ("/v1/jobs", {"task": "embedding", "items": ["a"]}),
+        ("/v1/embeddings", {"model": "m"}),
+        ("/v1/rerank", {"query": "q", "texts": ["a"]}),
+    ):
         answer = call(settings_for(redis_db), "POST", path, json=body, headers=headers)
         assert answer.status_code == 401, answer.text
         assert answer.headers["www-authenticate"] == "Bearer"
@@ -180,6 +184,9 @@ def test_an_oversize_body_is_413_before_anything_is_queued_declared_or_streamed(
         ("/v1/embeddings", {"model": "m", "input": ["ok", "x" * 2001]}, "input[1]", "BERTQ_MAX_TEXT_CHARS"),
         ("/v1/embeddings", {"model": "m", "input": ["ok"] * 11}, "input", "BERTQ_MAX_ITEMS_PER_JOB"),
         ("/v1/embeddings", {"model": "m", "input": ["ok", " "]}, "input[1]", "empty text"),
+        ("/v1/rerank", {"query": "q", "texts": ["ok", ""]}, "texts[1]", "empty text"),
+        ("/v1/rerank", {"query": "q", "texts": ["ok"] * 6}, "texts", "BERTQ_MAX_CANDIDATES"),
+        ("/v1/rerank", {"query": "x" * 2001, "texts": ["ok"]}, "query", "BERTQ_MAX_TEXT_CHARS"),
     ],
 )  # fmt: skip
 def test_an_item_over_the_limits_is_422_naming_the_field_and_queues_nothing(
@@ -238,7 +245,7 @@ def test_a_wait_over_the_limit_is_422_naming_wait(redis_db: str) -> None:
 def test_embeddings_answer_504_with_the_job_id_when_no_worker_finishes_in_time(
     redis_db: str, store: redis.Redis
 ) -> None:
-    settings = settings_for(redis_db, http_embeddings_timeout_s=0.3, model_embedding="m")
+    settings = settings_for(redis_db, http_timeout_s=0.3, model_embedding="m")
     answer = call(settings, "POST", "/v1/embeddings", json={"model": "m", "input": ["a", "b"]}, headers=BEARER)
     assert answer.status_code == 504, answer.text
     job_id = answer.json()["job_id"]
@@ -294,7 +301,7 @@ def test_metrics_count_requests_by_route_template_and_status(redis_db: str) -> N
 def test_openapi_lists_every_route_with_bertqs_own_schemas(redis_db: str) -> None:
     served = {
         (route.path, method.lower())
-        for module in (embeddings, jobs, probes, observe)
+        for module in (embeddings, rerank, jobs, probes, observe)
         for route in module.router.routes
         for method in getattr(route, "methods", ())
     }
@@ -305,6 +312,7 @@ def test_openapi_lists_every_route_with_bertqs_own_schemas(redis_db: str) -> Non
         == served
         == {
             ("/v1/embeddings", "post"),
+            ("/v1/rerank", "post"),
             ("/v1/jobs", "post"),
             ("/v1/jobs:batch", "post"),
             ("/v1/jobs/{job_id}", "get"),

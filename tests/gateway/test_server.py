@@ -75,9 +75,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url: str, minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    redis_url: str, minilm: Path, tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("gateway-server")
-    env = worker_env(redis_url, QUEUE, {"embedding": str(minilm)}, BERTQ_API_KEYS=KEY)
+    models = {"embedding": str(minilm), "rerank": str(tiny_models["rerank"])}
+    env = worker_env(redis_url, QUEUE, models, BERTQ_API_KEYS=KEY)
     fleet = Fleet(directory, env)
     worker = fleet.start()
     log = directory / "gateway.log"
@@ -185,6 +188,25 @@ def test_a_batch_of_jobs_is_queued_and_each_long_polled_to_its_end(stack: Stack)
         finals = [http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in queued.json()["job_ids"]]
     assert [f["status"] for f in finals] == ["done", "done"]
     assert [len(f["results"]) for f in finals] == [1, 2]
+
+
+def test_rerank_answers_in_teis_shape_with_the_rerank_tasks_scores(stack: Stack) -> None:
+    query, texts = "battery life", ["The battery lasts two days.", "Screen cracked.", "Charges in an hour."]
+    with stack.http() as http:
+        ranked = http.post("/v1/rerank", json={"query": query, "texts": texts, "return_text": True})
+        raw = http.post("/v1/rerank", json={"query": query, "texts": texts, "raw_scores": True})
+        queued = http.post("/v1/jobs", json={"task": "rerank", "items": [{"query": query, "documents": texts}]})
+        (direct,) = http.get(f"/v1/jobs/{queued.json()['job_id']}", params={"wait": 60}).json()["results"]
+    assert ranked.status_code == 200 and raw.status_code == 200, ranked.text + raw.text
+    answers = ranked.json()
+    assert sorted(a["index"] for a in answers) == [0, 1, 2]
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+    assert [a["text"] for a in answers] == [texts[a["index"]] for a in answers]
+    assert [(a["index"], round(a["score"], 6)) for a in answers] == [
+        (d["index"], round(d["score"], 6)) for d in direct["ranked"]
+    ], "the gateway's answer is the rerank job's result"
+    assert all(0 < a["score"] < 1 for a in answers)  # the sigmoid of a one-label cross-encoder
+    assert {a["index"]: a["score"] for a in raw.json()} != {a["index"]: a["score"] for a in answers}
 
 
 def test_metrics_and_readiness_of_the_running_server(stack: Stack) -> None:
