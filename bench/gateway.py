@@ -49,17 +49,16 @@ def timed(latencies_s: list[float], seconds: float) -> dict[str, Any]:
 
 def with_cpu(measure: Callable[[], dict[str, Any]], pids: dict[str, int]) -> dict[str, Any]:
     """``measure()``'s figures plus the CPU milliseconds per request each process spent meanwhile: the
-    named ``pids`` and ``client`` (the load generators' own count, or this process: the direct Client
-    path)."""
+    named ``pids``, and ``client``, this process (the direct Client path). A measure that times a window
+    of its own (``through_gateway``) counts the CPU itself, in ``cpu_s``."""
     before = {name: cpu_s(pid) for name, pid in pids.items()}
     started = os.times()
     measured = measure()
     done = os.times()
-    requests = max(1, len(measured["latencies_s"]))
     cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-    cpu["client"] = sum(
-        getattr(done, f) - getattr(started, f) for f in ("user", "system", "children_user", "children_system")
-    )
+    cpu["client"] = done.user - started.user + done.system - started.system
+    cpu.update(measured.pop("cpu_s", {}))
+    requests = max(1, len(measured["latencies_s"]))
     measured["cpu_ms"] = {name: 1000 * seconds / requests for name, seconds in cpu.items()}
     return measured
 
@@ -79,23 +78,31 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def through_gateway(url: str, model: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+def through_gateway(
+    url: str, model: str, texts: list[str], clients: int, seconds: float, pids: dict[str, int]
+) -> dict[str, Any]:
     """``clients`` concurrent loops sending one-text embedding requests back to back for ``seconds``,
     each on its own connection, in processes of at most CLIENTS_PER_PROCESS loops sharing one httpx
     client: one httpx client with 64 connections spent about 7 ms of CPU per request, five times what
     it spends with 16, and became the bottleneck of the measurement. The processes start first and
-    begin together; their start-up is neither timed nor counted in their CPU."""
+    begin together: the window timed, and the one the CPU of ``pids`` and of the load generators
+    (``client``) is counted over, is from then to the last one's end."""
     processes = -(-clients // CLIENTS_PER_PROCESS)
     begin = time.time() + SPAWN_S
     jobs = [
         (url, model, texts, len(range(i, clients, processes)), i, processes, begin, seconds) for i in range(processes)
     ]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        parts = pool.starmap(load_client, jobs)
+        pending = pool.starmap_async(load_client, jobs)
+        time.sleep(max(0.0, begin - time.time()))
+        before = {name: cpu_s(pid) for name, pid in pids.items()}
+        parts = pending.get()
+        after = {name: cpu_s(pid) for name, pid in pids.items()}
     measured = timed(
         [latency for part in parts for latency in part["latencies_s"]], max(p["end"] for p in parts) - begin
     )
-    measured["client_cpu_s"] = sum(part["cpu_s"] for part in parts)
+    measured["cpu_s"] = {name: after[name] - before[name] for name in pids}
+    measured["cpu_s"]["client"] = sum(part["cpu_s"] for part in parts)
     return measured
 
 
@@ -216,12 +223,12 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.wait_jobs(
                 client_for(ctx, QUEUE).submit_many("embedding", texts[:32], items_per_message=1), worker=worker
             )
-            through_gateway(url, model, texts, 4, min(seconds, 2.0))  # warm both paths before timing them
+            through_gateway(url, model, texts, 4, min(seconds, 2.0), {})  # warm both paths before timing them
             direct(ctx, texts, 4, min(seconds, 2.0))
             for clients in CONCURRENCY:
                 rounds = [
                     (
-                        with_cpu(lambda n=clients: through_gateway(url, model, texts, n, seconds), both),
+                        with_cpu(lambda n=clients: through_gateway(url, model, texts, n, seconds, both), {}),
                         with_cpu(lambda n=clients: direct(ctx, texts, n, seconds), {"worker": worker.pid}),
                     )
                     for _ in range(ctx.plan.gateway_rounds)
@@ -242,19 +249,18 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def reading(rows: list[dict[str, Any]]) -> list[str]:
-    """What the rows say, in figures of this run."""
+    """What the rows say, in this run's figures only."""
     own = [line["gateway"]["cpu_ms"]["gateway"] for line in rows]
-    direct_client = [line["direct"]["cpu_ms"]["client"] for line in rows]
-    last = rows[-1]
-    load = last["gateway"]["cpu_ms"]["client"]
-    times = load / last["gateway"]["cpu_ms"]["gateway"]
+    caller = [line["direct"]["cpu_ms"]["client"] for line in rows]
+    load = [line["gateway"]["cpu_ms"]["client"] for line in rows]
+    busy = ", ".join(f"{cores(line['gateway']):.2f} and {cores(line['direct']):.2f}" for line in rows)
     return [
-        f"The gateway process spent {min(own):.1f}-{max(own):.1f} ms of CPU per request, about what the direct path "
-        f"spent in its caller ({min(direct_client):.1f}-{max(direct_client):.1f} ms for `Client.submit` + "
-        f"`Client.wait`; {min(own):.1f} ms is one core's CPU for {1000 / min(own):.0f} requests a second). What "
-        f"the ratio at {last['clients']} clients measures is mostly the price of HTTP on shared cores: the httpx "
-        f"clients generating the load spent {load:.1f} ms per request ({times:.1f}x "
-        "the gateway's own), CPU taken from the gateway and the worker that the direct path does not pay.",
+        f"The gateway process spent {min(own):.1f}-{max(own):.1f} ms of CPU per request; the direct path "
+        f"{min(caller):.1f}-{max(caller):.1f} ms in its caller (`Client.submit` + `Client.wait`); the httpx clients "
+        f"generating the gateway's load {min(load):.1f}-{max(load):.1f} ms, CPU the direct path does not pay on "
+        f"these shared cores. The processes measured kept {busy} cores busy (gateway path and direct path, at "
+        f"{', '.join(str(line['clients']) for line in rows)} clients) of the machine's two: what is left went to "
+        "Redis and to whatever else ran (the load average below).",
     ]
 
 
