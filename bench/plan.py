@@ -30,6 +30,8 @@ class Plan:
     summarize_documents: int = 64  # bench/texts.py review_documents: median 12 sentences
     backend_docs: int = 320  # documentation paragraphs of the backends section
     backend_rounds: int = 7  # its timed rounds: more than elsewhere, its rows differ up to 6x in speed
+    gateway_seconds: float = 3.0  # one round of one path in the gateway section (1, 16, 64 clients)
+    gateway_rounds: int = 4  # rounds per row, gateway and direct alternated
 
 
 DEFAULT = Plan("default")
@@ -54,4 +56,6 @@ QUICK = Plan(
     summarize_documents=8,
     backend_docs=48,
     backend_rounds=1,
+    gateway_seconds=1.5,
+    gateway_rounds=1,
 )

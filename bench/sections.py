@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import backends, enrich, observability, outputs, redis_ops, streams, summarize
+from bench import backends, enrich, gateway, observability, outputs, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
     "backends": backends,
@@ -20,4 +20,5 @@ SECTIONS: dict[str, ModuleType] = {
     "enrich": enrich,
     "redis_ops": redis_ops,
     "outputs": outputs,
+    "gateway": gateway,
 }

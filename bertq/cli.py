@@ -182,6 +182,22 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, queues, args.name, args.events, sources)
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The HTTP gateway, with the `gateway` extra (FastAPI, uvicorn)."""
+    if not settings.redis_url:
+        raise UsageError("BERTQ_REDIS_URL is not set: point it at the Redis of your bertq workers")
+    try:
+        from bertq.gateway.server import serve
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "starlette", "uvicorn", "prometheus_client"):
+            raise
+        raise UsageError(
+            f"serve needs the gateway extra: pip install 'bertq[gateway]' ({error.name} is missing)"
+        ) from None
+    update = {name: value for name, value in (("http_host", args.host), ("http_port", args.port)) if value is not None}
+    return serve(settings.model_copy(update=update))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from bertq.demo import run_demo
 
@@ -285,6 +301,15 @@ def _add_worker(commands: Any) -> None:
     worker.set_defaults(handler=cmd_worker)
 
 
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve", help="the HTTP gateway: OpenAI-compatible /v1/embeddings and a job API (the gateway extra)"
+    )
+    serve.add_argument("--host", help="address to listen on (default: BERTQ_HTTP_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: BERTQ_HTTP_PORT, 8000)")
+    serve.set_defaults(handler=cmd_serve)
+
+
 def _add_demo(commands: Any) -> None:
     demo = commands.add_parser("demo", help="embedded Redis + a worker + one job per task")
     demo.add_argument("--stream", action="store_true", help="show review-stream enrichment instead")
@@ -327,6 +352,7 @@ def parser() -> argparse.ArgumentParser:
         _add_cancel,
         _add_dead,
         _add_worker,
+        _add_serve,
         _add_demo,
         _add_quantize,
         _add_schema,

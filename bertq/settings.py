@@ -164,7 +164,8 @@ class Settings(BaseSettings):
         30.0,
         ge=0,
         description="On SIGTERM, seconds a worker takes to finish the jobs already in a batch before it "
-        "gives everything still held back to the queue and exits.",
+        "gives everything still held back to the queue and exits; `bertq serve`: seconds its requests in "
+        "flight get to finish.",
     )
     stall_timeout_s: float = Field(
         120.0,
@@ -221,6 +222,29 @@ class Settings(BaseSettings):
         "serves on this port + i.",
     )
 
+    http_host: str = Field(
+        "127.0.0.1", description="Address `bertq serve` listens on (`0.0.0.0`: every interface, as in a container)."
+    )
+    http_port: int = Field(8000, ge=1, le=65535, description="Port `bertq serve` listens on.")
+    api_keys: str = Field(
+        "",
+        repr=False,  # repr(settings) and tracebacks must not show them
+        description="Comma-separated keys the HTTP gateway accepts as `Authorization: Bearer <key>` on `/v1/`; "
+        "empty: no authentication (the gateway logs a warning at start).",
+    )
+    http_max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the gateway reads; a bigger one is answered 413 before anything is queued.",
+    )
+    http_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long `POST /v1/embeddings` and `POST /v1/rerank` wait for their job; then they answer 504 "
+        "with the job id to poll.",
+    )
+    http_max_wait_s: float = Field(60.0, gt=0, description="Longest `?wait=` of `GET /v1/jobs/{id}`, in seconds.")
+
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("INFO", description="Log level of bertq's loggers.")
 
@@ -275,6 +299,9 @@ class Settings(BaseSettings):
         BERTQ_ALLOWED_MODELS. Another task's model is not implied: it would load with a head it lacks."""
         listed = {model.strip() for model in self.allowed_models.split(",") if model.strip()}
         return "*" in listed or model_id in listed or model_id == self.model_for(task)
+
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     def limits(self) -> Limits:
         return Limits(

@@ -23,6 +23,8 @@ NEEDED = {
     "structlog": ("24.1", "stdlib.ProcessorFormatter(processor=..., foreign_pre_chain=...)"),
     "prometheus-client": ("0.20", "Gauge.set_function, start_http_server(registry=...)"),
     "httpx": ("0.27", "Client(follow_redirects=...), post(content=...)"),
+    "fastapi": ("0.115", "Annotated[..., Depends()] route arguments and the lifespan handler (bertq.gateway)"),
+    "uvicorn": ("0.30", "Config(timeout_graceful_shutdown=...) for `bertq serve`'s SIGTERM"),
 }
 
 

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("worker process", ["bertq.workers.worker", "bertq.workers.supervise"]),
     ("producers", [
         "bertq.client", "bertq.status", "bertq.usage", "bertq.cli", "bertq.demo", "bertq.enrich.*", "bertq.__main__",
+        "bertq.gateway.*",
     ]),
 ]  # fmt: skip
 #: What a producer module may import from bertq.workers at module level: the Celery app, light itself.

@@ -1,5 +1,6 @@
 """A producer's `pip install bertq`, with no extras, runs every producer command: a fresh venv holds the
-core dependencies only, and each command runs against a real Redis with no worker started."""
+core dependencies only, and each command runs against a real Redis with no worker started. Then
+`pip install bertq[gateway]` adds `bertq serve`, still without torch, transformers or numpy."""
 
 from __future__ import annotations
 
@@ -165,3 +166,71 @@ def test_every_producer_command_runs(venv: Path, redis_db: str, tmp_path: Path) 
 def test_celery_inspect_gets_past_its_imports(venv: Path, redis_db: str, tmp_path: Path) -> None:
     ping = run(venv, redis_db, tmp_path, "celery", "-A", "bertq.workers.app", "inspect", "ping")
     assert ping.returncode != 0 and "No nodes replied" in ping.stdout + ping.stderr, ping
+
+
+# ---- the gateway extra: after the tests above, which must see the venv without it ----------------------
+
+
+@pytest.fixture(scope="module")
+def gateway_venv(venv: Path) -> Path:
+    """The same venv after `pip install bertq[gateway]`. Requested only by the tests below, so the
+    no-extras tests above have run on the venv without it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c", str(ROOT / "constraints.txt")]
+    source = venv.parent / "src"
+    done = subprocess.run([*pip, f"{source}[gateway]"], capture_output=True, text=True, timeout=300, env=env)
+    if done.returncode != 0:
+        pytest.fail(f"`pip install bertq[gateway]` failed: is the package registry reachable?\n{done.stderr[-4000:]}")
+    return venv
+
+
+def test_the_gateway_extra_pulls_no_model_library(gateway_venv: Path) -> None:
+    code = """
+import sys
+import bertq.gateway.app, bertq.gateway.server
+for name in ("torch", "transformers", "numpy"):
+    try:
+        __import__(name)
+    except ModuleNotFoundError:
+        continue
+    print(name)
+print(" ".join(sorted(m for m in sys.modules if m.startswith("bertq.workers."))))
+"""
+    python = [str(gateway_venv / "bin" / "python"), "-c", code]
+    done = subprocess.run(python, capture_output=True, text=True, timeout=60, cwd=gateway_venv)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], "no torch, transformers or numpy, and nothing of bertq.workers"
+
+
+def test_bertq_serve_from_the_gateway_install_queues_a_job(gateway_venv: Path, redis_db: str, tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = command_env(gateway_venv, redis_db, tmp_path)
+    with open(tmp_path / "serve.log", "wb") as log:
+        serve = subprocess.Popen(
+            [str(gateway_venv / "bin" / "bertq"), "serve", "--port", str(port)], stdout=log, stderr=log, env=env
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert serve.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert ready.status_code == 200, ready.text
+        queued = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json={"task": "sentiment", "items": ["Great battery"]})
+        assert queued.status_code == 202, queued.text
+        message = json.loads(redis.Redis.from_url(redis_db).lindex("bertq", 0))  # type: ignore[arg-type]
+        assert message["headers"]["id"] == queued.json()["job_id"]
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    said = (tmp_path / "serve.log").read_text()
+    assert not [crash for crash in CRASHES if crash in said], said

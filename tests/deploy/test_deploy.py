@@ -164,7 +164,7 @@ def test_worker_images_are_non_root_with_the_liveness_check_and_sigterm(dockerfi
 
 def test_worker_images_are_multi_stage_and_copy_only_the_virtualenv(dockerfile: Any) -> None:
     _, stages = dockerfile
-    for target in (*WORKER_TARGETS, "flower"):
+    for target in (*WORKER_TARGETS, "flower", "gateway"):
         built_from = {stage.name for stage in chain(stages, target)}
         copies = [value for stage in chain(stages, target) for key, value in stage.instructions if key == "COPY"]
         assert copies and all(value.startswith("--from=build-") for value in copies), copies
@@ -192,9 +192,33 @@ def test_images_install_torch_and_the_project_from_the_pinned_constraints(docker
         assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in torch_step
         assert '--constraint constraints.txt ".[worker]"' in project_step
     assert installs["build-flower"] == ['pip install --no-cache-dir --constraint constraints.txt ".[flower]"']
+    assert installs["build-gateway"] == ['pip install --no-cache-dir --constraint constraints.txt ".[gateway]"']
     assert not [
-        name for name, runs in installs.items() if runs and name not in ("build-cpu", "build-cuda", "build-flower")
+        name
+        for name, runs in installs.items()
+        if runs and name not in ("build-cpu", "build-cuda", "build-flower", "build-gateway")
     ]
+
+
+def gateway_port(stages: dict[str, Stage]) -> int:
+    env = " ".join(value for stage in chain(stages, "gateway") for key, value in stage.instructions if key == "ENV")
+    match = re.search(r"BERTQ_HTTP_PORT=(\d+)", env)
+    assert match and "BERTQ_HTTP_HOST=0.0.0.0" in env, "the gateway listens on every interface of its container"
+    return int(match.group(1))
+
+
+def test_the_gateway_image_serves_without_torch_as_non_root_with_its_probe(dockerfile: Any) -> None:
+    _, stages = dockerfile
+    user = inherited(stages, "gateway", "USER")
+    assert user and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", user), f"numeric non-root USER, got {user}"
+    assert inherited(stages, "gateway", "STOPSIGNAL") == "SIGTERM"
+    port = gateway_port(stages)
+    assert inherited(stages, "gateway", "EXPOSE") == str(port)
+    options, _, command = (inherited(stages, "gateway", "HEALTHCHECK") or "").partition("CMD ")
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(exec_form(command))
+    assert exec_form(inherited(stages, "gateway", "CMD") or "null") == ["bertq", "serve"]
+    copies = [value for key, value in stages["gateway"].instructions if key == "COPY"]
+    assert copies == ["--from=build-gateway /opt/bertq /opt/bertq"], "the gateway extra's venv: no torch"
 
 
 def test_dockerignore_lets_in_exactly_what_the_images_copy(dockerfile: Any) -> None:
@@ -244,7 +268,7 @@ def worker_services(stack: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_compose_needs_the_passwords_from_the_env_file() -> None:
     refused = compose("--env-file", os.devnull, "config", "--quiet")
     assert refused.returncode != 0
-    for variable in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+    for variable in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GATEWAY_API_KEYS"):
         assert f"required variable {variable} is missing" in refused.stderr
     assert "/deploy/.env" in (ROOT / ".gitignore").read_text(), "the real env file stays out of git"
 
@@ -255,7 +279,7 @@ def test_compose_profiles_choose_gpu_or_cpu_workers(example_env: dict[str, str])
         assert listed.returncode == 0, listed.stderr
         return set(listed.stdout.split())
 
-    always = {"redis", "flower", "prometheus", "grafana"}
+    always = {"redis", "gateway", "flower", "prometheus", "grafana"}
     assert example_env["COMPOSE_PROFILES"] == "gpu"
     assert services("gpu") == always | {"worker-gpu0"}
     assert services("gpu,gpu1") == always | {"worker-gpu0", "worker-gpu1"}
@@ -348,6 +372,26 @@ def test_compose_flower_reads_the_workers_broker(stack: dict[str, Any]) -> None:
     assert flower["environment"]["BERTQ_REDIS_URL"] == worker_url
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("admin:")
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_gateway_queues_where_the_workers_consume_and_wants_a_key(
+    stack: dict[str, Any], example_env: dict[str, str], dockerfile: Any
+) -> None:
+    gateway = stack["services"]["gateway"]
+    assert gateway["build"]["target"] == "gateway"
+    env = gateway["environment"]
+    workers = worker_services(stack).values()
+    assert {env["BERTQ_REDIS_URL"]} == {w["environment"]["BERTQ_REDIS_URL"] for w in workers}
+    assert {env["BERTQ_QUEUE"]} == {w["environment"]["BERTQ_QUEUE"] for w in workers}
+    assert env["BERTQ_API_KEYS"] == example_env["GATEWAY_API_KEYS"]
+    port = int(env["BERTQ_HTTP_PORT"])
+    assert port == gateway_port(dockerfile[1])
+    (published,) = gateway["ports"]
+    assert (published["host_ip"], published["target"]) == ("127.0.0.1", port)
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["stop_signal"] == "SIGTERM"
+    assert seconds(gateway["stop_grace_period"]) > float(env["BERTQ_SHUTDOWN_TIMEOUT_S"])
 
 
 # ---------------------------------------------------------------- the Redis command line, on a real server
@@ -639,6 +683,35 @@ def test_flower_and_redis_in_kubernetes(base: list[dict[str, Any]]) -> None:
     assert statefulset["spec"]["serviceName"] == find(base, "Service", "bertq-redis")["metadata"]["name"]
 
 
+@pytest.mark.parametrize("overlay", ["base", "cpu"])
+def test_the_gateway_in_kubernetes_probes_readiness_on_redis_and_reads_the_workers_settings(
+    overlay: str, request: pytest.FixtureRequest
+) -> None:
+    docs = request.getfixturevalue(overlay)
+    deployment = find(docs, "Deployment", "bertq-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["bertq", "serve"] and container["image"].startswith("bertq-gateway")
+    assert container["envFrom"] == worker_container(docs)["envFrom"], "the workers' queue, models and limits"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["BERTQ_REDIS_URL"] == {"secretKeyRef": {"name": "bertq-redis", "key": "url"}}
+    assert env["BERTQ_API_KEYS"]["secretKeyRef"]["name"] == "bertq-redis"
+    assert env["BERTQ_HTTP_HOST"] == "0.0.0.0"
+    (port,) = container["ports"]
+    assert port["containerPort"] == int(env["BERTQ_HTTP_PORT"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert pod["terminationGracePeriodSeconds"] > float(worker_config(docs)["BERTQ_SHUTDOWN_TIMEOUT_S"])
+    assert pod["securityContext"]["runAsNonRoot"] is True and "nvidia.com/gpu" not in json.dumps(deployment)
+
+    service = find(docs, "Service", "bertq-gateway")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
+
+
 def quantity(text: str) -> int:
     """Bytes in a Kubernetes quantity (4Gi, 4G) or a Redis memory size (3gb, 3g): a suffix with i or b
     counts in powers of 1024, a bare k, m or g in powers of 1000."""
@@ -656,6 +729,9 @@ def test_compose_and_kubernetes_agree_on_the_worker_settings(stack: dict[str, An
             assert worker["environment"][key] == config[key], key
     grace = find(base, "Deployment", "bertq-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert {seconds(w["stop_grace_period"]) for w in worker_services(stack).values()} == {grace}
+    (gateway,) = find(base, "Deployment", "bertq-gateway")["spec"]["template"]["spec"]["containers"]
+    port = next(e["value"] for e in gateway["env"] if e["name"] == "BERTQ_HTTP_PORT")
+    assert stack["services"]["gateway"]["environment"]["BERTQ_HTTP_PORT"] == port
 
 
 # ---------------------------------------------------------------- Grafana dashboard
