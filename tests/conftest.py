@@ -40,6 +40,8 @@ SLOWEST_MODULES = (
     "workers/test_operations.py",
     "workers/test_health.py",
     "faults/test_webhook_faults.py",
+    "test_producer_install.py",
+    "gateway/test_server.py",
 )
 
 
