@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import backends, enrich, observability, redis_ops, streams, summarize
+from bench import backends, enrich, host, observability, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
     "backends": backends,
@@ -19,4 +19,5 @@ SECTIONS: dict[str, ModuleType] = {
     "streams": streams,
     "enrich": enrich,
     "redis_ops": redis_ops,
+    "host": host,
 }

@@ -11,6 +11,7 @@ from typing import Any
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
 from bertq.workers.batcher import pack
 from bertq.workers.budget import TokenBudget
+from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, InferenceFailed, InvalidInput
@@ -55,8 +56,11 @@ def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
     if len(rows) > 1 and loaded.budget.over(tokens):
         return _halves(task, loaded, rows)
     try:
+        STAGES.enter("collate")
+        batch = collate(rows, loaded.tokenizer.pad_token_id or 0, loaded.device)
+        STAGES.enter("forward")
         with torch.inference_mode():
-            outputs = task.forward(loaded, collate(rows, loaded.tokenizer.pad_token_id or 0, loaded.device))
+            outputs = task.forward(loaded, batch)
     except Exception as error:  # a model error must never take the worker or the batch-mates down
         if is_out_of_memory(error):
             free_memory(loaded.device)

@@ -34,6 +34,7 @@ from bertq.workers.engine.held import Held
 from bertq.workers.engine.jobs import Job, log_started
 from bertq.workers.engine.pool import PendingRow, Pool
 from bertq.workers.runner import forward_rows, preprocess_items
+from bertq.workers.stages import STAGES
 
 from bertq.connection import GiveUp, deadline_timer
 from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
@@ -264,7 +265,9 @@ class Engine:
 
     def _start_job(self, delivery: Delivery) -> None:
         try:
+            STAGES.enter("validate")
             job = self._accept(delivery)
+            STAGES.enter("tokenize")
             rows = preprocess_items(job.task, job.loaded, job.items, job.options, delivery.first_item)
         except BertqError as error:
             self._fail(delivery, error)
@@ -325,6 +328,7 @@ class Engine:
     # ---- forward: batches across jobs -------------------------------------------------------------
 
     def _forward_loop(self) -> None:
+        STAGES.enter("batch")  # choosing a batch; forward_rows enters collate, then forward
         while (picked := self._pool.next_batch()) is not None:
             batch, first = picked
             task, loaded = batch[0].job.task, batch[0].job.loaded
@@ -334,6 +338,7 @@ class Engine:
             began = time.monotonic()
             splits = loaded.budget.splits if loaded.budget is not None else 0
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
+            STAGES.enter("batch")
             self.last_progress = time.monotonic()
             longest = max(len(pending.row) for pending in batch)
             tokens = sum(len(pending.row) for pending in batch)
@@ -352,6 +357,7 @@ class Engine:
 
     def _finish_loop(self) -> None:
         while (entry := self._finish.get()) is not None:
+            STAGES.enter("postprocess")  # the job's own steps enter serialise, the sink's enter store
             outcomes: list[Outcome] = []
             more: list[_Finishing] = _take_ready(self._finish)
             for ready in (entry, *more):  # everything ready, stored in one round trip

@@ -12,6 +12,7 @@ from bertq.schemas import JobStatus
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers.engine.delivery import Delivery, Outcome
 from bertq.workers.runner import finish_item, result_dicts
+from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, ResultTooLarge
@@ -36,7 +37,8 @@ class Job:
 
     def rows_to_run(self, prepared: list[list[Row] | BertqError]) -> list[Row]:
         """Every item's rows, each item now waiting for its own; an item that failed to prepare has
-        its error as its result at once."""
+        its error as its result at once. (Prepare's last step: the rows then go into the pool.)"""
+        STAGES.enter("pool")
         rows: list[Row] = []
         for index, entry in enumerate(prepared):
             if isinstance(entry, BertqError):
@@ -57,9 +59,11 @@ class Job:
                 continue
             done = self.outputs.pop(index)
             if self.too_large is None:
+                STAGES.enter("postprocess")
                 result = finish_item(
                     self.task, self.loaded, self.items[index], self.options, [r for r, _ in done], [o for _, o in done]
                 )
+                STAGES.enter("serialise")
                 self.results[index] = self._within_result_cap(result, max_result_bytes)
             del self.rows_left[index]
         return not self.rows_left
@@ -88,6 +92,7 @@ class Job:
     def outcome(self, worker_name: str) -> Outcome:
         """Once no rows are left: done with every item's result (or error), or failed when the results
         outgrew the cap."""
+        STAGES.enter("serialise")
         info = {"worker": worker_name, **self.loaded.info(), "deliveries": self.delivery.deliveries}
         if self.too_large is not None:
             return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
