@@ -31,9 +31,13 @@ from typing import Any
 from bench.context import Context
 from bench.enrich import _enrich, _write_inputs, one_torch_thread
 from bench.procs import log_tail
+from bench.texts import review_texts
 from bench.timing import System, measure
 
-COPIES = 8  # the bench texts this many times: a round of the fastest row lasts about a second
+#: Texts per round, as a multiple of the plan's: a round of the fastest row lasts about a second. All distinct
+#: (``review_texts`` of that many): the engine computes a job's repeated inputs once, so copies of the bench
+#: texts would flatter in-process (1024-item chunks) against 64-text jobs.
+COPIES = 8
 QUEUE = "bench-host"
 STREAM = "bench:host"
 FLOOR = "fast tokenizer's encode_batch (the floor)"
@@ -233,15 +237,13 @@ def run(ctx: Context) -> dict[str, Any]:
     from bertq.tiny_models import build_tiny_model
 
     port = _free_port()
-    texts = ctx.texts * COPIES
+    texts = review_texts(len(ctx.texts) * COPIES)
     tables: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = {"sentiment": ctx.tiny["sentiment"], "embedding": str(build_tiny_model("base", Path(tmp) / "base"))}
         flags = tuple(arg for task in models for arg in ("--stream", f"{STREAM}:{task}={task}"))
         with (
-            ctx.bertq_worker(
-                "host", QUEUE, threads=1, flags=flags, metrics_port=port, model_embedding=models["embedding"]
-            ) as worker,
+            ctx.bertq_worker("host", QUEUE, 1, flags, metrics_port=port, model_embedding=models["embedding"]) as worker,
             one_torch_thread(),
         ):
             _wait_for_metrics(port, worker)
@@ -297,8 +299,8 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "## Host path",
         "",
         f"`{figures.get('command', 'python -m bench --only host')}`; load average at the end {load} (2 shared "
-        f"cores). The tiny checkpoints (the model is nearly free, as on a GPU), {figures['texts']} texts per round "
-        "(the bench texts 8 times), timed round-robin in one run; torch on one thread on both sides. Ratios are "
+        f"cores). The tiny checkpoints, {figures['texts']} distinct bench texts per round (the first ones are the "
+        "other sections'), timed round-robin in one run; torch on one thread on both sides. Ratios are "
         "to in-process (the engine `bertq run` drives). CPU us per text: the worker process (/proc, all threads), "
         "the producer (this process: the submits and waits; for in-process rows, all of its work) and the Redis "
         "server (`INFO cpu`), medians over the rounds.",
