@@ -25,19 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bertq.schemas import JobStatus, parse_task, validate_item, validate_item_count, validate_options
+from bertq.schemas import JobStatus
 from bertq.tasks import get_task
-from bertq.tasks.base import Row, padded_length
+from bertq.tasks.base import padded_length
 from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Observers, Outcome
 from bertq.workers.engine.held import Held
-from bertq.workers.engine.jobs import Job, log_started
+from bertq.workers.engine.jobs import Job, log_started, prepare_rows, validate
 from bertq.workers.engine.pool import PendingRow, Pool
-from bertq.workers.runner import forward_rows, preprocess_items
+from bertq.workers.runner import forward_rows
 from bertq.workers.stages import STAGES
 
 from bertq.connection import GiveUp, deadline_timer
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed
+from bertq.errors import BertqError, InferenceFailed, InvalidInput
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -252,6 +252,7 @@ class Engine:
             elif claim is Claim.duplicate:
                 log.warning("message refused: its job id belongs to another message", job_id=delivery.job_id)
         self._held.forget(d for d, c in zip(group, claims) if c in (Claim.lost, Claim.duplicate))
+        accepted: list[Job] = []
         for delivery, claim in zip(group, claims):
             if claim is Claim.expired:
                 expired = InvalidInput("expired before it ran", field="expires")
@@ -260,23 +261,21 @@ class Engine:
                 continue
             elif delivery.refusal is not None:
                 self._finish.put([Outcome(delivery, JobStatus.failed, error=delivery.refusal)])
-            else:
-                self._start_job(delivery)
+            elif (job := self._start_job(delivery)) is not None:
+                accepted.append(job)
+        self._enqueue(accepted)
 
-    def _start_job(self, delivery: Delivery) -> None:
+    def _start_job(self, delivery: Delivery) -> Job | None:
+        """The delivery as a job, its model loaded; None when it failed (its outcome is on its way)."""
         try:
             STAGES.enter("validate")
-            job = self._accept(delivery)
-            STAGES.enter("tokenize")
-            rows = preprocess_items(job.task, job.loaded, job.items, job.options, delivery.first_item)
+            return self._accept(delivery)
         except BertqError as error:
             self._fail(delivery, error)
-            return
         except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
             log.exception("job could not be prepared", job_id=delivery.job_id)
             self._fail(delivery, InferenceFailed(f"worker error: {type(error).__name__}: {error}"))
-            return
-        self._enqueue(job, rows)
+        return None
 
     def _fail(self, delivery: Delivery, error: BertqError) -> None:
         self._finish.put([Outcome(delivery, JobStatus.failed, error=error, info={"worker": self.worker_name})])
@@ -288,25 +287,7 @@ class Engine:
                 "(BERTQ_MAX_MESSAGE_BYTES)",
                 field="message",
             )
-        task_name = parse_task(delivery.task)
-        options = validate_options(task_name, delivery.options)
-        limits = self.settings.limits()
-        raw_items = validate_item_count(delivery.items, limits)
-        items: list[Any] = []
-        for index, raw in enumerate(raw_items):
-            try:
-                items.append(validate_item(task_name, delivery.first_item + index, raw, limits))
-            except InvalidInput as error:
-                items.append(error)
-        model_id = delivery.model or self.settings.model_for(task_name)
-        if not isinstance(model_id, str):
-            raise InvalidInput("must be a hub id or a local path", field="model")
-        if not self.settings.model_allowed(task_name, model_id):
-            raise ModelNotAllowed(
-                f"model {model_id!r} is not served by this worker for {task_name.value}; allowed: "
-                f"BERTQ_MODEL_{task_name.name.upper()} and BERTQ_ALLOWED_MODELS",
-                field="model",
-            )
+        task_name, options, items, model_id = validate(delivery, self.settings)
         cached = self.models.has(task_name, model_id)
         self.loading_since = time.monotonic()
         try:
@@ -318,12 +299,20 @@ class Engine:
             self.last_progress = time.monotonic()
         return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
 
-    def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError]) -> None:
-        rows = job.rows_to_run(prepared)
-        if not rows:  # every item failed validation: nothing to run
-            self._finish.put([job.outcome(self.worker_name)])
-        elif not self._pool.add(job, rows):  # stopping: give it back rather than start it
-            self._held.release([job.delivery])
+    def _enqueue(self, jobs: list[Job]) -> None:
+        """Tokenize the jobs, across jobs (``prepare_rows``), then pool all their rows at once: the
+        forward thread packs its length-sorted batches from all of them, not from the first job alone."""
+        STAGES.enter("tokenize")
+        pooled = []
+        for job, prepared in prepare_rows(jobs):
+            if isinstance(prepared, BertqError):
+                self._fail(job.delivery, prepared)
+            elif rows := job.rows_to_run(prepared):
+                pooled.append((job, rows))
+            else:  # every item failed validation: nothing to run
+                self._finish.put([job.outcome(self.worker_name)])
+        if pooled and not self._pool.add(pooled):  # stopping: give them back rather than start them
+            self._held.release([job.delivery for job, _ in pooled])
 
     # ---- forward: batches across jobs -------------------------------------------------------------
 

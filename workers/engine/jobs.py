@@ -1,5 +1,6 @@
-"""A job inside the engine, from its claim to its outcome: which rows each item waits for, its results
-as its items finish (counted against the result cap), and the one log line of each of its states."""
+"""A job inside the engine, from its claim to its outcome: what its delivery asks for (validated), its
+rows (tokenized across the jobs prepared together), which rows each item waits for, its results as its
+items finish (counted against the result cap), and the one log line of each of its states."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertq.schemas import JobStatus
+from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers.engine.delivery import Delivery, Outcome
-from bertq.workers.runner import finish_item, result_dicts
+from bertq.workers.runner import finish_item, preprocess_items, preprocess_jobs, result_dicts
 from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, ResultTooLarge
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed, ResultTooLarge
 from bertq.log import get_logger
+from bertq.settings import Settings
 
 log = get_logger(__name__)
 
@@ -97,6 +99,76 @@ class Job:
         if self.too_large is not None:
             return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
         return Outcome(self.delivery, JobStatus.done, results=result_dicts(self.results), info=info)
+
+
+def validate(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseModel, list[Any], str]:
+    """What a delivery asks for, checked: its task, options, items (an invalid item as its own error) and
+    model id. Raises the error that fails the whole job."""
+    task_name = parse_task(delivery.task)
+    options = validate_options(task_name, delivery.options)
+    limits = settings.limits()
+    raw_items = validate_item_count(delivery.items, limits)
+    items: list[Any] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            items.append(validate_item(task_name, delivery.first_item + index, raw, limits))
+        except InvalidInput as error:
+            items.append(error)
+    model_id = delivery.model or settings.model_for(task_name)
+    if not isinstance(model_id, str):
+        raise InvalidInput("must be a hub id or a local path", field="model")
+    if not settings.model_allowed(task_name, model_id):
+        raise ModelNotAllowed(
+            f"model {model_id!r} is not served by this worker for {task_name.value}; allowed: "
+            f"BERTQ_MODEL_{task_name.name.upper()} and BERTQ_ALLOWED_MODELS",
+            field="model",
+        )
+    return task_name, options, items, model_id
+
+
+Prepared = list[list[Row] | BertqError] | BertqError
+
+
+def prepare_rows(jobs: list[Job]) -> list[tuple[Job, Prepared]]:
+    """Each job's rows per item, in the jobs' order. The jobs of one model and options are tokenized
+    together, in one call of their task's preprocess: one-text jobs pay a tokenizer call's own cost once
+    per prepare round, not once each. A job whose preparing raised (a bug, a broken model) gets the
+    error that fails it; the others go on."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        same = (
+            g for g in groups if g[0].loaded is job.loaded and g[0].task is job.task and g[0].options == job.options
+        )
+        group = next(same, None)
+        if group is None:
+            groups.append([job])
+        else:
+            group.append(job)
+    prepared: dict[int, Prepared] = {}
+    for group in groups:
+        head = group[0]
+        try:
+            rows = preprocess_jobs(
+                head.task,
+                head.loaded,
+                head.options,
+                [job.items for job in group],
+                [job.delivery.first_item for job in group],
+            )
+        except Exception:  # each job on its own, so that only the one that raises fails
+            rows = [_prepare_alone(job) for job in group]
+        prepared.update((id(job), job_rows) for job, job_rows in zip(group, rows))
+    return [(job, prepared[id(job)]) for job in jobs]
+
+
+def _prepare_alone(job: Job) -> Prepared:
+    try:
+        return preprocess_items(job.task, job.loaded, job.items, job.options, job.delivery.first_item)
+    except BertqError as error:
+        return error
+    except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
+        log.exception("job could not be prepared", job_id=job.delivery.job_id)
+        return InferenceFailed(f"worker error: {type(error).__name__}: {error}")
 
 
 def log_started(delivery: Delivery, worker_name: str) -> None:
