@@ -91,6 +91,8 @@ class Held:
 
     def want_alone(self, source: str, wanted: bool) -> None:
         with self._changed:
+            if wanted == (source in self._alone_wanted):
+                return  # every step of every source says it: waking the others for nothing made two spin
             (self._alone_wanted.add if wanted else self._alone_wanted.discard)(source)
             self._changed.notify_all()
 
