@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from bertq.schemas import TaskName
 from bertq.tasks.base import Row, padded_length
-from bertq.workers.batcher import pack
+from bertq.workers.batcher import batch_of
 from bertq.workers.engine.jobs import Job
 from bertq.workers.runner import distinct_rows
 
@@ -104,7 +104,8 @@ class Pool:
                 self._changed.wait(wait)
             batch = self.select(rows)
             taken = {id(pending) for pending in batch}
-            self._rows[key] = [pending for pending in rows if id(pending) not in taken]
+            scanned = self.settings.max_batch_rows * SCAN_BATCHES  # the batch is of these: the rest stays as is
+            self._rows[key] = [pending for pending in rows[:scanned] if id(pending) not in taken] + rows[scanned:]
             first = list({id(p.job): p.job for p in batch if not p.job.started}.values())
             for job in first:
                 job.started = True  # under the pool lock: close sees it
@@ -116,9 +117,9 @@ class Pool:
         Only the first ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of
         held rows) does not make every batch pay for sorting all of it."""
         window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
-        batches = pack([pending.row for pending in window], self._budget(window), self.settings.max_batch_rows)
+        rows_of_window = [pending.row for pending in window]
         first = 0  # the pool is kept in (priority, arrival) order
-        chosen = next(batch for batch in batches if first in batch)
+        chosen = batch_of(rows_of_window, first, self._budget(window), self.settings.max_batch_rows)
         return [window[i] for i in chosen]
 
     def _budget(self, rows: list[PendingRow]) -> int:
