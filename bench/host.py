@@ -303,21 +303,28 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "other sections'), timed round-robin in one run; torch on one thread on both sides. Ratios are "
         "to in-process (the engine `bertq run` drives). CPU us per text: the worker process (/proc, all threads), "
         "the producer (this process: the submits and waits; for in-process rows, all of its work) and the Redis "
-        "server (`INFO cpu`), medians over the rounds.",
+        "server (`INFO cpu`), medians over the rounds. CPU ratio: in-process CPU per text over the worker's (for "
+        "the floor, over the tokenizer's): the neighbours on a shared machine move it much less than the rate, "
+        "and the worker's rate follows it, as its stage threads share one GIL.",
         "",
-        "| task | system | texts/s | range | ratio | worker us/text | producer | redis |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | system | texts/s | range | ratio | worker us/text | producer | redis | CPU ratio | rows/batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for task, rows in figures["tables"].items():
+        reference = next((row for row in rows if row["system"] == IN_PROCESS and "cpu_us_per_text" in row), None)
         for row in rows:
             if "per_s" not in row:
-                lines.append(f"| {task} | {row['system']} | failed: {row.get('reason')} | | | | | |")
+                lines.append(f"| {task} | {row['system']} | failed: {row.get('reason')} | | | | | | | |")
                 continue
             cpu = row.get("cpu_us_per_text", {})
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else ""
+            own = cpu.get("worker", 0) if row["kind"] == "end-to-end" else cpu.get("producer", 0)
+            share = f"{reference['cpu_us_per_text']['producer'] / own:.2f}x" if reference and own else ""
+            batch = f"{row['rows_per_batch']:.1f}" if "rows_per_batch" in row else ""
             lines.append(
                 f"| {task} | {row['system']} | {row['per_s']:.0f} | {row['min']:.0f}-{row['max']:.0f} | {ratio} "
-                f"| {cpu.get('worker', 0):.0f} | {cpu.get('producer', 0):.0f} | {cpu.get('redis', 0):.0f} |"
+                f"| {cpu.get('worker', 0):.0f} | {cpu.get('producer', 0):.0f} | {cpu.get('redis', 0):.0f} | {share} "
+                f"| {batch} |"
             )
     lines += [
         "",
