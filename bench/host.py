@@ -71,8 +71,11 @@ BATCH_SERIES = ("bertq_batch_rows_count", "bertq_batch_rows_sum", "bertq_batch_p
 
 
 def _scrape(port: int) -> tuple[dict[str, float], dict[str, float]]:
-    """The worker's ``bertq_stage_cpu_seconds_total`` by stage, and its ``BATCH_SERIES``."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return read_series(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+
+def read_series(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """From a worker's /metrics text: ``bertq_stage_cpu_seconds_total`` by stage, and ``BATCH_SERIES``."""
     stages: dict[str, float] = {}
     batches = dict.fromkeys(BATCH_SERIES, 0.0)
     for line in text.splitlines():
