@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import backends, enrich, gateway, observability, outputs, redis_ops, streams, summarize
+from bench import backends, enrich, gateway, host, observability, outputs, redis_ops, streams, summarize
 
 SECTIONS: dict[str, ModuleType] = {
     "backends": backends,
@@ -19,6 +19,7 @@ SECTIONS: dict[str, ModuleType] = {
     "streams": streams,
     "enrich": enrich,
     "redis_ops": redis_ops,
+    "host": host,
     "outputs": outputs,
     "gateway": gateway,
 }

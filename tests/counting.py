@@ -32,7 +32,8 @@ class CountingTask:
 class GatedTask(CountingTask):
     """A ``CountingTask`` whose forward waits until ``gate`` is set, so that a test holds the engine's
     forward thread in its first batch while the pool fills. Its tokenizing waits while ``prepare_gate``
-    is cleared (it starts set); ``preparing`` and ``prepared`` count the jobs it began and ended."""
+    is cleared (it starts set); ``preparing`` and ``prepared`` count the preprocess calls it began and
+    ended (one per prepare round and model: the jobs a round prepares are tokenized together)."""
 
     def __init__(self, task: TaskName) -> None:
         super().__init__(task)

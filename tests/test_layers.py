@@ -28,7 +28,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         "bertq.connection", "bertq.embedded", "bertq.tiny_models", "bertq.files", "bertq.vectors",
     ]),
     ("celery app", ["bertq.workers", "bertq.workers.app"]),
-    ("rows through a model", ["bertq.workers.runner", "bertq.workers.batcher", "bertq.workers.budget"]),
+    ("rows through a model", [
+        "bertq.workers.runner", "bertq.workers.batcher", "bertq.workers.budget", "bertq.workers.stages",
+    ]),
     ("backends", ["bertq.workers.backends.*"]),
     ("engine", ["bertq.workers.engine.*"]),
     ("sources and sinks", ["bertq.workers.queues.*", "bertq.workers.streams.*"]),

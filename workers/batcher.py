@@ -7,7 +7,7 @@ short rows padded to a long neighbour waste most of the compute. The budget coun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from bertq.tasks.base import padded_length
@@ -25,15 +25,23 @@ def pack(rows: Sequence[Sized], max_tokens: int, max_rows: int) -> list[list[int
     """Indices of ``rows`` grouped into batches: sorted by length, each under both caps.
 
     A row longer than the token budget alone still gets a batch of its own."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    batches: list[list[int]] = []
+    return list(_batches(rows, max_tokens, max_rows))
+
+
+def batch_of(rows: Sequence[Sized], index: int, max_tokens: int, max_rows: int) -> list[int]:
+    """The batch ``pack`` puts row ``index`` in, packing no batch after it."""
+    return next(batch for batch in _batches(rows, max_tokens, max_rows) if index in batch)
+
+
+def _batches(rows: Sequence[Sized], max_tokens: int, max_rows: int) -> Iterator[list[int]]:
+    # the engine packs up to 512 rows for every batch it takes: each length read once, the caps inline
+    lengths = [len(row) for row in rows]
     current: list[int] = []
-    for index in order:
+    for index in sorted(range(len(rows)), key=lengths.__getitem__):
         # sorted ascending, so the row being added is the longest of the batch
-        if current and not fits(len(rows[index]), len(current) + 1, max_tokens, max_rows):
-            batches.append(current)
+        if current and not fits(lengths[index], len(current) + 1, max_tokens, max_rows):
+            yield current
             current = []
         current.append(index)
     if current:
-        batches.append(current)
-    return batches
+        yield current

@@ -10,11 +10,14 @@ heartbeat (``poll_gauges``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from bertq.workers.engine.delivery import Delivery, Outcome
 from bertq.workers.queues.inbox import Inbox
+from bertq.workers.stages import STAGES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from bertq.keys import DEAD
 from bertq.streams import StreamSource, stream_state
@@ -115,6 +118,8 @@ class Metrics:
             registry=registry,
         )
 
+        registry.register(StageSeconds())
+
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
@@ -181,3 +186,16 @@ class Metrics:
 
     def redis_back(self, operation: str) -> None:
         self.redis_reconnects.inc()
+
+
+class StageSeconds(Collector):
+    """``bertq_stage_cpu_seconds``: the engine's CPU seconds per stage (workers/stages.py), read when
+    Prometheus scrapes, so counting costs the stages nothing more than their clock."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "bertq_stage_cpu_seconds", "CPU seconds of the worker's stage threads, by stage.", labels=["stage"]
+        )
+        for stage, seconds in STAGES.seconds().items():
+            family.add_metric([stage], seconds)
+        yield family

@@ -6,12 +6,14 @@ reference the tasks' parity tests, the accuracy gate and the bench compare again
 from __future__ import annotations
 
 import gc
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 from bertq.tasks.base import Loaded, Row, Task, collate, padded_length
 from bertq.workers.batcher import pack
 from bertq.workers.budget import TokenBudget
+from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
 from bertq.errors import BertqError, InferenceFailed, InvalidInput
@@ -63,8 +65,11 @@ def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
     if len(rows) > 1 and loaded.budget.over(tokens):
         return _halves(task, loaded, rows)
     try:
+        STAGES.enter("collate")
+        batch = collate(rows, loaded.pad_id, loaded.device)
+        STAGES.enter("forward")
         with torch.inference_mode():
-            outputs = task.forward(loaded, collate(rows, loaded.tokenizer.pad_token_id or 0, loaded.device))
+            outputs = task.forward(loaded, batch)
     except Exception as error:  # a model error must never take the worker or the batch-mates down
         if is_out_of_memory(error):
             free_memory(loaded.device)
@@ -112,26 +117,40 @@ def preprocess_items(
     """Rows per item; items that are already errors stay errors, and cached ones stay cached, a tokenizer
     error fails one item. Error fields number items from ``first_index`` (a part of a longer stream names
     its items as the whole)."""
-    valid = [i for i, item in enumerate(items) if not isinstance(item, (BertqError, Cached))]
+    return preprocess_jobs(task, loaded, options, [items], [first_index])[0]
+
+
+def preprocess_jobs(
+    task: Task, loaded: Loaded, options: Any, jobs: list[list[Any]], first_indexes: list[int]
+) -> list[list[list[Row] | BertqError | Cached]]:
+    """``preprocess_items`` for the items of several jobs of one model and options, in one call of the
+    task's preprocess (one tokenizer call: a call's own cost is paid once for all of them, not once per
+    one-text job). Per job, its rows per item; ``first_indexes``: each job's ``first_index``. Rows are
+    numbered by their item's place in its job."""
+    flat = [item for items in jobs for item in items]
+    valid = [i for i, item in enumerate(flat) if not isinstance(item, (BertqError, Cached))]
     prepared: list[list[Row] | BertqError | Cached] = [
-        item if isinstance(item, (BertqError, Cached)) else [] for item in items
+        item if isinstance(item, (BertqError, Cached)) else [] for item in flat
     ]
     try:
-        per_item = task.preprocess(loaded, [items[i] for i in valid], options)
-    except Exception:
-        per_item = [_preprocess_one(task, loaded, items[i], options) for i in valid]
+        per_item = task.preprocess(loaded, [flat[i] for i in valid], options)
+    except Exception:  # one bad item must not fail the others: each alone
+        per_item = [_preprocess_one(task, loaded, flat[i], options) for i in valid]
+    starts = list(itertools.accumulate((len(items) for items in jobs), initial=0))
+    job_of = [job for job, items in enumerate(jobs) for _ in items]
     for i, rows in zip(valid, per_item):
+        index = i - starts[job_of[i]]
         if isinstance(rows, BertqError):
             # tasks name fields relative to the item ("text") or the job's options ("options.targets");
             # item fields get their full name
             if not (rows.field or "").startswith("options."):
-                number = first_index + i
+                number = first_indexes[job_of[i]] + index
                 rows.field = f"items[{number}].{rows.field}" if rows.field else f"items[{number}]"
         else:
             for row in rows:
-                row.item = i
+                row.item = index
         prepared[i] = rows
-    return prepared
+    return [prepared[start:end] for start, end in itertools.pairwise(starts)]
 
 
 def _preprocess_one(task: Task, loaded: Loaded, item: Any, options: Any) -> list[Row] | BertqError:

@@ -91,3 +91,41 @@ def test_documentation_paragraphs_are_deterministic_and_about_56_tokens(minilm) 
     assert docs == doc_paragraphs(320) and docs != doc_paragraphs(320, seed=1)
     lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(minilm)(docs)["input_ids"]]
     assert 50 <= statistics.mean(lengths) <= 62 and max(lengths) < 128
+
+
+def test_the_host_section_reads_the_stage_and_batch_series_a_worker_serves() -> None:
+    from bertq.workers.metrics import Metrics
+    from bertq.workers.stages import NAMES, STAGES
+    from prometheus_client import generate_latest
+
+    from bench.host import read_series
+
+    metrics = Metrics()
+    metrics.batch("sentiment", 12, 300, 384, 0.01, 0)
+    metrics.batch("embedding", 8, 100, 128, 0.01, 0)
+    STAGES.enter("tokenize")
+    STAGES.leave()
+    stages, batches = read_series(generate_latest(metrics.registry).decode())
+    assert set(stages) == set(NAMES) and stages == pytest.approx(STAGES.seconds())
+    assert batches == {"bertq_batch_rows_count": 2, "bertq_batch_rows_sum": 20, "bertq_batch_padded_tokens_sum": 512}
+
+
+def test_the_host_sections_cpu_ratio_is_in_process_cpu_over_the_rows_own() -> None:
+    from bench.host import IN_PROCESS, markdown
+
+    def row(system: str, kind: str, worker: float, producer: float) -> dict[str, object]:
+        cpu = {"worker": worker, "producer": producer, "redis": 1.0}
+        stages = {"tokenize": 100.0, "forward": 50.0}
+        return {"system": system, "kind": kind, "per_s": 1000.0, "min": 900.0, "max": 1100.0, "ratio": 1.0,
+                "cpu_us_per_text": cpu, "stages_us_per_text": stages}  # fmt: skip
+
+    figures = {
+        "texts": 10,
+        "load_average": (1.0, 1.0, 1.0),
+        "tables": {"sentiment": [row(IN_PROCESS, "in-process", 0.0, 200.0), row("worker", "end-to-end", 400.0, 5.0)]},
+    }
+    lines = markdown(figures)
+    (worker,) = [line for line in lines if line.startswith("| sentiment | worker | 1000 |")]
+    assert "| 0.50x |" in worker
+    (stages,) = [line for line in lines if line.startswith("| sentiment | worker | 0 |")]
+    assert stages.endswith("| 250 |")  # the process's CPU beyond its stages: 400 - 150

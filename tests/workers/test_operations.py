@@ -101,6 +101,8 @@ def test_metrics_count_the_jobs_just_run_and_cover_the_dashboard(
             before, f"{histogram}_count", task="sentiment"
         ), histogram
     assert sample(after, "bertq_model_load_seconds_count", task="embedding") == 1
+    for stage in ("fetch", "decode", "claim", "validate", "tokenize", "collate", "forward", "serialise", "store"):
+        assert grew("bertq_stage_cpu_seconds_total", stage=stage) > 0, stage
     assert wait_until(
         lambda: f'queue="{queue}"' in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode(), 20
     )

@@ -1,4 +1,5 @@
-"""The in-process runner: distinct rows of a job are computed once; out-of-memory batches split."""
+"""The in-process runner: the items of several jobs are tokenized in one call, each job naming its own
+items; distinct rows of a job are computed once; out-of-memory batches split."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks import get_task
 from bertq.workers.backends.models import load_model
-from bertq.workers.runner import run_items
+from bertq.workers.runner import preprocess_items, preprocess_jobs, run_items
 
+from bertq.errors import BertqError, InvalidInput
 from tests.counting import CountingTask
 
 
@@ -28,6 +30,52 @@ def test_repeated_texts_in_a_job_are_computed_once_with_equal_results(tiny_model
         by_text.setdefault(text, result.embedding)  # type: ignore[union-attr]
         assert result.embedding == by_text[text]  # type: ignore[union-attr]
     assert len({tuple(v) for v in by_text.values()}) == 7
+
+
+class PoisonedPreprocess(CountingTask):
+    """The real sentiment task, counting its preprocess calls; a call holding the text "poison" raises,
+    as a tokenizer does that breaks on one input."""
+
+    def __init__(self) -> None:
+        super().__init__(TaskName.sentiment)
+        self.calls: list[int] = []  # items per preprocess call
+
+    def preprocess(self, loaded: Any, items: list[Any], options: Any) -> list[Any]:
+        self.calls.append(len(items))
+        if any(item.text == "poison" for item in items):
+            raise InvalidInput("this tokenizer breaks on poison", field="text")
+        return self.inner.preprocess(loaded, items, options)
+
+
+def texts_as_items(*texts: str) -> list[Any]:
+    return validate_items(TaskName.sentiment, [{"text": text} for text in texts], Limits())  # type: ignore[return-value]
+
+
+def test_the_items_of_several_jobs_are_tokenized_in_one_call_as_each_job_alone(tiny_models: dict[str, Path]) -> None:
+    task = PoisonedPreprocess()
+    loaded = load_model(task.inner, str(tiny_models["sentiment"]))
+    options = validate_options(TaskName.sentiment, {})
+    jobs = [texts_as_items("a first review", "a second one"), texts_as_items("one"), texts_as_items("x", "y", "z")]
+    together = preprocess_jobs(task, loaded, options, jobs, [0, 0, 0])  # type: ignore[arg-type]
+    assert task.calls == [6]
+    alone = [preprocess_items(task, loaded, items, options) for items in jobs]  # type: ignore[arg-type]
+    assert [[[(r.item, r.input_ids) for r in rows] for rows in job] for job in together] == [  # type: ignore[union-attr]
+        [[(r.item, r.input_ids) for r in rows] for rows in job]  # type: ignore[union-attr]
+        for job in alone
+    ]
+
+
+def test_a_tokenizer_error_fails_one_item_named_by_its_place_in_its_own_job(tiny_models: dict[str, Path]) -> None:
+    task = PoisonedPreprocess()
+    loaded = load_model(task.inner, str(tiny_models["sentiment"]))
+    options = validate_options(TaskName.sentiment, {})
+    jobs = [texts_as_items("fine", "also fine"), texts_as_items("good", "poison", "bad")]
+    first, second = preprocess_jobs(task, loaded, options, jobs, [0, 100])  # type: ignore[arg-type]
+    assert task.calls == [5, 1, 1, 1, 1, 1]  # the call failed: each item alone, so only the poison fails
+    assert all(isinstance(rows, list) and rows[0].item == i for i, rows in enumerate(first))
+    error = second[1]
+    assert isinstance(error, BertqError) and error.field == "items[101].text"
+    assert [rows[0].item for rows in (second[0], second[2])] == [0, 2]  # type: ignore[index]
 
 
 def test_the_model_cache_keeps_the_most_recently_used(tiny_models: dict[str, Path]) -> None:

@@ -70,11 +70,39 @@ class ResultCache:
         self.max_bytes = max_bytes
         self.observer = observer
 
-    def look_up(self, job: Job) -> None:
-        """Set the job's cache keys, and replace each item found in the cache by its ``Cached`` result."""
+    def look_up(self, jobs: list[Job]) -> None:
+        """Set each job's cache keys, and replace each item found in the cache by its ``Cached`` result:
+        one round trip for all of them."""
+        for job in jobs:
+            job.cache_keys = self._keys(job)
+        wanted = [key for job in jobs for key in job.cache_keys if key is not None]
+        if not wanted:
+            return
+        try:
+            found = dict(zip(wanted, self.client.mget(wanted)))
+        except redis.RedisError as error:
+            log.warning("result cache unreachable: computing", jobs=len(jobs), error=str(error))
+            found = {}
+        for job in jobs:
+            hits = misses = 0
+            for index, key in enumerate(job.cache_keys):
+                if key is None:
+                    continue
+                result = readable(found.get(key))
+                if result is None:
+                    misses += 1
+                else:
+                    job.items[index] = Cached(result)
+                    hits += 1
+            if hits or misses:
+                self.observer.cache(job.task.name.value, hits, misses)
+
+    def _keys(self, job: Job) -> list[str | None]:
+        """Per item, the key of its result; None for an item that is already an error, and for every item
+        of a model whose weights cannot be named."""
         fingerprint = model_fingerprint(job.loaded)
         if fingerprint is None:
-            return
+            return [None] * len(job.items)
         scope = json.dumps(
             [
                 job.task.name.value,
@@ -86,27 +114,12 @@ class ResultCache:
             ],
             sort_keys=True,
         )
-        job.cache_keys = [
+        return [
             KEY_PREFIX + hashlib.sha256(f"{scope}\n{item.model_dump_json()}".encode()).hexdigest()
             if isinstance(item, BaseModel)
             else None
             for item in job.items
         ]
-        wanted = [key for key in job.cache_keys if key is not None]
-        if not wanted:
-            return
-        try:
-            found = dict(zip(wanted, self.client.mget(wanted)))
-        except redis.RedisError as error:
-            log.warning("result cache unreachable: computing", job_id=job.delivery.job_id, error=str(error))
-            found = {}
-        hits = 0
-        for index, key in enumerate(job.cache_keys):
-            result = readable(found.get(key) if key is not None else None)
-            if result is not None:
-                job.items[index] = Cached(result)
-                hits += 1
-        self.observer.cache(job.task.name.value, hits, len(wanted) - hits)
 
     def store(self, finished: list[tuple[Job, Outcome]]) -> None:
         """Write the items these jobs computed (not the ones they found, nor errors), each at most

@@ -27,14 +27,15 @@ from typing import Any, TypeVar
 
 from bertq.schemas import JobStatus
 from bertq.tasks import get_task
-from bertq.tasks.base import Row, padded_length
+from bertq.tasks.base import padded_length
 from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.cache import ResultCache
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Observers, Outcome
 from bertq.workers.engine.held import Held
-from bertq.workers.engine.jobs import Job, log_started, validate_delivery
+from bertq.workers.engine.jobs import Job, log_started, prepare_rows, validate
 from bertq.workers.engine.pool import PendingRow, Pool
-from bertq.workers.runner import Cached, forward_rows, preprocess_items
+from bertq.workers.runner import forward_rows
+from bertq.workers.stages import STAGES
 
 from bertq.connection import GiveUp, deadline_timer
 from bertq.errors import BertqError, InferenceFailed, InvalidInput
@@ -254,6 +255,7 @@ class Engine:
             elif claim is Claim.duplicate:
                 log.warning("message refused: its job id belongs to another message", job_id=delivery.job_id)
         self._held.forget(d for d, c in zip(group, claims) if c in (Claim.lost, Claim.duplicate))
+        accepted: list[Job] = []
         for delivery, claim in zip(group, claims):
             if claim is Claim.expired:
                 expired = InvalidInput("expired before it ran", field="expires")
@@ -262,29 +264,33 @@ class Engine:
                 continue
             elif delivery.refusal is not None:
                 self._finish.put([Outcome(delivery, JobStatus.failed, error=delivery.refusal)])
-            else:
-                self._start_job(delivery)
+            elif (job := self._start_job(delivery)) is not None:
+                accepted.append(job)
+        self._enqueue(accepted)
 
-    def _start_job(self, delivery: Delivery) -> None:
+    def _start_job(self, delivery: Delivery) -> Job | None:
+        """The delivery as a job, its model loaded; None when it failed (its outcome is on its way)."""
         try:
-            job = self._accept(delivery)
-            if self.cache is not None:
-                self.cache.look_up(job)
-            rows = preprocess_items(job.task, job.loaded, job.items, job.options, delivery.first_item)
+            STAGES.enter("validate")
+            return self._accept(delivery)
         except BertqError as error:
             self._fail(delivery, error)
-            return
         except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
             log.exception("job could not be prepared", job_id=delivery.job_id)
             self._fail(delivery, InferenceFailed(f"worker error: {type(error).__name__}: {error}"))
-            return
-        self._enqueue(job, rows)
+        return None
 
     def _fail(self, delivery: Delivery, error: BertqError) -> None:
         self._finish.put([Outcome(delivery, JobStatus.failed, error=error, info={"worker": self.worker_name})])
 
     def _accept(self, delivery: Delivery) -> Job:
-        task_name, options, items, model_id = validate_delivery(delivery, self.settings)
+        if delivery.size > self.settings.max_message_bytes:
+            raise InvalidInput(
+                f"{delivery.size} bytes is over the limit of {self.settings.max_message_bytes} "
+                "(BERTQ_MAX_MESSAGE_BYTES)",
+                field="message",
+            )
+        task_name, options, items, model_id = validate(delivery, self.settings)
         cached = self.models.has(task_name, model_id)
         self.loading_since = time.monotonic()
         try:
@@ -296,16 +302,27 @@ class Engine:
             self.last_progress = time.monotonic()
         return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
 
-    def _enqueue(self, job: Job, prepared: list[list[Row] | BertqError | Cached]) -> None:
-        rows = job.rows_to_run(prepared, self.settings.max_result_bytes)
-        if not rows:  # every item failed validation: nothing to run
-            self._finish.put([job.outcome(self.worker_name)])
-        elif not self._pool.add(job, rows):  # stopping: give it back rather than start it
-            self._held.release([job.delivery])
+    def _enqueue(self, jobs: list[Job]) -> None:
+        """Tokenize the jobs, across jobs (``prepare_rows``), then pool all their rows at once: the
+        forward thread packs its length-sorted batches from all of them, not from the first job alone."""
+        if self.cache is not None:
+            self.cache.look_up(jobs)  # items found there run no rows
+        STAGES.enter("tokenize")
+        pooled = []
+        for job, prepared in prepare_rows(jobs):
+            if isinstance(prepared, BertqError):
+                self._fail(job.delivery, prepared)
+            elif rows := job.rows_to_run(prepared, self.settings.max_result_bytes):
+                pooled.append((job, rows))
+            else:  # every item failed validation: nothing to run
+                self._finish.put([job.outcome(self.worker_name)])
+        if pooled and not self._pool.add(pooled):  # stopping: give them back rather than start them
+            self._held.release([job.delivery for job, _ in pooled])
 
     # ---- forward: batches across jobs -------------------------------------------------------------
 
     def _forward_loop(self) -> None:
+        STAGES.enter("batch")  # choosing a batch; forward_rows enters collate, then forward
         while (picked := self._pool.next_batch()) is not None:
             batch, first = picked
             task, loaded = batch[0].job.task, batch[0].job.loaded
@@ -315,6 +332,7 @@ class Engine:
             began = time.monotonic()
             splits = loaded.budget.splits if loaded.budget is not None else 0
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
+            STAGES.enter("batch")
             self.last_progress = time.monotonic()
             longest = max(len(pending.row) for pending in batch)
             tokens = sum(len(pending.row) for pending in batch)
@@ -333,14 +351,13 @@ class Engine:
 
     def _finish_loop(self) -> None:
         while (entry := self._finish.get()) is not None:
+            STAGES.enter("postprocess")  # the job's own steps enter serialise, the sink's enter store
             outcomes: list[Outcome] = []
             computed: list[tuple[Job, Outcome]] = []  # for the result cache
             more: list[_Finishing] = _take_ready(self._finish)
             for ready in (entry, *more):  # everything ready, stored in one round trip
                 if isinstance(ready, _Batch):
-                    finished = [(job, job.outcome(self.worker_name)) for job in self._collect(ready)]
-                    computed += finished
-                    outcomes += [outcome for _, outcome in finished]
+                    computed += [(job, job.outcome(self.worker_name)) for job in self._collect(ready)]
                 elif isinstance(ready, tuple):
                     self._held.acknowledge(ready[1])
                     if ready[0] == "cancelled":
@@ -348,6 +365,7 @@ class Engine:
                             self.observer.finished(Outcome(delivery, JobStatus.cancelled), True)
                 else:
                     outcomes.extend(ready)
+            outcomes += [outcome for _, outcome in computed]
             if outcomes:
                 self._held.store(outcomes)
                 self.last_progress = time.monotonic()

@@ -20,6 +20,7 @@ from typing import Any
 
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Outcome
 from bertq.workers.engine.jobs import log_outcome
+from bertq.workers.stages import STAGES
 
 from bertq.connection import GiveUp, retry
 from bertq.log import get_logger
@@ -90,6 +91,8 @@ class Held:
 
     def want_alone(self, source: str, wanted: bool) -> None:
         with self._changed:
+            if wanted == (source in self._alone_wanted):
+                return  # every step of every source says it: waking the others for nothing made two spin
             (self._alone_wanted.add if wanted else self._alone_wanted.discard)(source)
             self._changed.notify_all()
 
@@ -112,6 +115,7 @@ class Held:
 
     def claim(self, deliveries: list[Delivery]) -> list[Claim]:
         """Each delivery's claim, in their order (one call per sink)."""
+        STAGES.enter("claim")
         claims: dict[int, Claim] = {}
         for sink, group in _by_sink(deliveries):
             claims.update(zip(map(id, group), self._retry(partial(sink.claim, group), "claim")))
@@ -119,6 +123,7 @@ class Held:
 
     def store(self, outcomes: list[Outcome]) -> None:
         for sink, group in _by_sink(outcomes, key=lambda o: o.delivery.sink):
+            STAGES.enter("store")  # a Redis sink enters serialise for its records' JSON, then store again
             stored = self._retry(partial(sink.finish, group), "store results")
             for outcome, fresh in zip(group, stored):
                 log_outcome(outcome, fresh, self.worker_name)
@@ -126,6 +131,7 @@ class Held:
             self.forget(o.delivery for o in group)
 
     def acknowledge(self, deliveries: list[Delivery]) -> None:
+        STAGES.enter("store")
         for sink, group in _by_sink(deliveries):
             self._retry(partial(sink.acknowledge, group), "acknowledge")
             self.forget(group)

@@ -1,5 +1,6 @@
-"""A job inside the engine, from its claim to its outcome: which rows each item waits for, its results
-as its items finish (counted against the result cap), and the one log line of each of its states."""
+"""A job inside the engine, from its claim to its outcome: what its delivery asks for (validated), its
+rows (tokenized across the jobs prepared together), which rows each item waits for, its results as its
+items finish (counted against the result cap), and the one log line of each of its states."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers.engine.delivery import Delivery, Outcome
-from bertq.workers.runner import Cached, finish_item, result_dicts
+from bertq.workers.runner import Cached, finish_item, preprocess_items, preprocess_jobs, result_dicts
+from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, InvalidInput, ModelNotAllowed, ResultTooLarge
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed, ResultTooLarge
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -39,7 +41,9 @@ class Job:
 
     def rows_to_run(self, prepared: list[list[Row] | BertqError | Cached], max_result_bytes: int) -> list[Row]:
         """Every item's rows, each item now waiting for its own; an item that failed to prepare has
-        its error as its result at once, and a cached one its result (counted against the cap)."""
+        its error as its result at once, and a cached one its result (counted against the cap).
+        (Prepare's last step: the rows then go into the pool.)"""
+        STAGES.enter("pool")
         rows: list[Row] = []
         for index, entry in enumerate(prepared):
             if isinstance(entry, BertqError):
@@ -62,9 +66,11 @@ class Job:
                 continue
             done = self.outputs.pop(index)
             if self.too_large is None:
+                STAGES.enter("postprocess")
                 result = finish_item(
                     self.task, self.loaded, self.items[index], self.options, [r for r, _ in done], [o for _, o in done]
                 )
+                STAGES.enter("serialise")
                 self.results[index] = self._within_result_cap(result, max_result_bytes)
             del self.rows_left[index]
         return not self.rows_left
@@ -96,25 +102,22 @@ class Job:
     def outcome(self, worker_name: str) -> Outcome:
         """Once no rows are left: done with every item's result (or error), or failed when the results
         outgrew the cap."""
+        STAGES.enter("serialise")
         info = {"worker": worker_name, **self.loaded.info(), "deliveries": self.delivery.deliveries}
         if self.too_large is not None:
             return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
         return Outcome(self.delivery, JobStatus.done, results=result_dicts(self.results), info=info)
 
 
-def validate_delivery(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseModel, list[Any], str]:
-    """What a delivery asks for, checked: its task, options, items (each parsed or its own error) and
-    the model to serve it, which must be one this worker serves."""
-    if delivery.size > settings.max_message_bytes:
-        raise InvalidInput(
-            f"{delivery.size} bytes is over the limit of {settings.max_message_bytes} (BERTQ_MAX_MESSAGE_BYTES)",
-            field="message",
-        )
+def validate(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseModel, list[Any], str]:
+    """What a delivery asks for, checked: its task, options, items (an invalid item as its own error) and
+    model id. Raises the error that fails the whole job."""
     task_name = parse_task(delivery.task)
     options = validate_options(task_name, delivery.options)
     limits = settings.limits()
+    raw_items = validate_item_count(delivery.items, limits)
     items: list[Any] = []
-    for index, raw in enumerate(validate_item_count(delivery.items, limits)):
+    for index, raw in enumerate(raw_items):
         try:
             items.append(validate_item(task_name, delivery.first_item + index, raw, limits))
         except InvalidInput as error:
@@ -129,6 +132,51 @@ def validate_delivery(delivery: Delivery, settings: Settings) -> tuple[TaskName,
             field="model",
         )
     return task_name, options, items, model_id
+
+
+Prepared = list[list[Row] | BertqError | Cached] | BertqError
+
+
+def prepare_rows(jobs: list[Job]) -> list[tuple[Job, Prepared]]:
+    """Each job's rows per item, in the jobs' order. The jobs of one model and options are tokenized
+    together, in one call of their task's preprocess: one-text jobs pay a tokenizer call's own cost once
+    per prepare round, not once each. A job whose preparing raised (a bug, a broken model) gets the
+    error that fails it; the others go on."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        same = (
+            g for g in groups if g[0].loaded is job.loaded and g[0].task is job.task and g[0].options == job.options
+        )
+        group = next(same, None)
+        if group is None:
+            groups.append([job])
+        else:
+            group.append(job)
+    prepared: dict[int, Prepared] = {}
+    for group in groups:
+        head = group[0]
+        try:
+            rows = preprocess_jobs(
+                head.task,
+                head.loaded,
+                head.options,
+                [job.items for job in group],
+                [job.delivery.first_item for job in group],
+            )
+        except Exception:  # each job on its own, so that only the one that raises fails
+            rows = [_prepare_alone(job) for job in group]
+        prepared.update((id(job), job_rows) for job, job_rows in zip(group, rows))
+    return [(job, prepared[id(job)]) for job in jobs]
+
+
+def _prepare_alone(job: Job) -> Prepared:
+    try:
+        return preprocess_items(job.task, job.loaded, job.items, job.options, job.delivery.first_item)
+    except BertqError as error:
+        return error
+    except Exception as error:  # a bug or a broken model: this job fails, the worker goes on
+        log.exception("job could not be prepared", job_id=job.delivery.job_id)
+        return InferenceFailed(f"worker error: {type(error).__name__}: {error}")
 
 
 def log_started(delivery: Delivery, worker_name: str) -> None:

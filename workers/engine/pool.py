@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from bertq.schemas import TaskName
 from bertq.tasks.base import Row, padded_length
-from bertq.workers.batcher import pack
+from bertq.workers.batcher import batch_of
 from bertq.workers.engine.jobs import Job
 from bertq.workers.runner import distinct_rows
 
@@ -40,25 +40,33 @@ class Pool:
         self._rows: dict[tuple[TaskName, str], list[PendingRow]] = {}
         self._changed = threading.Condition()
 
-    def add(self, job: Job, rows: list[Row]) -> bool:
-        """Pool the job's rows, each distinct input once, in their place by rank. False, and nothing
-        pooled, once the pool is closed."""
-        rank = (job.delivery.priority, time.monotonic())
+    def add(self, jobs: list[tuple[Job, list[Row]]]) -> bool:
+        """Pool each job's rows, each distinct input once, in their place by rank, all at once (the forward
+        thread sees them together). False, and nothing pooled, once the pool is closed."""
+        now = time.monotonic()
+        ranked = [self._pending(job, rows, (job.delivery.priority, now)) for job, rows in jobs if rows]
+        with self._changed:
+            if self.closed:
+                return False
+            for pending in ranked:
+                job, rank = pending[0].job, pending[0].rank
+                rows_of = self._rows.setdefault((job.task.name, job.loaded.model_id), [])
+                at = len(rows_of)
+                if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
+                    at = bisect.bisect_right([p.rank for p in rows_of], rank)
+                rows_of[at:at] = pending
+            self._changed.notify_all()
+        return True
+
+    @staticmethod
+    def _pending(job: Job, rows: list[Row], rank: tuple[int, float]) -> list[PendingRow]:
+        """The job's rows as the pool holds them: each distinct input once, its copies beside it."""
         distinct, position = distinct_rows(rows)
         pending = [PendingRow(rows[i], job, rank) for i in distinct]
         for index, row in enumerate(rows):
             if distinct[position[index]] != index:
                 pending[position[index]].copies.append(row)
-        with self._changed:
-            if self.closed:
-                return False
-            rows_of = self._rows.setdefault((job.task.name, job.loaded.model_id), [])
-            at = len(rows_of)
-            if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
-                at = bisect.bisect_right([p.rank for p in rows_of], rank)
-            rows_of[at:at] = pending
-            self._changed.notify_all()
-        return True
+        return pending
 
     def close(self) -> list[Job]:
         """Take no more rows. Returns the jobs none of whose rows has started, taken out of the pool;
@@ -96,7 +104,8 @@ class Pool:
                 self._changed.wait(wait)
             batch = self.select(rows)
             taken = {id(pending) for pending in batch}
-            self._rows[key] = [pending for pending in rows if id(pending) not in taken]
+            scanned = self.settings.max_batch_rows * SCAN_BATCHES  # the batch is of these: the rest stays as is
+            self._rows[key] = [pending for pending in rows[:scanned] if id(pending) not in taken] + rows[scanned:]
             first = list({id(p.job): p.job for p in batch if not p.job.started}.values())
             for job in first:
                 job.started = True  # under the pool lock: close sees it
@@ -108,9 +117,9 @@ class Pool:
         Only the first ``SCAN_BATCHES`` batches' worth of rows are packed, so a full pool (thousands of
         held rows) does not make every batch pay for sorting all of it."""
         window = rows[: self.settings.max_batch_rows * SCAN_BATCHES]
-        batches = pack([pending.row for pending in window], self._budget(window), self.settings.max_batch_rows)
+        rows_of_window = [pending.row for pending in window]
         first = 0  # the pool is kept in (priority, arrival) order
-        chosen = next(batch for batch in batches if first in batch)
+        chosen = batch_of(rows_of_window, first, self._budget(window), self.settings.max_batch_rows)
         return [window[i] for i in chosen]
 
     def _budget(self, rows: list[PendingRow]) -> int:

@@ -21,6 +21,7 @@ from bertq.workers.engine.delivery import Delivery, Sink
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.source import Source
 from bertq.workers.queues.inbox import Fetched, Inbox
+from bertq.workers.stages import STAGES
 
 from bertq.errors import BertqError, InvalidMessage, Unsupported
 from bertq.log import get_logger
@@ -227,10 +228,13 @@ class QueueIntake(Source):
             return
         if self._suspect or time.monotonic() - self._reconciled > RECONCILE_EVERY_S:
             self._adopt_orphans()
+        STAGES.enter("fetch")
         fetched = self.retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES), "fetch")
         self.last_fetch = time.monotonic()
         if fetched:
+            STAGES.enter("decode")
             self.engine.submit(self._deliveries(fetched))
+            STAGES.enter("fetch")
         else:
             self.retry(self.inbox.wait, "wait for jobs")
 

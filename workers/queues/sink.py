@@ -15,6 +15,7 @@ from bertq.schemas import JobStatus
 from bertq.workers.engine.delivery import Claim, Delivery, Outcome
 from bertq.workers.engine.source import DEAD_LETTER_FN, DeadLetterLimits
 from bertq.workers.queues.inbox import IN_FLIGHT, Fetched
+from bertq.workers.stages import STAGES
 
 from bertq.errors import ResultTooLarge
 from bertq.keys import DEAD, DELIVERIES
@@ -150,19 +151,26 @@ class JobRecords:
         return claims
 
     def finish(self, outcomes: list[Outcome]) -> list[bool]:
+        STAGES.enter("serialise")
+        records = [self._within_cap(outcome) for outcome in outcomes]
+        STAGES.enter("store")
         pipe = self.client.pipeline(transaction=False)
-        for outcome in outcomes:
-            record = _record(outcome)
-            if len(record) > self.max_record_bytes:
-                outcome.status, outcome.results = JobStatus.failed, None
-                outcome.error = ResultTooLarge(
-                    f"{len(record)} bytes of results is over the limit of {self.max_record_bytes} "
-                    "(BERTQ_MAX_RESULT_BYTES): send fewer items per job or ask for less",
-                    field="results",
-                )
-                record = _record(outcome)
+        for outcome, record in zip(outcomes, records):
             self._store(outcome.delivery, record, outcome.status.value, pipe)
         return [bool(flag) for flag in pipe.execute()]
+
+    def _within_cap(self, outcome: Outcome) -> str:
+        """The outcome's record; a record over the cap fails the job instead (the outcome says so)."""
+        record = _record(outcome)
+        if len(record) > self.max_record_bytes:
+            outcome.status, outcome.results = JobStatus.failed, None
+            outcome.error = ResultTooLarge(
+                f"{len(record)} bytes of results is over the limit of {self.max_record_bytes} "
+                "(BERTQ_MAX_RESULT_BYTES): send fewer items per job or ask for less",
+                field="results",
+            )
+            record = _record(outcome)
+        return record
 
     def acknowledge(self, deliveries: list[Delivery]) -> None:
         pipe = self.client.pipeline(transaction=False)

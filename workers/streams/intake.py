@@ -34,6 +34,7 @@ from bertq.workers.engine.source import (
     dead_letter_reason,
     redelivery,
 )
+from bertq.workers.stages import STAGES
 from bertq.workers.streams.sink import Read, StreamSink
 
 from bertq.keys import as_text
@@ -198,6 +199,7 @@ class StreamIntake(Source):
             self.engine.wait_for_room(0.5, needed)
             return
         for group, sources in self._groups.items():
+            STAGES.enter("fetch")
             reply = self.retry(
                 lambda group=group, sources=sources: self.client.xreadgroup(  # type: ignore[misc]
                     group,
@@ -208,6 +210,7 @@ class StreamIntake(Source):
                 ),
                 "read streams",
             )
+            STAGES.enter("decode")
             for stream, entries in cast(list[Any], reply) or []:
                 source = self._by_input[as_text(stream)]
                 read = [(as_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None]

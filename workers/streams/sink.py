@@ -21,6 +21,7 @@ from typing import Any, cast
 import redis
 from bertq.schemas import TaskName
 from bertq.workers.engine.delivery import Claim, Delivery, Outcome
+from bertq.workers.stages import STAGES
 
 from bertq.streams import StreamSource
 
@@ -82,6 +83,7 @@ class StreamSink:
         return [Claim.run] * len(deliveries)
 
     def finish(self, outcomes: list[Outcome]) -> list[bool]:
+        STAGES.enter("serialise")  # the output entries' JSON; then the script that writes them
         ready: list[Read] = []
         with self._lock:
             for outcome in outcomes:
@@ -101,6 +103,7 @@ class StreamSink:
         for read in ready:
             self._write(keys=[read.source.input, read.source.output], args=self._write_args(read), client=pipe)
         self._forget_if_done(pipe)
+        STAGES.enter("store")
         pipe.execute()
         return [True] * len(outcomes)
 

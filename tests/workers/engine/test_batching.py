@@ -60,8 +60,8 @@ def test_the_highest_priority_rows_go_first_when_the_pool_holds_several(
         reviews("last", sink, priority=9),
     ]
     engine.submit(waiting)
-    # tokenized one after another: once the last is, all the others are in the pool
-    assert wait_until(lambda: gated.prepared == 1 + len(waiting), 10)
+    # one prepare round tokenizes them together, in one call: once it returns, they are all pooled at once
+    assert wait_until(lambda: gated.prepared == 2, 10)
     gated.gate.set()
     sink.wait([delivery.job_id for delivery in waiting], 30)
     assert recorder.starts == ["busy", "urgent", "middle", "low-0", "low-1", "low-2", "last"]
@@ -88,3 +88,19 @@ def test_the_jobs_one_batch_finished_are_stored_in_one_call(start_engine: Callab
     engine.submit([reviews(job_id, sink) for job_id in ids])
     sink.wait(ids, 30)
     assert recorder.batch_rows == [20] and sink.finish_calls == 1
+
+
+def test_jobs_taken_together_are_tokenized_in_one_call_per_model_and_options(
+    start_engine: Callable[..., Engine], gated: GatedTask
+) -> None:
+    sink = MemorySink()
+    engine = start_engine()
+    gated.gate.set()  # forward runs freely: only the preprocess calls are counted
+    plain = [reviews(f"plain-{i}", sink) for i in range(5)]
+    top = [
+        Delivery(f"top-{i}", "sentiment", [{"text": f"review {i}"}], options={"top_k": 1}, sink=sink) for i in range(3)
+    ]
+    engine.submit([*plain, *top])
+    outcomes = sink.wait([delivery.job_id for delivery in [*plain, *top]], 30)
+    assert gated.prepared == 2
+    assert [len((outcome.results or [{}])[0]["scores"]) for outcome in outcomes] == [2] * 5 + [1] * 3

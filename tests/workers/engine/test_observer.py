@@ -10,6 +10,7 @@ from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.delivery import Delivery
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.memory import MemorySink
+from bertq.workers.stages import STAGES
 
 from tests.procs import wait_until
 from tests.workers.engine.recording import Recorder
@@ -40,3 +41,19 @@ def test_a_job_stored_twice_is_told_as_not_stored_the_second_time(start_engine: 
     assert wait_until(lambda: len(recorder.outcomes) == 2, 10)
     assert recorder.outcomes == [("job", JobStatus.done, True), ("job", JobStatus.done, False)]
     assert sink.outcomes["job"].delivery.items == [{"text": "fine"}]  # the first stays
+
+
+def test_the_engine_charges_its_cpu_to_each_stage_a_job_meets(start_engine: Callable[..., Engine]) -> None:
+    sink = MemorySink()
+    engine = start_engine()
+    engine.submit([Delivery("warm", "sentiment", [{"text": "warm up"}], sink=sink)])
+    sink.wait(["warm"], 30)
+    before = STAGES.seconds()
+    texts = [{"text": f"review number {i}, rather long to tokenize " * 8} for i in range(200)]
+    engine.submit([Delivery("job", "sentiment", texts, sink=sink)])
+    sink.wait(["job"], 30)
+    assert wait_until(lambda: STAGES.seconds()["postprocess"] > before["postprocess"], 10)
+    after = STAGES.seconds()
+    grew = {stage for stage in after if after[stage] > before[stage]}
+    # no source thread here (no fetch, decode); serialising is the job's result dicts, storing the sink's call
+    assert {"validate", "tokenize", "pool", "collate", "forward", "postprocess", "serialise", "store"} <= grew

@@ -1,11 +1,12 @@
 """The source base every source shares, on a real engine: a delivery on its last delivery runs alone
 once the engine is empty and no source gets room meanwhile; a turn taken for nothing, or cut short by
-an error, is given back; a source stopped in the middle of a Redis retry ends; and the delivery-count
-rule both sources apply."""
+an error, is given back; a source stopped in the middle of a Redis retry ends; sources waiting for room
+do not wake each other; and the delivery-count rule both sources apply."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -125,3 +126,37 @@ def test_a_source_stopped_while_redis_fails_ends_without_its_last_step(start_eng
     source.stop()
     thread.join(5)
     assert not thread.is_alive() and not source.ended
+
+
+class WaitingForRoom(Listed):
+    """Waits for room as the queue and stream sources do (``wait_for_room``), counting its steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.steps = 0
+
+    def take(self) -> None:
+        self.steps += 1
+        self.engine.wait_for_room(0.5)
+
+
+class OtherWaitingForRoom(WaitingForRoom):
+    name = "other"
+
+
+def test_sources_waiting_for_room_do_not_wake_each_other(start_engine: Callable[..., Engine], gated: GatedTask) -> None:
+    engine = start_engine(prefetch=1)
+    engine.submit([job("holding", MemorySink())])  # held in its batch at the gate: no room
+    sources = [WaitingForRoom(engine), OtherWaitingForRoom(engine)]
+    threads = [threading.Thread(target=source.run, daemon=True) for source in sources]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.2)
+    for source in sources:
+        source.stop()
+    gated.gate.set()
+    for thread in threads:
+        thread.join(5)
+    # each step tells the engine it has nothing to run alone; telling what it already knew wakes no one,
+    # so each source waits its 0.5 s per step (when it woke the other, the two spun: thousands of steps)
+    assert all(1 <= source.steps <= 5 for source in sources), [source.steps for source in sources]
