@@ -31,6 +31,7 @@ from typing import Any
 from bench.context import Context
 from bench.enrich import _enrich, _write_inputs, one_torch_thread
 from bench.procs import log_tail
+from bench.streams import enrich_entries
 from bench.texts import review_texts
 from bench.timing import System, measure
 
@@ -197,17 +198,7 @@ def _systems(
     stream = f"{STREAM}:{task}"
 
     def streamed(batch: list[str]) -> None:
-        out = f"{stream}:enriched"
-        before = ctx.redis.xlen(out)
-        pipe = ctx.redis.pipeline(transaction=False)
-        for text in batch:
-            pipe.xadd(stream, {"text": text})
-        pipe.execute()
-        deadline = time.monotonic() + 600
-        while ctx.redis.xlen(out) < before + len(batch):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"stream worker stopped or timed out ({worker.poll()})")
-            time.sleep(0.002)
+        enrich_entries(ctx, stream, batch, worker, poll_s=0.002)
 
     directory = ctx.out / "host" / task
     table, _ = _write_inputs(directory, texts)

@@ -15,9 +15,9 @@ STREAM = "bench:reviews"
 TASKS = {"embedding": "the real all-MiniLM-L6-v2", "sentiment": "the tiny checkpoint"}
 
 
-def enrich_entries(ctx: Context, stream: str, texts: list[str], worker: Any) -> None:
+def enrich_entries(ctx: Context, stream: str, texts: list[str], worker: Any, poll_s: float = 0.005) -> None:
     """Write ``texts`` as entries of ``stream`` and return once ``worker`` (a Popen) has written an
-    output entry for each."""
+    output entry for each (looked for every ``poll_s``)."""
     out = f"{stream}:enriched"
     before = ctx.redis.xlen(out)
     pipe = ctx.redis.pipeline(transaction=False)
@@ -28,7 +28,7 @@ def enrich_entries(ctx: Context, stream: str, texts: list[str], worker: Any) -> 
     while ctx.redis.xlen(out) < before + len(texts):
         if worker.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"stream worker stopped or timed out ({worker.poll()})")
-        time.sleep(0.005)
+        time.sleep(poll_s)
 
 
 def run(ctx: Context) -> dict[str, Any]:
