@@ -27,7 +27,7 @@ from bertq.workers.runner import result_dicts, run_items
 
 from bench.enrich import one_torch_thread
 from bertq.cli import EXIT_BROKER, EXIT_INVALID, main
-from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, Summary, task_specs
+from bertq.enrich import STATE_SUFFIX, EnrichJob, Enrichment, Summary, TaskSpec, task_specs
 from bertq.enrich.local import LocalBackend
 from bertq.files import FileFormat, RowReader
 from bertq.settings import Settings
@@ -553,6 +553,19 @@ def test_a_resumed_run_starts_at_the_next_row_even_when_it_lacks_the_text(
     assert out[64]["error"] == "sentiment: text: Field required" and out[65]["error"] is None
 
 
+def enrich_jsonl_locally(
+    source: Path, rows: list[dict[str, Any]], specs: list[TaskSpec]
+) -> tuple[Summary, list[dict[str, Any]]]:
+    """``rows`` written to ``source`` as JSONL and enriched in this process: the summary and the output rows."""
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = source.with_suffix(".out.jsonl")
+    enrichment = Enrichment(EnrichJob(source, output, FileFormat.jsonl, FileFormat.jsonl, specs, 64, Limits()))
+    enrichment.prepare()
+    with one_torch_thread():
+        summary = enrichment.run(LocalBackend(Settings(), specs))
+    return summary, [json.loads(line) for line in output.read_text().splitlines()]
+
+
 def test_tasks_of_several_fields_read_them_from_columns(
     tmp_path: Path, models: dict[str, str], tiny_models: dict[str, Path], minilm: Path
 ) -> None:
@@ -563,8 +576,6 @@ def test_tasks_of_several_fields_read_them_from_columns(
         {**base, "text_pair": "It came.", "text_a": "great kettle", "text_b": "awful kettle"},
         {**base, "text_pair": "It came.", "query": "kettle", "candidates": ["a kettle", "a boot"], "top_k": 1},
     ]
-    source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     specs = task_specs(
         ["qa", "nsp", "similarity"],
         models={"qa": str(tiny_models["qa"]), "nsp": str(tiny_models["nsp"]), "similarity": str(minilm)},
@@ -574,12 +585,7 @@ def test_tasks_of_several_fields_read_them_from_columns(
         specs[2].missing(["text_a", "query"])
         == "columns for similarity ('text_a' and 'text_b' or 'query' and 'candidates')"
     )
-    output = tmp_path / "pairs.out.jsonl"
-    enrichment = Enrichment(EnrichJob(source, output, FileFormat.jsonl, FileFormat.jsonl, specs, 64, Limits()))
-    enrichment.prepare()
-    with one_torch_thread():
-        summary = enrichment.run(LocalBackend(Settings(), specs))
-    pair, query = [json.loads(line) for line in output.read_text().splitlines()]
+    summary, (pair, query) = enrich_jsonl_locally(tmp_path / "pairs.jsonl", rows, specs)
     assert summary.rows == 2 and summary.failed_rows == 0
     assert pair["qa"]["answer"] in pair["body"] and isinstance(pair["nsp"]["is_next"], bool) and pair["error"] is None
     assert -1 <= pair["similarity"]["score"] <= 1
@@ -589,17 +595,10 @@ def test_tasks_of_several_fields_read_them_from_columns(
 def test_rerank_reads_a_query_column_and_a_list_of_documents(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     documents = ["The battery lasts all day.", "The screen is gorgeous.", "Delivery took two days."]
     rows = [{"q": "battery life", "docs": documents, "top_k": 2}, {"q": "battery life", "docs": []}]
-    source = tmp_path / "questions.jsonl"
-    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     specs = task_specs(
         ["rerank"], models={"rerank": str(tiny_models["rerank"])}, columns={"query": "q", "documents": "docs"}
     )
-    output = tmp_path / "questions.out.jsonl"
-    enrichment = Enrichment(EnrichJob(source, output, FileFormat.jsonl, FileFormat.jsonl, specs, 64, Limits()))
-    enrichment.prepare()
-    with one_torch_thread():
-        summary = enrichment.run(LocalBackend(Settings(), specs))
-    ranked, empty = [json.loads(line) for line in output.read_text().splitlines()]
+    summary, (ranked, empty) = enrich_jsonl_locally(tmp_path / "questions.jsonl", rows, specs)
     assert summary.rows == 2 and summary.failed_rows == 1
     loaded = load_model(get_task(TaskName.rerank), str(tiny_models["rerank"]))
     items = validate_items(TaskName.rerank, [{"query": "battery life", "documents": documents, "top_k": 2}], Limits())
@@ -614,7 +613,7 @@ def test_a_rerun_waits_for_the_jobs_an_interrupted_run_left_instead_of_queueing_
 ) -> None:
     from pydantic import BaseModel
 
-    from bertq.enrich import QueueBackend, TaskSpec
+    from bertq.enrich import QueueBackend
 
     class Counting(QueueBackend):
         submitted = 0
