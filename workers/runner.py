@@ -27,6 +27,7 @@ class Cached:
     """An item whose result the result cache had (workers/engine/cache.py): it runs no rows."""
 
     result: dict[str, Any]
+    size: int  # the entry's bytes: its compact JSON, as the result cap counts a computed result
 
 
 #: What OpenVINO's and the allocators' out-of-memory errors say (they raise plain RuntimeErrors).

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import redis
 from bertq.tasks.base import Loaded
@@ -52,7 +51,7 @@ def model_fingerprint(loaded: Loaded) -> str | None:
     return loaded.extra["fingerprint"]  # type: ignore[no-any-return]
 
 
-def readable(value: bytes | None) -> dict[str, Any] | None:
+def readable(value: bytes | None) -> Cached | None:
     """A cache entry's result; None (a miss) for an entry that is not one (written by something else)."""
     if value is None:
         return None
@@ -60,7 +59,7 @@ def readable(value: bytes | None) -> dict[str, Any] | None:
         result = json.loads(value)
     except (ValueError, RecursionError):
         return None
-    return result if isinstance(result, dict) else None
+    return Cached(result, len(value)) if isinstance(result, dict) else None
 
 
 class ResultCache:
@@ -88,11 +87,11 @@ class ResultCache:
             for index, key in enumerate(job.cache_keys):
                 if key is None:
                     continue
-                result = readable(found.get(key))
-                if result is None:
+                cached = readable(found.get(key))
+                if cached is None:
                     misses += 1
                 else:
-                    job.items[index] = Cached(result)
+                    job.items[index] = cached
                     hits += 1
             if hits or misses:
                 self.observer.cache(job.task.name.value, hits, misses)

@@ -4,7 +4,6 @@ items finish (counted against the result cap), and the one log line of each of i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -80,7 +79,7 @@ class Job:
         alone becomes an item error; a job whose items add up to more fails, and its results are dropped
         at once rather than held until the record would be refused."""
         if isinstance(result, Cached):
-            size = len(json.dumps(result.result))
+            size = result.size
         else:
             size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
         if size > most:
