@@ -5,6 +5,7 @@ writing of streams is in workers/streams/."""
 from __future__ import annotations
 
 import json
+from functools import cache
 from typing import Any, get_origin
 
 import redis
@@ -51,23 +52,33 @@ class StreamSource(BaseModel):
         (a pair's, a query's, a rerank's) from the entry field of its name, and a list of texts (candidates,
         documents) as a JSON array. A field the entry lacks is left out, for validation to name it."""
         item: dict[str, Any] = {}
-        for shape in item_shapes(task):
-            for name, info in shape.model_fields.items():
-                where = self.text_field if name == "text" else name
-                if where not in fields:
-                    continue
-                value: Any = fields[where]
-                if get_origin(info.annotation) is list:
-                    try:
-                        value = json.loads(value)
-                    except (ValueError, RecursionError):  # the parser recurses: a deep nest is not a ValueError
-                        pass  # left as the string it is: validation says the field must be a list
-                item[name] = value
+        for name, listed in item_fields(task):
+            where = self.text_field if name == "text" else name
+            if where not in fields:
+                continue
+            value: Any = fields[where]
+            if listed:
+                try:
+                    value = json.loads(value)
+                except (ValueError, RecursionError):  # the parser recurses: a deep nest is not a ValueError
+                    pass  # left as the string it is: validation says the field must be a list
+            item[name] = value
         return item
 
     @property
     def dead(self) -> str:
         return self.input + DEAD_SUFFIX
+
+
+@cache
+def item_fields(task: TaskName) -> tuple[tuple[str, bool], ...]:
+    """The fields of ``task``'s item shapes, each with whether it is a list: read once per task, not per
+    stream entry."""
+    return tuple(
+        (name, get_origin(info.annotation) is list)
+        for shape in item_shapes(task)
+        for name, info in shape.model_fields.items()
+    )
 
 
 def parse_sources(specs: list[str]) -> list[StreamSource]:
