@@ -61,7 +61,17 @@ class RerankTask:
         most_query_tokens = (loaded.max_length - loaded.tokenizer.num_special_tokens_to_add(pair=True)) // 2
         queries = [cap_chars(item.query, limit)[0] for item in items]
         query_tokens = [len(ids) for ids in loaded.tokenizer(queries, add_special_tokens=False)["input_ids"]]
-        fits = [i for i in range(len(items)) if query_tokens[i] <= most_query_tokens]
+        rows: list[list[Row] | BertqError] = [
+            []
+            if count <= most_query_tokens
+            else InvalidInput(
+                f"{count} tokens is over the limit of {most_query_tokens}, half of the model's window "
+                "(the documents need the other half)",
+                field="query",
+            )
+            for count in query_tokens
+        ]
+        fits = [i for i, entry in enumerate(rows) if isinstance(entry, list)]
         pairs = [
             (i, position, cap_chars(document, limit))
             for i in fits
@@ -73,16 +83,6 @@ class RerankTask:
             truncation="only_second",
             max_length=loaded.max_length,
         )
-        rows: list[list[Row] | BertqError] = [
-            InvalidInput(
-                f"{count} tokens is over the limit of {most_query_tokens}, half of the model's window "
-                "(the documents need the other half)",
-                field="query",
-            )
-            for count in query_tokens
-        ]
-        for i in fits:
-            rows[i] = []
         for (i, position, (_, cut)), encoding in zip(pairs, encoded.encodings):
             meta = RerankRow(position, cut or bool(encoding.overflowing))
             rows[i].append(Row(i, list(encoding.ids), list(encoding.type_ids), meta))  # type: ignore[union-attr]
