@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.context import Context
+from bench.procs import cpu_seconds
 from bench.timing import Row, System, measure
 
 RUN_REFERENCE = "bertq run's old loop: run_items (reference)"
@@ -202,12 +202,6 @@ def _enrich(
     return once
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid``, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuMeter:
     """CPU milliseconds per row that this process and the worker spend in each timed run: on a shared
     machine the wall-clock rate depends on the neighbours, the CPU a row costs much less. Every row
@@ -219,9 +213,9 @@ class CpuMeter:
 
     def wrap(self, name: str, count: int, run: Callable[[], None]) -> Callable[[], None]:
         def metered() -> None:
-            before = time.process_time() + _cpu_seconds(self.worker_pid)
+            before = time.process_time() + cpu_seconds(self.worker_pid)
             run()
-            spent = time.process_time() + _cpu_seconds(self.worker_pid) - before
+            spent = time.process_time() + cpu_seconds(self.worker_pid) - before
             self.samples.setdefault(name, []).append(1000 * spent / count)
 
         return metered

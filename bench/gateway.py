@@ -15,32 +15,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bench.context import Context
 from bench.latency import client_for
-from bench.procs import log_tail, running
+from bench.procs import cpu_seconds, free_port, log_tail, running
 from bench.texts import percentile
 
 QUEUE = "bench-gateway"
 CONCURRENCY = (1, 16, 64)
 CLIENTS_PER_PROCESS = 16
 SPAWN_S = 2.0  # time for the load-generating processes to start before they begin together
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (/proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(latencies_s: list[float], seconds: float) -> dict[str, Any]:
@@ -51,11 +36,11 @@ def with_cpu(measure: Callable[[], dict[str, Any]], pids: dict[str, int]) -> dic
     """``measure()``'s figures plus the CPU milliseconds per request each process spent meanwhile: the
     named ``pids``, and ``client``, this process (the direct Client path). A measure that times a window
     of its own (``through_gateway``) counts the CPU itself, in ``cpu_s``."""
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = os.times()
     measured = measure()
     done = os.times()
-    cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = done.user - started.user + done.system - started.system
     cpu.update(measured.pop("cpu_s", {}))
     requests = max(1, len(measured["latencies_s"]))
@@ -95,9 +80,9 @@ def through_gateway(
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         pending = pool.starmap_async(load_client, jobs)
         time.sleep(max(0.0, begin - time.time()))
-        before = {name: cpu_s(pid) for name, pid in pids.items()}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         parts = pending.get()
-        after = {name: cpu_s(pid) for name, pid in pids.items()}
+        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
     measured = timed(
         [latency for part in parts for latency in part["latencies_s"]], max(p["end"] for p in parts) - begin
     )

@@ -19,7 +19,6 @@ the producer's and Redis's figures are the submit's and the store's, not a poll 
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 from bench.context import Context
 from bench.enrich import _enrich, _write_inputs, one_torch_thread
-from bench.procs import log_tail
+from bench.procs import cpu_seconds, free_port, log_tail
 from bench.streams import enrich_entries
 from bench.texts import review_texts
 from bench.timing import System, measure
@@ -53,18 +52,6 @@ EXPECT = (
     "job), the stream about 0.5x; the worker's CPU split roughly evenly between tokenize, postprocess + "
     "serialise and store, with forward and collate small"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid``, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: The worker's batch figures read beside its stages (summed over tasks): batches, rows, padded tokens.
@@ -102,7 +89,7 @@ class Meter:
         info = self.ctx.redis.info("cpu")
         stages, batches = _scrape(self.port)
         return {
-            "worker": _process_cpu_s(self.worker_pid),
+            "worker": cpu_seconds(self.worker_pid),
             "producer": time.process_time(),
             "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
             "stages": STAGES.seconds() if local else stages,
@@ -230,7 +217,7 @@ def _systems(
 def run(ctx: Context) -> dict[str, Any]:
     from bertq.tiny_models import build_tiny_model
 
-    port = _free_port()
+    port = free_port()
     texts = review_texts(len(ctx.texts) * COPIES)
     tables: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

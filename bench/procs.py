@@ -1,11 +1,12 @@
 """Child processes of the benchmark: each starts in its own process group (session) and is stopped
 with its whole group, SIGTERM then SIGKILL, whatever happens in the benchmark. Plus the memory
-readings taken from them: worker RSS and Redis ``INFO memory``."""
+readings taken from them: worker RSS, CPU seconds and Redis ``INFO memory``; and free ports for them."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,18 @@ from pathlib import Path
 from typing import IO, Any
 
 _started: list[subprocess.Popen[bytes]] = []
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
