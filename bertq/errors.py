@@ -113,3 +113,11 @@ class ResultTooLarge(BertqError):
     ask for less (for example no per-token vectors)."""
 
     code = "result_too_large"
+
+
+class TimeLimitExceeded(BertqError):
+    """The job ran longer than its time limit (Celery's ``timelimit`` header, or BERTQ_JOB_TIME_LIMIT_S):
+    its rows still waiting for the device are dropped and the job fails, so one huge job cannot hold a
+    worker's device for ever."""
+
+    code = "time_limit_exceeded"

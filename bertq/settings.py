@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     result_cache_max_bytes: int = Field(
         65_536, ge=1, description="Largest item result the result cache keeps, in JSON bytes."
     )
+    job_time_limit_s: float = Field(
+        0,
+        ge=0,
+        description="Seconds a job may run on a worker, from its claim (0: no limit; a message's own "
+        "`timelimit` header may set a shorter one). Past it, its rows still waiting are dropped and it fails "
+        "with code `time_limit_exceeded`.",
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(

@@ -28,6 +28,7 @@ class Delivery:
     ref: Any = field(default=None, repr=False)  # the sink's handle on it (e.g. an in-flight tag)
     priority: int = 0  # 0-9, 0 first (kombu's Redis convention)
     expires_at: float | None = None  # unix time
+    time_limit_s: float | None = None  # the message's own limit on its run (Celery's ``timelimit``)
     submitted_at: float | None = None  # unix time, when the producer said
     callback_url: str | None = None  # a webhook to call once the job is final
     refusal: BertqError | None = None

@@ -32,7 +32,7 @@ from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.cache import ResultCache
 from bertq.workers.engine.delivery import Claim, Delivery, Observer, Observers, Outcome
 from bertq.workers.engine.held import Held
-from bertq.workers.engine.jobs import Job, log_started, prepare_rows, validate
+from bertq.workers.engine.jobs import Job, log_started, prepare_rows, time_limit, validate
 from bertq.workers.engine.pool import PendingRow, Pool
 from bertq.workers.runner import forward_rows
 from bertq.workers.stages import STAGES
@@ -300,7 +300,8 @@ class Engine:
                 self.observer.model_loaded(task_name.value, time.monotonic() - self.loading_since)
             self.loading_since = None
             self.last_progress = time.monotonic()
-        return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items))
+        limit = time_limit(delivery, self.settings)
+        return Job(delivery, get_task(task_name), loaded, options, items, [None] * len(items), time_limit=limit)
 
     def _enqueue(self, jobs: list[Job]) -> None:
         """Tokenize the jobs, across jobs (``prepare_rows``), then pool all their rows at once: the
@@ -323,7 +324,11 @@ class Engine:
 
     def _forward_loop(self) -> None:
         STAGES.enter("batch")  # choosing a batch; forward_rows enters collate, then forward
-        while (picked := self._pool.next_batch()) is not None:
+        while True:
+            if late := self._pool.past_time_limit():  # checked between batches: a forward is not interrupted
+                self._finish.put([job.past_time_limit(self.worker_name) for job in late])
+            if (picked := self._pool.next_batch()) is None:
+                return
             batch, first = picked
             task, loaded = batch[0].job.task, batch[0].job.loaded
             for job in first:
@@ -334,17 +339,10 @@ class Engine:
             outputs = forward_rows(task, loaded, [pending.row for pending in batch])
             STAGES.enter("batch")
             self.last_progress = time.monotonic()
-            longest = max(len(pending.row) for pending in batch)
-            tokens = sum(len(pending.row) for pending in batch)
+            lengths = [len(pending.row) for pending in batch]
             split = (loaded.budget.splits if loaded.budget is not None else 0) - splits
-            self.observer.batch(
-                task.name.value,
-                len(batch),
-                tokens,
-                len(batch) * padded_length(longest),
-                self.last_progress - began,
-                split,
-            )
+            padded = len(batch) * padded_length(max(lengths))
+            self.observer.batch(task.name.value, len(batch), sum(lengths), padded, self.last_progress - began, split)
             self._finish.put(_Batch(batch, outputs))
 
     # ---- finish: postprocess, store, acknowledge ------------------------------------------------

@@ -16,7 +16,7 @@ from bertq.workers.runner import Cached, finish_item, preprocess_items, preproce
 from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
-from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed, ResultTooLarge
+from bertq.errors import BertqError, InferenceFailed, InvalidInput, ModelNotAllowed, ResultTooLarge, TimeLimitExceeded
 from bertq.log import get_logger
 from bertq.settings import Settings
 
@@ -37,6 +37,13 @@ class Job:
     result_bytes: int = 0  # JSON bytes of the item results finished so far
     too_large: ResultTooLarge | None = None  # its results outgrew BERTQ_MAX_RESULT_BYTES: they are dropped
     cache_keys: list[str | None] = field(default_factory=list)  # per item, with the result cache on
+    time_limit: tuple[float, str] | None = None  # seconds, and what set them
+    deadline: float = float("inf")  # monotonic: past it, its rows still waiting for the device are dropped
+    pooled: int = 0  # its rows in the pool, waiting for a batch
+
+    def __post_init__(self) -> None:
+        if self.time_limit is not None:
+            self.deadline = time.monotonic() + self.time_limit[0]
 
     def rows_to_run(self, prepared: list[list[Row] | BertqError | Cached], max_result_bytes: int) -> list[Row]:
         """Every item's rows, each item now waiting for its own; an item that failed to prepare has
@@ -98,6 +105,17 @@ class Job:
             self.results = [None] * len(self.items)
         return result if self.too_large is None else self.too_large
 
+    def past_time_limit(self, worker_name: str) -> Outcome:
+        """Its outcome once its time limit passed with rows still waiting: failed, naming the limit."""
+        seconds, name = self.time_limit or (0.0, "")
+        finished = sum(1 for done in self.results if done is not None)
+        error = TimeLimitExceeded(
+            f"the job's time limit of {seconds:g} s ({name}) passed with {finished} of {len(self.items)} items "
+            "finished: send fewer items per job or allow it longer",
+            field="headers.timelimit" if name == "headers.timelimit" else None,
+        )
+        return Outcome(self.delivery, JobStatus.failed, error=error, info={"worker": worker_name})
+
     def outcome(self, worker_name: str) -> Outcome:
         """Once no rows are left: done with every item's result (or error), or failed when the results
         outgrew the cap."""
@@ -131,6 +149,12 @@ def validate(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseMode
             field="model",
         )
     return task_name, options, items, model_id
+
+
+def time_limit(delivery: Delivery, settings: Settings) -> tuple[float, str] | None:
+    """The job's time limit: the shorter of its message's and the worker's (BERTQ_JOB_TIME_LIMIT_S)."""
+    limits = [(delivery.time_limit_s, "headers.timelimit"), (settings.job_time_limit_s, "BERTQ_JOB_TIME_LIMIT_S")]
+    return min(((seconds, name) for seconds, name in limits if seconds), default=None)
 
 
 Prepared = list[list[Row] | BertqError | Cached] | BertqError

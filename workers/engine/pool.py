@@ -9,6 +9,8 @@ the model's budget of padded tokens.
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ class Pool:
         self._stopped = False
         self._rows: dict[tuple[TaskName, str], list[PendingRow]] = {}
         self._changed = threading.Condition()
+        self._deadlines: list[tuple[float, int, Job]] = []  # a heap, of jobs with a time limit
+        self._order = itertools.count()
 
     def add(self, jobs: list[tuple[Job, list[Row]]]) -> bool:
         """Pool each job's rows, each distinct input once, in their place by rank, all at once (the forward
@@ -55,6 +59,9 @@ class Pool:
                 if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
                     at = bisect.bisect_right([p.rank for p in rows_of], rank)
                 rows_of[at:at] = pending
+                job.pooled += len(pending)
+                if job.time_limit is not None:
+                    heapq.heappush(self._deadlines, (job.deadline, next(self._order), job))
             self._changed.notify_all()
         return True
 
@@ -74,10 +81,28 @@ class Pool:
         with self._changed:
             self.closed = True
             unstarted = {id(p.job): p.job for rows in self._rows.values() for p in rows if not p.job.started}
-            for key, rows in self._rows.items():
-                self._rows[key] = [p for p in rows if p.job.started]
+            self._take_out(unstarted)
             self._changed.notify_all()
         return list(unstarted.values())
+
+    def past_time_limit(self) -> list[Job]:
+        """The jobs whose time limit has passed while rows of theirs still wait, those rows taken out."""
+        now = time.monotonic()
+        with self._changed:
+            late: dict[int, Job] = {}
+            while self._deadlines and self._deadlines[0][0] <= now:
+                job = heapq.heappop(self._deadlines)[2]
+                if job.pooled:
+                    late[id(job)] = job
+            if late:
+                self._take_out(late)
+        return list(late.values())
+
+    def _take_out(self, jobs: dict[int, Job]) -> None:
+        for key, rows in self._rows.items():
+            self._rows[key] = [pending for pending in rows if id(pending.job) not in jobs]
+        for job in jobs.values():
+            job.pooled = 0
 
     def stop(self) -> None:
         with self._changed:
@@ -104,6 +129,8 @@ class Pool:
                 self._changed.wait(wait)
             batch = self.select(rows)
             taken = {id(pending) for pending in batch}
+            for pending in batch:
+                pending.job.pooled -= 1
             scanned = self.settings.max_batch_rows * SCAN_BATCHES  # the batch is of these: the rest stays as is
             self._rows[key] = [pending for pending in rows[:scanned] if id(pending) not in taken] + rows[scanned:]
             first = list({id(p.job): p.job for p in batch if not p.job.started}.values())

@@ -88,6 +88,7 @@ def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
             known = ", ".join(TASK_PREFIX + name for name in KNOWN_TASKS)
             raise InvalidMessage(f"unknown task {task!r}; bertq workers run {known}", field="headers.task")
         delivery.expires_at = _expires(headers.get("expires"))
+        delivery.time_limit_s = _time_limit(headers.get("timelimit"))
         if headers.get("eta") is not None:
             raise Unsupported("eta/countdown is not supported: send the job when it should run", field="headers.eta")
         kwargs = _kwargs(envelope, properties)
@@ -177,6 +178,24 @@ def _expires(value: Any) -> float | None:
 
 def _priority(value: Any) -> int:
     return min(9, max(0, value)) if isinstance(value, int) else 0
+
+
+def _time_limit(value: Any) -> float | None:
+    """Celery's ``timelimit`` header, ``[hard, soft]`` in seconds (either null): the shorter one set. A
+    batching worker cannot interrupt a forward, so both mean the same here: past it, the job fails."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InvalidMessage(f"timelimit must be [hard, soft] seconds: {value!r}", field="headers.timelimit")
+    limits = []
+    for limit in value:
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+            raise InvalidMessage(f"timelimit must be [hard, soft] seconds: {value!r}", field="headers.timelimit")
+        if limit > 0:
+            limits.append(float(limit))
+    return min(limits, default=None)
 
 
 def _number(value: Any) -> float | None:

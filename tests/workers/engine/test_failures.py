@@ -3,6 +3,8 @@ a job that breaks the contract fails whole naming the field, and batch-mates are
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,36 @@ def test_a_forward_error_on_one_row_fails_only_its_item(
     assert mixed.status is JobStatus.done and "label" in results[0] and "label" in results[2]
     assert results[1]["error"]["code"] == "inference_failed" and "poison token" in results[1]["error"]["message"]
     assert mate.status is JobStatus.done and "label" in (mate.results or [{}])[0]
+
+
+@pytest.mark.parametrize(
+    ("limits", "settings", "field", "says"),
+    [
+        ({"slow": 1.0, "roomy": 600.0}, {}, "headers.timelimit", "1 s (headers.timelimit)"),
+        ({}, {"job_time_limit_s": 1.0}, None, "1 s (BERTQ_JOB_TIME_LIMIT_S)"),
+    ],
+    ids=["the message's timelimit", "BERTQ_JOB_TIME_LIMIT_S"],
+)
+def test_a_job_past_its_time_limit_fails_naming_it_and_its_batch_mates_finish(
+    start_engine: Callable[..., Engine],
+    gated: Any,
+    limits: dict[str, float],
+    settings: dict[str, Any],
+    field: str | None,
+    says: str,
+) -> None:
+    sink = MemorySink()
+    engine = start_engine(max_batch_rows=2, max_wait_ms=0, **settings)
+    texts = [{"text": f"review number {n} of a slow job"} for n in range(12)]
+    engine.submit([Delivery("slow", "sentiment", texts, sink=sink, time_limit_s=limits.get("slow"))])
+    time.sleep(1.5)  # the forward thread holds slow's first batch at the gate, past slow's limit
+    roomy = Delivery("roomy", "sentiment", [{"text": "fine"}], sink=sink, time_limit_s=limits.get("roomy"))
+    engine.submit([roomy, Delivery("mate", "sentiment", [{"text": "also fine"}], sink=sink)])
+    time.sleep(0.1)
+    gated.gate.set()
+    failed, roomy_done, mate = sink.wait(["slow", "roomy", "mate"], 30)
+    assert failed.status is JobStatus.failed and failed.results is None and failed.error is not None
+    assert (failed.error.code, failed.error.field) == ("time_limit_exceeded", field) and says in str(failed.error)
+    assert re.search(r"with [02] of 12 items finished", str(failed.error))  # its first batch may be stored yet
+    assert mate.status is JobStatus.done and roomy_done.status is JobStatus.done
+    assert sum(gated.batches) == 2 + 2  # slow's first batch, then roomy and mate: slow's other rows were dropped

@@ -126,6 +126,9 @@ def test_a_message_without_a_usable_id_is_undeliverable(raw: bytes, reason: str)
         ),
         ({"headers__eta": "2030-01-01T00:00:00"}, "unsupported", "headers.eta", "eta/countdown is not supported"),
         ({"headers__expires": "tomorrow"}, "invalid_message", "headers.expires", "not an ISO 8601 time"),
+        ({"headers__timelimit": 30}, "invalid_message", "headers.timelimit", "must be [hard, soft] seconds"),
+        ({"headers__timelimit": [None, "1m"]}, "invalid_message", "headers.timelimit", "[hard, soft]"),
+        ({"headers__timelimit": [-1, None]}, "invalid_message", "headers.timelimit", "[hard, soft]"),
         (
             {"headers__task": "bertq.nope"},
             "invalid_message",
@@ -151,6 +154,15 @@ def test_expires_is_read_as_a_time() -> None:
         fetched(envelope(headers__expires="2030-01-01T00:00:00+00:00")), sink=None, max_message_bytes=LIMIT
     )  # type: ignore[arg-type]
     assert delivery.refusal is None and delivery.expires_at == 1893456000.0
+
+
+@pytest.mark.parametrize(
+    ("timelimit", "seconds"),
+    [([None, None], None), ([30, None], 30.0), ([None, 12.5], 12.5), ([30, 10], 10.0), ([0, None], None)],
+)
+def test_celerys_timelimit_header_is_read_as_the_shorter_limit_set(timelimit: Any, seconds: float | None) -> None:
+    delivery = decode(fetched(envelope(headers__timelimit=timelimit)), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.refusal is None and delivery.time_limit_s == seconds
 
 
 def test_each_message_decodes_alone() -> None:
