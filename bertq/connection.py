@@ -282,6 +282,28 @@ def unsuitable_server(client: redis.Redis) -> str | None:
     return None
 
 
+def pubsub_warning(client: redis.Redis, max_record_bytes: int) -> str | None:
+    """Why Celery's ``AsyncResult.get()`` may fail on this server, or None: a worker PUBLISHes each
+    final record (Celery's result backend waits on that channel), and Redis drops a subscriber whose
+    output buffer passes ``client-output-buffer-limit pubsub``'s hard limit, which Celery reports as a
+    protocol error. Records up to ``max_record_bytes`` must fit under it."""
+    try:
+        value = str(client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", ""))
+    except redis.ResponseError:  # CONFIG refused (managed Redis): cannot tell
+        return None
+    words = value.split()
+    hard = next((words[i + 1] for i, word in enumerate(words[:-1]) if word == "pubsub"), "0")
+    limit = int(hard) if hard.isdigit() else 0
+    if 0 < limit < max_record_bytes:
+        return (
+            f"records up to {max_record_bytes} bytes (BERTQ_MAX_RESULT_BYTES) are published for Celery's "
+            f"AsyncResult, but this Redis drops a subscriber past {limit} bytes (client-output-buffer-limit "
+            "pubsub): AsyncResult.get() of a larger record fails; lower BERTQ_MAX_RESULT_BYTES or raise the limit "
+            "(Client.wait and Client.get are not affected)"
+        )
+    return None
+
+
 def broker_error(error: Exception, url: str | None = None) -> BrokerUnavailable:
     """What a producer sees when Redis cannot take a job: one typed error saying what to check."""
     where = _redacted(url) if url else "Redis"

@@ -142,10 +142,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted job message.")
     items_per_message: int = Field(64, ge=1, description="Items per message in `submit_many`.")
     max_result_bytes: int = Field(
-        64 * 1024 * 1024,
+        16 * 1024 * 1024,
         ge=1024,
         description="Largest job record a worker stores; a job whose results are bigger fails with code "
-        "`result_too_large`.",
+        "`result_too_large`. Keep it under Redis's `client-output-buffer-limit pubsub` hard limit (32 MB by "
+        "default): records are published to Celery's `AsyncResult` subscribers, and the worker warns at start "
+        "when they may not fit.",
     )
 
     visibility_timeout_s: int = Field(

@@ -51,7 +51,7 @@ from bertq.workers.supervise import (
 from bertq.workers.webhooks import Webhooks
 from celery import signals
 
-from bertq.connection import connect, deadline_timer, retry, unsuitable_server
+from bertq.connection import connect, deadline_timer, pubsub_warning, retry, unsuitable_server
 from bertq.log import configure_process_logging, get_logger
 from bertq.settings import Settings
 from bertq.streams import StreamSource
@@ -212,6 +212,8 @@ def run_worker(
         log.critical("worker refuses this Redis server", reason=refusal)
         print(f"bertq worker: {refusal}", file=sys.stderr)
         return EXIT_UNSUITABLE_REDIS
+    if warning := retry(lambda: pubsub_warning(worker.client, settings.max_result_bytes), "check the Redis server"):
+        log.warning("published records may outgrow Celery's subscribers", reason=warning)
     if metrics is not None:
         metrics.read_held_items(lambda: worker.engine.held_items)
         metrics.serve(int(settings.metrics_port or 0))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bertq.connection import pubsub_warning
 from tests.procs import Fleet, Server, client_for, worker_env
 
 
@@ -47,6 +48,21 @@ def test_a_worker_refuses_a_server_that_would_lose_or_shard_jobs(
         refusals = [line for line in worker.lines() if line.get("event") == "worker refuses this Redis server"]
         assert refusals and named in refusals[0]["reason"]
         assert server.client().dbsize() == 0  # it wrote nothing
+    finally:
+        server.close()
+
+
+def test_a_record_cap_over_the_servers_pubsub_limit_is_named_before_celery_subscribers_meet_it(
+    tmp_path: Path,
+) -> None:
+    server = Server(tmp_path / "redis", None, "--client-output-buffer-limit", "pubsub 1mb 256kb 60")
+    server.start()
+    try:
+        warning = pubsub_warning(server.client(), 16 * 2**20)
+        assert warning is not None and "past 1048576 bytes" in warning and "BERTQ_MAX_RESULT_BYTES" in warning
+        assert pubsub_warning(server.client(), 2**20) is None  # records that fit: nothing to say
+        server.client().config_set("client-output-buffer-limit", "pubsub 0 0 0")
+        assert pubsub_warning(server.client(), 16 * 2**20) is None  # no limit
     finally:
         server.close()
 
