@@ -112,7 +112,7 @@ class Worker:
         self.intake = QueueIntake(self.inbox, self.records, self.engine, settings)
         self.streams = None
         if sources:
-            sink = StreamSink(client, self.consumer, settings.visibility_timeout_s)
+            sink = StreamSink(client, self.consumer)
             self.streams = StreamIntake(
                 client,
                 sources,

@@ -1,16 +1,16 @@
 """Redis Streams in: each configured source stream read through a consumer group into the engine, one
 delivery per task for the entries read together (workers/streams/sink.py writes their output).
 
-A crash before the output is written leaves the entries pending: live workers claim them
-(``XAUTOCLAIM``) once they have been idle for the visibility timeout; a worker keeps the entries it holds
-(in the engine, or waiting to run alone) from going idle, refreshes them before each sweep, and never
-takes back its own. After a Redis outage a worker sweeps only once a whole visibility timeout has passed
-(everyone's entries went idle, not everyone died), and a claim that reaches Redis late (queued through a
-freeze) claims nothing. Redis counts each entry's deliveries; the source base's rule
-(workers/engine/source.py) decides by that count: an entry delivered more than ``BERTQ_MAX_DELIVERIES``
-times goes to the dead-letter stream ``<input>:dead`` with the reason, and is acknowledged; an entry on
-its last delivery runs alone (as quarantined queue jobs do), so entries that were read with one that
-kills workers are not dead-lettered with it.
+A crash before the output is written leaves the entries pending for the dead worker's consumer. A
+stream consumer is its worker's registry name (``bertq:consumers``), listed before it reads anything, so
+a sweep claims the pending entries of exactly the consumers no longer listed: reaped by the queue's
+reaper once their heartbeat stopped moving for a visibility timeout (workers/queues/reaper.py), or
+stopped. Idle times (Redis's clock) decide nothing, so a step of the Redis host's clock or a freeze of
+the server claims nothing from a live worker. Redis counts each entry's deliveries; the source base's
+rule (workers/engine/source.py) decides by that count: an entry delivered more than
+``BERTQ_MAX_DELIVERIES`` times goes to the dead-letter stream ``<input>:dead`` with the reason, and is
+acknowledged; an entry on its last delivery runs alone (as quarantined queue jobs do), so entries that
+were read with one that kills workers are not dead-lettered with it.
 
 Consumers: each worker process is one consumer of each group. A sweep deletes the consumers that hold
 nothing and have been idle for the visibility timeout (stopped workers'); a worker that stops
@@ -20,8 +20,7 @@ gracefully deletes its own once nothing is pending for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import redis
 from bertq.workers.engine.delivery import Delivery
@@ -37,13 +36,11 @@ from bertq.workers.engine.source import (
 from bertq.workers.stages import STAGES
 from bertq.workers.streams.sink import Read, StreamSink
 
-from bertq.keys import as_text
+from bertq.keys import CONSUMERS, as_text
 from bertq.log import get_logger
 from bertq.streams import StreamSource
 
 log = get_logger(__name__)
-
-T = TypeVar("T")
 
 READ_MOST = 64  # entries per read: one delivery per task
 READ_BLOCK_S = 0.5  # longest blocking read
@@ -63,13 +60,24 @@ end
 return deleted
 """
 
-# KEYS: source stream. ARGV: group, consumer, min idle ms, start, count, latest (Redis ms). XAUTOCLAIM,
-# unless the script runs after ``latest``: a claim queued through a freeze would take entries whose
-# holders could not refresh them meanwhile.
+# KEYS: source stream, consumers zset. ARGV: group, this consumer, most entries. Claims for this consumer
+# the pending entries of the group's consumers that are not listed in the registry (reaped or stopped).
 _CLAIM = """
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[6]) then return false end
-return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local claimed, left = {}, tonumber(ARGV[3])
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  local name = info['name']
+  if left > 0 and name ~= ARGV[2] and info['pending'] > 0 and not redis.call('ZSCORE', KEYS[2], name) then
+    local ids = {}
+    for _, row in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', left, name)) do ids[#ids + 1] = row[1] end
+    for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))) do
+      claimed[#claimed + 1] = entry
+    end
+    left = left - #ids
+  end
+end
+return claimed
 """
 
 # KEYS: source stream, dead-letter stream. ARGV: group, consumer, the dead-letter limits (ttl, maxlen, most
@@ -134,12 +142,7 @@ class StreamIntake(Source):
         self._claim = client.register_script(_CLAIM)
         self._forget_idle = client.register_script(_FORGET_IDLE)
         self._dead_letter = client.register_script(_DEAD_LETTER)
-        # Held entries are refreshed this often; a Redis call slower than that (or failing) was an outage.
-        self._refresh_every = max(0.5, visibility_timeout_s / 3)
         self._swept = 0.0
-        self._refreshed = time.monotonic()
-        self._outage_at: float | None = None  # when Redis last failed or answered late
-        self._faults = 0  # Redis calls that failed and were retried
         self._quarantine: list[tuple[StreamSource, tuple[str, dict[str, str]]]] = []
 
     def begin(self) -> None:
@@ -147,24 +150,6 @@ class StreamIntake(Source):
 
     def end(self) -> None:
         self.retry(lambda: self.sink.leave(self.sources), "leave stream groups")
-
-    def retry(self, operation: Callable[[], T], what: str) -> T:
-        """Noting an outage when the call failed (at once, in ``on_fault``: the retried sweep must wait
-        too) or took longer than a refresh period."""
-        began, faults = time.monotonic(), self._faults
-        result = super().retry(operation, what)
-        if self._faults != faults or time.monotonic() - began > READ_BLOCK_S + self._refresh_every:
-            self._note_outage()
-        return result
-
-    def on_fault(self, error: BaseException) -> None:
-        self._faults += 1
-        self._note_outage()
-
-    def _note_outage(self) -> None:
-        """Redis failed or answered late: sweep only a whole visibility timeout from now; refresh at once."""
-        self._outage_at = time.monotonic()
-        self._refreshed = 0.0
 
     def _create_groups(self) -> None:
         for source in self.sources:
@@ -175,11 +160,8 @@ class StreamIntake(Source):
                     raise
 
     def step(self) -> None:
-        """Keep what this worker holds fresh and sweep when due, then the source base's step."""
+        """Sweep when due, then the source base's step."""
         now = time.monotonic()
-        if now - self._refreshed >= self._refresh_every:
-            self._refreshed = now
-            self.retry(self._keep_held_fresh, "refresh held stream entries")
         if now - self._swept >= self.sweep_interval_s:
             self._swept = now
             self.retry(self._sweep, "sweep stream groups")
@@ -200,21 +182,26 @@ class StreamIntake(Source):
             return
         for group, sources in self._groups.items():
             STAGES.enter("fetch")
-            reply = self.retry(
-                lambda group=group, sources=sources: self.client.xreadgroup(  # type: ignore[misc]
-                    group,
-                    self.consumer,
-                    {source.input: ">" for source in sources},
-                    count=READ_MOST,
-                    block=max(1, int(READ_BLOCK_S * 1000) // len(self._groups)),
-                ),
-                "read streams",
-            )
+            reply = self.retry(lambda group=group, sources=sources: self._read(group, sources), "read streams")  # type: ignore[misc]
             STAGES.enter("decode")
             for stream, entries in cast(list[Any], reply) or []:
                 source = self._by_input[as_text(stream)]
                 read = [(as_text(entry_id), _fields(fields)) for entry_id, fields in entries if fields is not None]
                 self.engine.submit(self._deliveries(source, read, "read"))
+
+    def _read(self, group: str, sources: list[StreamSource]) -> Any:
+        """One blocking read of a group's streams, this worker listed in the registry first: the others
+        claim the entries of consumers not listed, so a worker never holds entries unlisted."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(CONSUMERS, {self.consumer: time.time()}, nx=True)
+        pipe.xreadgroup(
+            group,
+            self.consumer,
+            {source.input: ">" for source in sources},
+            count=READ_MOST,
+            block=max(1, int(READ_BLOCK_S * 1000) // len(self._groups)),
+        )
+        return pipe.execute()[1]
 
     def _deliveries(self, source: StreamSource, entries: list[tuple[str, dict[str, str]]], how: str) -> list[Delivery]:
         """Entries as one delivery per task; one log line naming them (``how``: read, claimed or alone,
@@ -240,71 +227,27 @@ class StreamIntake(Source):
             )
         return deliveries
 
-    def _holding(self) -> dict[str, list[str]]:
-        """Ids of the entries this worker holds, by source stream: in the engine, or waiting to run alone."""
-        held: dict[str, list[str]] = {}
-        reads = {id(d.ref): d.ref for d in self.engine.held() if isinstance(d.ref, Read)}
-        for read in reads.values():
-            held.setdefault(read.source.input, []).extend(entry_id for entry_id, _ in read.entries)
-        for source, (entry_id, _) in self._quarantine:
-            held.setdefault(source.input, []).append(entry_id)
-        return held
-
-    def _keep_held_fresh(self) -> None:
-        """Reset the idle time of the entries this worker holds, so no one claims them from it."""
-        held = self._holding()
-        if not held:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for stream, ids in held.items():
-            pipe.xclaim(stream, self._by_input[stream].group, self.consumer, 0, cast(list[Any], ids), justid=True)
-        pipe.execute()
-
     def _sweep(self) -> None:
-        """Claim what stopped consumers left and delete those consumers; after an outage, only once a
-        whole visibility timeout has passed, so the live ones have refreshed what they hold."""
-        if self._outage_at is not None and time.monotonic() - self._outage_at < self.visibility_timeout_s:
-            return
-        self._keep_held_fresh()
+        """Claim what consumers no longer listed left, and delete the stopped consumers that hold nothing."""
         for source in self.sources:
-            if not self._claim_abandoned(source):
-                log.warning("Redis answered a stream sweep late; sweeping again after a visibility timeout")
-                self._note_outage()
-                return
+            args: list[str | int] = [source.group, self.consumer, READ_MOST]
+            while claimed := self._claim(keys=[source.input, CONSUMERS], args=args):
+                self._take_claimed(source, claimed)
+                if len(claimed) < READ_MOST:
+                    break
             gone = self._forget_idle(
                 keys=[source.input], args=[source.group, self.visibility_timeout_s * 1000, self.consumer]
             )
             if gone:
                 log.info("deleted stopped consumers", stream=source.input, consumers=[as_text(name) for name in gone])
 
-    def _claim_abandoned(self, source: StreamSource) -> bool:
-        """Entries idle for the visibility timeout: their consumers stopped. False when Redis answered too
-        late for the idle times to be trusted."""
-        start = "0-0"
-        while True:
-            began = time.monotonic()
-            seconds, micros = self.client.time()
-            if time.monotonic() - began > self._refresh_every:
-                return False
-            latest = seconds * 1000 + micros // 1000 + int(self._refresh_every * 1000)
-            reply = self._claim(
-                keys=[source.input],
-                args=[source.group, self.consumer, self.visibility_timeout_s * 1000, start, READ_MOST, latest],
-            )
-            if reply is None:
-                return False
-            start = as_text(reply[0])
-            claimed = [(as_text(entry_id), _pairs(fields)) for entry_id, fields in reply[1] if fields]
-            if claimed:
-                self._take_claimed(source, claimed)
-            if start == "0-0":
-                return True
-
-    def _take_claimed(self, source: StreamSource, claimed: list[tuple[str, dict[str, str]]]) -> None:
+    def _take_claimed(self, source: StreamSource, reply: list[Any]) -> None:
         """Claimed entries by their delivery counts (the source base's rule): run, run alone later, or
         dead-letter."""
-        held = set(self._holding().get(source.input, []))
-        counts = self._delivery_counts(source, [entry_id for entry_id, _ in claimed if entry_id not in held])
+        claimed = [(as_text(entry_id), _pairs(fields)) for entry_id, fields in reply if fields]
+        if not claimed:
+            return
+        counts = self._delivery_counts(source, [entry_id for entry_id, _ in claimed])
         fates = {entry_id: redelivery(number, self.max_deliveries) for entry_id, number in counts.items()}
         claimed = [(entry_id, fields) for entry_id, fields in claimed if entry_id in fates]
         dead = [entry for entry in claimed if fates[entry[0]] is Redelivery.dead]

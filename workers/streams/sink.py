@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import redis
 from bertq.schemas import TaskName
@@ -70,10 +70,9 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 class StreamSink:
     """The engine's sink for stream deliveries: gathers each read's task results, then writes."""
 
-    def __init__(self, client: redis.Redis, consumer: str, visibility_timeout_s: int) -> None:
+    def __init__(self, client: redis.Redis, consumer: str) -> None:
         self.client = client
         self.consumer = consumer
-        self.visibility_timeout_s = visibility_timeout_s
         self._write = client.register_script(_WRITE)
         self._forget = client.register_script(_FORGET)
         self._leaving: list[StreamSource] = []
@@ -141,22 +140,7 @@ class StreamSink:
         pass  # stream entries are acknowledged when their output is written
 
     def release(self, deliveries: list[Delivery]) -> None:
-        """Make the entries claimable by the other consumers at once (as if idle for a visibility
-        timeout): a stream has no queue to put them back in."""
-        pipe = self.client.pipeline(transaction=False)
-        for delivery in deliveries:
-            read: Read = delivery.ref
-            ids = [entry_id for entry_id, _ in read.entries]
-            pipe.xclaim(
-                read.source.input,
-                read.source.group,
-                self.consumer,
-                0,
-                cast(list[Any], ids),
-                idle=self.visibility_timeout_s * 1000 + 1,
-                justid=True,
-            )
-        pipe.execute()
+        pass  # they stay pending for this consumer: the others claim them once it leaves the registry
 
 
 def _unprefixed(result: dict[str, Any]) -> dict[str, Any]:

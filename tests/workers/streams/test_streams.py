@@ -231,7 +231,7 @@ def stream_intake(url: str, stream: str, engine: Holding, consumer: str, **setti
     }
     client = connect(url)
     (source,) = parse_sources([f"{stream}=sentiment"])
-    sink = StreamSink(client, consumer, options["visibility_timeout_s"])
+    sink = StreamSink(client, consumer)
     return StreamIntake(client, [source], sink, engine, consumer, **options)  # type: ignore[arg-type]
 
 
@@ -289,6 +289,23 @@ def test_entries_held_through_a_redis_freeze_longer_than_the_visibility_timeout_
         assert store.xlen("reviews:enriched") == 10 and store.xlen("reviews:dead") == 0
     finally:
         server.close()
+
+
+def test_a_listed_workers_entries_are_never_claimed_however_idle_and_an_unlisted_ones_are(redis_db: str) -> None:
+    """Idle times are Redis's clock: a step of it forward makes every entry look idle at once. Only the
+    registry decides: a worker's entries are claimed once the reaper has taken it off the list."""
+    store = redis.Redis.from_url(redis_db)
+    ids = abandoned(store, "reviews", 3, deliveries=1, idle_ms=3_600_000)  # "idle" for an hour
+    store.zadd("bertq:consumers", {"gone": time.time()})  # but its worker is listed, so alive
+    engine = Holding()
+    with running(stream_intake(redis_db, "reviews", engine, "me", visibility_timeout_s=1)):
+        time.sleep(2.5)  # a couple of sweeps
+        assert {i: owner for i, (owner, _) in pending(store, "reviews").items()} == dict.fromkeys(ids, "gone")
+        assert store.zscore("bertq:consumers", "me") is not None  # listed before it read anything
+        store.zrem("bertq:consumers", "gone")  # as the reaper does once its heartbeat stopped moving
+        assert wait_until(lambda: engine.taken == Counter(dict.fromkeys(ids, 1)), 5)
+        engine.finish()
+    assert store.xlen("reviews:enriched") == 3 and not pending(store, "reviews")
 
 
 def test_an_entry_on_its_last_delivery_stays_this_workers_while_it_waits_to_run_alone(redis_url: str) -> None:
@@ -390,7 +407,7 @@ def test_a_rerank_source_reads_the_query_and_a_json_list_of_documents(
     engine = Engine(settings, ModelCache(), "me")
     client = connect(redis_db)
     (source,) = parse_sources(["questions=rerank"])
-    intake = StreamIntake(client, [source], StreamSink(client, "me", 30), engine, "me", 30, 5, 3, 86_400, 1 << 20)
+    intake = StreamIntake(client, [source], StreamSink(client, "me"), engine, "me", 30, 5, 3, 86_400, 1 << 20)
     engine.start()
     try:
         with running(intake):
