@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+from bertq.schemas import TaskName
 from bertq.workers.engine.delivery import Delivery, Outcome
 from bertq.workers.queues.inbox import Inbox
 from bertq.workers.stages import STAGES
@@ -147,12 +148,13 @@ class Metrics:
 
     def started(self, delivery: Delivery) -> None:
         if delivery.submitted_at is not None:
-            self.job_queued_seconds.labels(delivery.task).observe(max(0.0, time.time() - delivery.submitted_at))
+            queued_s = max(0.0, time.time() - delivery.submitted_at)
+            self.job_queued_seconds.labels(_task_label(delivery.task)).observe(queued_s)
 
     def finished(self, outcome: Outcome, stored: bool) -> None:
         if not stored:
             return
-        task = outcome.delivery.task or "unknown"
+        task = _task_label(outcome.delivery.task)
         status = (
             outcome.error.code
             if outcome.error is not None and outcome.error.code == "dead_lettered"
@@ -199,3 +201,12 @@ class StageSeconds(Collector):
         for stage, seconds in STAGES.seconds().items():
             family.add_metric([stage], seconds)
         yield family
+
+
+TASK_LABELS = frozenset(task.value for task in TaskName)
+
+
+def _task_label(task: str) -> str:
+    """A job's task as a metric label: one of bertq's tasks, or ``unknown`` for a refused message's (its
+    task is whatever the message said, and labels must stay a bounded set)."""
+    return task if task in TASK_LABELS else "unknown"

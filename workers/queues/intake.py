@@ -35,6 +35,8 @@ FETCH_MOST = 64  # messages per fetch round trip
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
 KWARGS = {"items", "model", "options", "callback_url"}
 KNOWN_TASKS = [task.value for task in TaskName]
+MAX_CLOCK_SKEW_S = 60.0  # a producer's clock ahead of this worker's by at most this
+MAX_QUEUED_S = 7 * 86_400.0  # longer than any record lives (BERTQ_RESULT_TTL_S)
 RECONCILE_EVERY_S = 10.0
 QUARANTINE_CHECK_S = 1.0
 
@@ -76,7 +78,7 @@ def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
         sink=sink,
         ref=fetched,
         priority=_priority(properties.get("priority")),
-        submitted_at=_number(headers.get("bertq_submitted_at")),
+        submitted_at=_submitted_at(headers.get("bertq_submitted_at")),
         digest=message_digest(raw),
     )
     try:
@@ -198,8 +200,14 @@ def _time_limit(value: Any) -> float | None:
     return min(limits, default=None)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
+def _submitted_at(value: Any) -> float | None:
+    """The producer's word on when it queued the job, for the latency metrics and logs: kept only when
+    plausible by this worker's clock (not in the future beyond a minute's skew, not older than a week),
+    so a message cannot push a latency histogram to the year 1970 or 3000."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    age = time.time() - value
+    return float(value) if -MAX_CLOCK_SKEW_S <= age <= MAX_QUEUED_S else None
 
 
 class QueueIntake(Source):

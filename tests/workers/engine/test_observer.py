@@ -10,6 +10,7 @@ from bertq.workers.backends.models import ModelCache
 from bertq.workers.engine.delivery import Delivery
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.memory import MemorySink
+from bertq.workers.metrics import Metrics
 from bertq.workers.stages import STAGES
 
 from tests.procs import wait_until
@@ -57,3 +58,23 @@ def test_the_engine_charges_its_cpu_to_each_stage_a_job_meets(start_engine: Call
     grew = {stage for stage in after if after[stage] > before[stage]}
     # no source thread here (no fetch, decode); serialising is the job's result dicts, storing the sink's call
     assert {"validate", "tokenize", "pool", "collate", "forward", "postprocess", "serialise", "store"} <= grew
+
+
+def test_metrics_label_refused_tasks_unknown_so_messages_cannot_grow_the_label_set(
+    start_engine: Callable[..., Engine],
+) -> None:
+    metrics, sink = Metrics(), MemorySink()
+    engine = start_engine(metrics)
+    refused = [Delivery(f"made-up-{n}", f"made-up-task-{n}", [{"text": "x"}], sink=sink) for n in range(20)]
+    engine.submit([*refused, Delivery("real", "sentiment", [{"text": "fine"}], sink=sink)])
+    sink.wait([d.job_id for d in refused] + ["real"], 30)
+    assert wait_until(
+        lambda: metrics.registry.get_sample_value("bertq_jobs_total", {"task": "unknown", "status": "failed"}) == 20, 10
+    )
+    labels = {
+        sample.labels["task"]
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if "task" in sample.labels
+    }
+    assert labels == {"unknown", "sentiment"}

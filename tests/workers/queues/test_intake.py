@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 import uuid
 from typing import Any
 
@@ -163,6 +164,15 @@ def test_expires_is_read_as_a_time() -> None:
 def test_celerys_timelimit_header_is_read_as_the_shorter_limit_set(timelimit: Any, seconds: float | None) -> None:
     delivery = decode(fetched(envelope(headers__timelimit=timelimit)), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
     assert delivery.refusal is None and delivery.time_limit_s == seconds
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "kept"), [(-30.0, True), (30.0, True), (-3600 * 24 * 30, False), (3600.0, False), (None, False)]
+)
+def test_a_producers_submitted_at_is_kept_only_when_plausible(offset_s: float | None, kept: bool) -> None:
+    value = None if offset_s is None else time.time() + offset_s
+    delivery = decode(fetched(envelope(headers__bertq_submitted_at=value)), sink=None, max_message_bytes=LIMIT)  # type: ignore[arg-type]
+    assert delivery.refusal is None and (delivery.submitted_at == value if kept else delivery.submitted_at is None)
 
 
 def test_each_message_decodes_alone() -> None:
