@@ -215,7 +215,13 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str = Field(
         "",
         description="Comma-separated hosts a job's `callback_url` may call: `host` on its scheme's default port "
-        "(80, 443) only, `host:port` on that port; empty: none. Others are refused, and the refusal recorded.",
+        "(80, 443) only, `host:port` on that port, https only unless the entry starts with `http://` "
+        "(`http://host:port`); empty: none. Others are refused, and the refusal recorded.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Whether a listed host name may resolve to a loopback, private, link-local or other "
+        "non-public address (a listed IP address is always called as listed). Off, such a call fails.",
     )
     webhook_timeout_s: float = Field(
         5.0, gt=0, description="Seconds each step of a webhook call (connect, TLS, send, answer) may take."

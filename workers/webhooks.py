@@ -9,8 +9,10 @@ once, and a worker that dies mid-call leaves the entry to be retried after the l
 attempt times are all Redis's clock (``TIME``). Calls never block the forward pass: they run in a thread
 of their own.
 
-- Only URLs that ``BERTQ_WEBHOOK_ALLOWED_HOSTS`` allows are called (an empty list calls none); any other
-  is refused and the refusal recorded, so no job can make a worker call arbitrary internal addresses.
+- Only URLs that ``BERTQ_WEBHOOK_ALLOWED_HOSTS`` allows are called (an empty list calls none), plain http
+  only where an entry says ``http://``; any other is refused and the refusal recorded, so no job can make
+  a worker call arbitrary internal addresses. A listed name must resolve to public addresses (unless
+  ``BERTQ_WEBHOOK_ALLOW_PRIVATE``), and the call connects to the address checked.
 - The body is the record as ``Client.get`` shows it (JSON). ``X-Bertq-Timestamp`` is the unix time of the
   call and ``X-Bertq-Signature: sha256=<hex>`` the HMAC-SHA256 of ``"<timestamp>.<body>"`` with
   ``BERTQ_WEBHOOK_SECRET``, so a receiver can refuse a replayed call.
@@ -24,11 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -86,18 +91,67 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def host_allowed(url: str, allowed: list[str]) -> bool:
-    """Whether ``url`` may be called: ``host:port`` listed exactly, or ``host`` listed alone and the URL on
-    its scheme's default port (80, 443)."""
+def refusal(url: str, allowed: list[str]) -> str | None:
+    """Why ``url`` may not be called, or None. Allowed: ``host:port`` listed exactly, or ``host`` listed
+    alone and the URL on its scheme's default port (80, 443); plain http only where the entry says
+    ``http://``, so a producer cannot turn a receiver's https into http."""
     parts = urlsplit(url)
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return False
+        return f"{url!r} is not an http(s) URL with a host: not called"
     try:
         port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError:  # a port that is no number, or out of range
-        return False
+        return f"the port of {url!r} is not a number from 1 to 65535: not called"
     host = parts.hostname.lower()
-    return f"{host}:{port}" in allowed or (host in allowed and port == DEFAULT_PORTS[parts.scheme])
+    names = {f"{host}:{port}"} | ({host} if port == DEFAULT_PORTS[parts.scheme] else set())
+    listed = [entry for entry in allowed if entry.removeprefix("http://") in names]
+    if not listed:
+        return f"host of {url!r} is not in BERTQ_WEBHOOK_ALLOWED_HOSTS: not called"
+    if parts.scheme == "http" and not any(entry.startswith("http://") for entry in listed):
+        return (
+            f"{url!r} is plain http, and BERTQ_WEBHOOK_ALLOWED_HOSTS lists {host} for https only "
+            f"(list http://{host}:{port} to allow http): not called"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one call connects: the URL with its host replaced by the address checked, the Host header,
+    and the TLS server name, so the call reaches the address that was checked and no other (a name that
+    resolves again between the check and the connect cannot move it)."""
+
+    url: str
+    host_header: str
+    sni_hostname: str | None
+
+
+def target(url: str, allow_private: bool, resolve: Any = socket.getaddrinfo) -> Target:
+    """The address a call of an allowed ``url`` goes to. A listed IP address is called as listed; a listed
+    name must resolve to public addresses only, unless ``allow_private`` (BERTQ_WEBHOOK_ALLOW_PRIVATE), so
+    a name whose DNS turns to 127.0.0.1, 10/8 or 169.254.169.254 calls no internal service. Raises
+    ``OSError`` when it cannot resolve or resolves where it may not go: a failed attempt, retried."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    try:
+        ipaddress.ip_address(host)
+        return Target(url, parts.netloc.rpartition("@")[2], None)
+    except ValueError:
+        pass
+    addresses = sorted({info[4][0] for info in resolve(host, port, type=socket.SOCK_STREAM)})
+    private = [address for address in addresses if not ipaddress.ip_address(address).is_global]
+    if private and not allow_private:
+        raise OSError(
+            f"{host} resolves to {', '.join(private)}, not a public address: not called "
+            "(BERTQ_WEBHOOK_ALLOW_PRIVATE=true allows it)"
+        )
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    address = addresses[0]
+    netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    return Target(pinned, parts.netloc.rpartition("@")[2], host if parts.scheme == "https" else None)
 
 
 def state_key(job_id: str) -> str:
@@ -170,10 +224,10 @@ class Webhooks:
             return
         view = JobView.from_record(job_id, raw)
         url = view.info.get("callback_url")
-        if not url or not host_allowed(url, self.allowed):
-            refusal = {"error": f"host of {url!r} is not in BERTQ_WEBHOOK_ALLOWED_HOSTS: not called"}
-            self._record(job_id, url, refusal, "refused")
-            log.warning("webhook refused", job_id=job_id, url=url)
+        why = refusal(url, self.allowed) if isinstance(url, str) else "the job has no callback_url"
+        if why is not None or not isinstance(url, str):
+            self._record(job_id, url, {"error": why}, "refused")
+            log.warning("webhook refused", job_id=job_id, url=url, reason=why)
             return
         attempt = self._call(job_id, url, json.dumps(view.to_dict(), ensure_ascii=False).encode())
         delivered = 200 <= attempt.get("status", 0) < 300
@@ -190,7 +244,10 @@ class Webhooks:
         if self.settings.webhook_secret:
             headers[SIGNATURE_HEADER] = sign(self.settings.webhook_secret, timestamp, body)
         try:
-            with self.http.stream("POST", url, content=body, headers=headers) as response:
+            to = target(url, self.settings.webhook_allow_private)
+            headers["Host"] = to.host_header
+            extensions = {"sni_hostname": to.sni_hostname} if to.sni_hostname else {}
+            with self.http.stream("POST", to.url, content=body, headers=headers, extensions=extensions) as response:
                 return {"status": response.status_code}
         except Exception as error:  # any failure of the call is the webhook's, never the job's
             return {"error": f"{type(error).__name__}: {error}"}

@@ -119,7 +119,7 @@ def hooks_env(server: Server, receiver: Receiver, sentiment: str, attempts: int,
         {"sentiment": sentiment},
         OMP_NUM_THREADS="1",
         BERTQ_WEBHOOK_SECRET=SECRET,
-        BERTQ_WEBHOOK_ALLOWED_HOSTS=f"127.0.0.1:{receiver.port}",
+        BERTQ_WEBHOOK_ALLOWED_HOSTS=f"http://127.0.0.1:{receiver.port}",
         BERTQ_WEBHOOK_MAX_ATTEMPTS=str(attempts),
         BERTQ_WEBHOOK_TIMEOUT_S=str(timeout_s),
     )

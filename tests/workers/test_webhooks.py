@@ -84,7 +84,7 @@ def hooked(redis_url: str, tiny_models: dict[str, Path], tmp_path_factory: pytes
         queue,
         {"sentiment": str(tiny_models["sentiment"])},
         BERTQ_WEBHOOK_SECRET=SECRET,
-        BERTQ_WEBHOOK_ALLOWED_HOSTS=",".join(f"127.0.0.1:{port}" for port in ports),
+        BERTQ_WEBHOOK_ALLOWED_HOSTS=",".join(f"http://127.0.0.1:{port}" for port in ports),
         BERTQ_WEBHOOK_MAX_ATTEMPTS="4",
     )
     fleet = Fleet(tmp_path_factory.mktemp("hooks"), env)
@@ -118,7 +118,7 @@ def local(redis_db: str) -> Iterator[Local]:
     settings = Settings(
         redis_url=redis_db,
         webhook_secret=SECRET,
-        webhook_allowed_hosts=f"127.0.0.1:{receiver.server_address[1]}",
+        webhook_allowed_hosts=f"http://127.0.0.1:{receiver.server_address[1]}",
         webhook_max_attempts=4,
     )
     client = redis.Redis.from_url(redis_db)
@@ -200,21 +200,75 @@ def test_a_cancelled_job_calls_its_webhook_too(hooked: Hooked, redis_url: str) -
     server.close()
 
 
+def allowed(url: str, entries: list[str]) -> bool:
+    return webhooks.refusal(url, entries) is None
+
+
 def test_a_host_without_a_port_allows_only_its_schemes_default_port() -> None:
-    assert webhooks.host_allowed("http://example.com/hook", ["example.com"])
-    assert webhooks.host_allowed("http://example.com:80/hook", ["example.com"])
-    assert webhooks.host_allowed("https://example.com/hook", ["example.com"])
-    assert not webhooks.host_allowed("http://example.com:8080/hook", ["example.com"])
-    assert not webhooks.host_allowed("https://example.com:80/hook", ["example.com"])
-    assert not webhooks.host_allowed("http://example.com:6379/", ["example.com"])
+    assert allowed("http://example.com/hook", ["http://example.com"])
+    assert allowed("http://example.com:80/hook", ["http://example.com"])
+    assert allowed("https://example.com/hook", ["example.com"])
+    assert not allowed("http://example.com:8080/hook", ["http://example.com"])
+    assert not allowed("https://example.com:80/hook", ["example.com"])
+    assert not allowed("http://example.com:6379/", ["http://example.com"])
 
 
 def test_a_host_with_a_port_allows_exactly_that_port() -> None:
-    assert webhooks.host_allowed("http://example.com:8080/hook", ["example.com:8080"])
-    assert not webhooks.host_allowed("http://example.com/hook", ["example.com:8080"])
-    assert not webhooks.host_allowed("http://example.com:8081/hook", ["example.com:8080"])
-    assert webhooks.host_allowed("https://example.com/hook", ["example.com:443"])
-    assert not webhooks.host_allowed("http://example.com:99999/hook", ["example.com"])  # no port at all: refused
+    assert allowed("https://example.com:8080/hook", ["example.com:8080"])
+    assert not allowed("https://example.com/hook", ["example.com:8080"])
+    assert not allowed("https://example.com:8081/hook", ["example.com:8080"])
+    assert allowed("https://example.com/hook", ["example.com:443"])
+    assert not allowed("https://example.com:99999/hook", ["example.com"])  # no port at all: refused
+
+
+def test_plain_http_is_called_only_where_the_allow_list_says_http() -> None:
+    why = webhooks.refusal("http://example.com:8080/hook", ["example.com:8080"])
+    assert why is not None and "plain http" in why and "http://example.com:8080" in why
+    assert allowed("http://example.com:8080/hook", ["http://example.com:8080"])
+    assert allowed("https://example.com:8080/hook", ["http://example.com:8080"])  # https is always allowed
+
+
+def resolving_to(*addresses: str) -> Any:
+    return lambda host, port, type: [(2, type, 6, "", (address, port)) for address in addresses]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "fd00::1", "192.168.0.9"])
+def test_a_listed_name_that_resolves_to_an_internal_address_is_not_called(address: str) -> None:
+    with pytest.raises(OSError, match=f"resolves to {re.escape(address)}, not a public address"):
+        webhooks.target("https://hooks.example.com/in", False, resolving_to("93.184.216.34", address))
+    allowed_anyway = webhooks.target("https://hooks.example.com/in", True, resolving_to(address))
+    assert address in allowed_anyway.url
+
+
+def test_a_call_connects_to_the_address_checked_with_the_names_host_and_tls_server_name() -> None:
+    to = webhooks.target("https://hooks.example.com:8443/in?x=1", False, resolving_to("93.184.216.34"))
+    assert to == webhooks.Target("https://93.184.216.34:8443/in?x=1", "hooks.example.com:8443", "hooks.example.com")
+    six = webhooks.target("http://hooks.example.com/in", False, resolving_to("2606:2800:220:1::1"))
+    assert six.url == "http://[2606:2800:220:1::1]:80/in" and six.sni_hostname is None
+    listed_ip = webhooks.target("http://127.0.0.1:9000/in", False, resolving_to())  # as listed, never resolved
+    assert listed_ip == webhooks.Target("http://127.0.0.1:9000/in", "127.0.0.1:9000", None)
+
+
+def test_a_name_is_called_at_the_address_it_resolved_to(redis_db: str) -> None:
+    receiver = Receiver(free_port())
+    port = receiver.server_address[1]
+    settings = Settings(
+        redis_url=redis_db,
+        webhook_allowed_hosts=f"http://localhost:{port}",
+        webhook_allow_private=True,  # localhost is loopback
+    )
+    client = redis.Redis.from_url(redis_db)
+    try:
+        job_id = uuid.uuid4().hex
+        info = {"callback_url": f"http://localhost:{port}/hook"}
+        client.set(meta_key(job_id), done_record(job_id, "sentiment", [{"label": "POSITIVE"}], info), ex=60)
+        webhooks.Webhooks(client, settings).deliver(job_id)
+        (call,) = receiver.calls
+        assert call["headers"]["Host"] == f"localhost:{port}" and call["job_id"] == job_id
+        assert webhooks.webhook_state(client, job_id)["attempts"][0]["status"] == 200  # type: ignore[index]
+    finally:
+        receiver.close()
+        client.close()
 
 
 def test_a_webhook_whose_record_expired_is_dropped_with_a_warning(
