@@ -260,6 +260,12 @@ class Settings(BaseSettings):
     )
     http_max_wait_s: float = Field(60.0, gt=0, description="Longest `?wait=` of `GET /v1/jobs/{id}`, in seconds.")
 
+    remote_control: Literal["all", "inspect", "off"] = Field(
+        "all",
+        description="Which Celery remote-control commands a worker answers: `all`; `inspect` (ping, stats, "
+        "active... but no `revoke`, `shutdown` or other control command); `off` (no pidbox at all). Anyone who "
+        "may PUBLISH on the Redis may send them.",
+    )
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("INFO", description="Log level of bertq's loggers.")
 

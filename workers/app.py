@@ -41,6 +41,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a Redis outage never ends a worker
         "broker_channel_error_retry": True,
+        "worker_enable_remote_control": settings.remote_control != "off",
     }
 
 

@@ -28,11 +28,15 @@ def quiet_celery(json_lines: bool) -> None:
         celery_worker.safe_say = lambda message, *_: say.info(str(message).strip())  # type: ignore[attr-defined]
 
 
-def install_control_commands(client: redis.Redis, result_ttl_s: int, events: CeleryEvents) -> None:
+def install_control_commands(
+    client: redis.Redis, result_ttl_s: int, events: CeleryEvents, remote_control: str = "all"
+) -> None:
     """``revoke`` (``AsyncResult.revoke()``, ``celery control revoke``) cancels queued jobs in their
     records, where every worker and client sees it. Celery's own handler would overwrite any record,
     finished ones included, with REVOKED. ``enable_events`` and ``disable_events`` (``celery control``,
-    Flower) switch bertq's task events, which Celery's own handlers do not reach."""
+    Flower) switch bertq's task events, which Celery's own handlers do not reach. With ``remote_control``
+    ``inspect`` (BERTQ_REMOTE_CONTROL), every control command is taken away, Celery's own too (``shutdown``,
+    ``pool_restart``...): anyone who may PUBLISH on the Redis reaches the pidbox."""
 
     def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any) -> dict[str, Any]:
         ids = [task_id] if isinstance(task_id, str) else list(task_id or [])
@@ -52,3 +56,7 @@ def install_control_commands(client: redis.Redis, result_ttl_s: int, events: Cel
 
     Panel.register(type="control", name="enable_events")(switch_events(True))
     Panel.register(type="control", name="disable_events")(switch_events(False))
+    if remote_control == "inspect":
+        for name, info in list(Panel.meta.items()):
+            if info.type == "control":
+                Panel.data.pop(name, None)

@@ -219,7 +219,7 @@ def run_worker(
         metrics.serve(int(settings.metrics_port or 0))
         log.info("metrics served", port=settings.metrics_port, path="/metrics")
     celery_events.start()
-    install_control_commands(worker.client, settings.result_ttl_s, celery_events)
+    install_control_commands(worker.client, settings.result_ttl_s, celery_events, settings.remote_control)
 
     asked = threading.Event()
 

@@ -7,12 +7,17 @@ import os
 import random
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
+from bertq.schemas import JobStatus
+from bertq.workers.app import celery_config
+from celery import Celery
 
 from bertq.connection import pubsub_warning
-from tests.procs import Fleet, Server, client_for, worker_env
+from bertq.settings import Settings
+from tests.procs import Fleet, Server, client_for, wait_until, worker_env
 
 
 def cluster_port() -> int:
@@ -90,3 +95,35 @@ def test_a_model_load_that_hangs_ends_the_worker_so_its_jobs_are_reclaimed(
     finally:
         fleet.close()
         server.close()
+
+
+def test_inspect_only_remote_control_answers_ping_and_refuses_revoke_and_shutdown(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    server = Server(tmp_path / "redis")
+    server.start()
+    fleet = Fleet(
+        tmp_path / "logs",
+        worker_env(server.url, "q", {"sentiment": str(tiny_models["sentiment"])}, BERTQ_REMOTE_CONTROL="inspect"),
+    )
+    app = Celery(broker=server.url, backend=server.url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    try:
+        worker = fleet.start()
+        assert wait_until(lambda: bool(app.control.inspect(timeout=1).ping()), 60), "the worker never answered ping"
+        job_id = client_for(server.url, "idle").submit("sentiment", ["stay queued"])  # no worker serves "idle"
+        app.control.revoke(job_id)
+        app.control.shutdown()
+        time.sleep(3)
+        assert worker.alive() and client_for(server.url, "idle").get(job_id).status is JobStatus.queued
+        assert app.control.inspect(timeout=1).ping()  # still answering what it may
+    finally:
+        fleet.close()
+        server.close()
+
+
+def test_remote_control_off_starts_no_pidbox() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    assert celery_config(settings)["worker_enable_remote_control"] is True
+    off = Settings(redis_url="redis://127.0.0.1:1/0", remote_control="off")
+    assert celery_config(off)["worker_enable_remote_control"] is False
