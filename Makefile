@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[worker,gateway,demo,test,bench,openvino]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[worker,gateway,demo,test,bench,openvino,otel]'
 	touch $(STAMP)
 
 $(SIDE_STAMP): tests/side-tf457.txt $(STAMP)

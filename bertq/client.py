@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -29,8 +30,16 @@ _ORIGIN = f"bertq-client@{socket.gethostname()}"
 WAIT_CHUNK = 200  # records per MGET of ``wait``: large results make a reply of many MiB otherwise
 
 
-def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: str, priority: int = 0) -> str:
-    """One Celery task message as kombu's Redis transport stores it in the queue's list."""
+def celery_message(
+    job_id: str,
+    task: TaskName,
+    kwargs: dict[str, Any],
+    queue: str,
+    priority: int = 0,
+    trace: dict[str, str] | None = None,
+) -> str:
+    """One Celery task message as kombu's Redis transport stores it in the queue's list; ``trace``: the
+    W3C trace context headers to carry (``traceparent``, ``tracestate``)."""
     body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     headers = {
         "lang": "py",
@@ -49,6 +58,7 @@ def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: s
         "origin": _ORIGIN,
         "ignore_result": False,
         "bertq_submitted_at": time.time(),
+        **(trace or {}),
     }
     return json.dumps(
         {
@@ -67,6 +77,19 @@ def celery_message(job_id: str, task: TaskName, kwargs: dict[str, Any], queue: s
             },
         }
     )
+
+
+def trace_context() -> dict[str, str]:
+    """The caller's W3C trace context when its app traces with OpenTelemetry (it has imported
+    ``opentelemetry.trace``), so that workers continue the trace; otherwise nothing is imported and
+    nothing is added."""
+    if "opentelemetry.trace" not in sys.modules:
+        return {}
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {name: value for name, value in carrier.items() if name in ("traceparent", "tracestate")}
 
 
 class Client:
@@ -134,6 +157,7 @@ class Client:
         if callback_url is not None and not callback_url.startswith(("http://", "https://")):
             raise InvalidInput("must be an http:// or https:// URL", field="callback_url")
         limits = self.settings.limits()
+        trace = trace_context()
         queue = priority_list(self.settings.queue_for(task), priority)
         jobs = []
         for chunk in chunks:
@@ -142,7 +166,7 @@ class Client:
             kwargs: dict[str, Any] = {"items": items, "model": model, "options": options or {}}
             if callback_url:
                 kwargs["callback_url"] = callback_url
-            message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0)
+            message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0, trace)
             record = queued_record(job_id, task.value, len(items), callback_url, message_digest(message))
             jobs.append((job_id, record, message))
         queued: list[str] = []

@@ -48,6 +48,7 @@ from bertq.workers.supervise import (
     node_name,
     supervised,
 )
+from bertq.workers.tracing import Tracing, tracer_provider, tracing_wanted
 from bertq.workers.webhooks import Webhooks
 from celery import signals
 
@@ -205,7 +206,8 @@ def run_worker(
     queues = queues or [settings.queue]
     metrics = Metrics() if settings.metrics_port else None
     celery_events = CeleryEvents(app, node, enabled=events)
-    observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node)) if o is not None]
+    tracing = Tracing(tracer_provider()) if tracing_wanted() else None
+    observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node), tracing) if o is not None]
     worker = Worker(settings, queues, node, observers, metrics, sources or [])
     refusal = retry(lambda: unsuitable_server(worker.client), "check the Redis server")
     if refusal:
@@ -246,6 +248,8 @@ def run_worker(
     finally:
         released = worker.drain()
         celery_events.stop()
+        if tracing is not None:
+            tracing.shutdown()
         log.info("worker stopped", node=node, released=released)
     if not (asked.is_set() or celery_worker.exitcode == 0):
         log.error("Celery's worker stopped without being asked to", node=node, exit_code=celery_worker.exitcode)

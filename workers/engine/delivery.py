@@ -31,6 +31,7 @@ class Delivery:
     time_limit_s: float | None = None  # the message's own limit on its run (Celery's ``timelimit``)
     submitted_at: float | None = None  # unix time, when the producer said
     callback_url: str | None = None  # a webhook to call once the job is final
+    trace: dict[str, str] | None = None  # the W3C trace context it carries (``traceparent``, ``tracestate``)
     refusal: BertqError | None = None
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
     digest: str = ""  # SHA-1 of the message: its records name it, so another message under this id is refused
@@ -100,6 +101,9 @@ class Observer:
     def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         """A forward batch ran; ``splits``: times it was halved after running out of memory."""
 
+    def batch_jobs(self, task: str, deliveries: list[Delivery], seconds: float) -> None:
+        """The jobs that had rows in that batch (for traces)."""
+
     def model_loaded(self, task: str, seconds: float) -> None:
         pass
 
@@ -134,6 +138,10 @@ class Observers:
     def batch(self, task: str, rows: int, tokens: int, padded_tokens: int, seconds: float, splits: int) -> None:
         for observer in self.observers:
             observer.batch(task, rows, tokens, padded_tokens, seconds, splits)
+
+    def batch_jobs(self, task: str, deliveries: list[Delivery], seconds: float) -> None:
+        for observer in self.observers:
+            observer.batch_jobs(task, deliveries, seconds)
 
     def model_loaded(self, task: str, seconds: float) -> None:
         for observer in self.observers:

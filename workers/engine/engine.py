@@ -342,7 +342,10 @@ class Engine:
             lengths = [len(pending.row) for pending in batch]
             split = (loaded.budget.splits if loaded.budget is not None else 0) - splits
             padded = len(batch) * padded_length(max(lengths))
-            self.observer.batch(task.name.value, len(batch), sum(lengths), padded, self.last_progress - began, split)
+            seconds = self.last_progress - began
+            self.observer.batch(task.name.value, len(batch), sum(lengths), padded, seconds, split)
+            jobs = list({id(pending.job): pending.job.delivery for pending in batch}.values())
+            self.observer.batch_jobs(task.name.value, jobs, seconds)
             self._finish.put(_Batch(batch, outputs))
 
     # ---- finish: postprocess, store, acknowledge ------------------------------------------------
