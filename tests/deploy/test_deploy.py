@@ -190,7 +190,7 @@ def test_images_install_torch_and_the_project_from_the_pinned_constraints(docker
         (run,) = installs[build]
         torch_step, project_step = run.split(" && ")
         assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in torch_step
-        assert '--constraint constraints.txt ".[worker]"' in project_step
+        assert '--constraint constraints.txt ".[worker,otel]"' in project_step  # traces come with the image
     assert installs["build-flower"] == ['pip install --no-cache-dir --constraint constraints.txt ".[flower]"']
     assert installs["build-gateway"] == ['pip install --no-cache-dir --constraint constraints.txt ".[gateway]"']
     assert not [
