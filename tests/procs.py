@@ -439,6 +439,20 @@ def record_exists(server: Server, job_id: str) -> bool:
     return bool(server.client().exists(meta_key(job_id)))
 
 
+def expected_results(
+    model: str, task: Any, batch: list[str], options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """What ``bertq run`` computes for ``batch``, in this process: the fault scenarios' reference."""
+    from bertq.schemas import Limits, validate_items, validate_options
+    from bertq.tasks import get_task
+    from bertq.workers.backends.models import load_model
+    from bertq.workers.runner import result_dicts, run_items
+
+    loaded = load_model(get_task(task), model)
+    items = validate_items(task, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
+    return result_dicts(run_items(get_task(task), loaded, items, validate_options(task, options or {}), 1024, 64))
+
+
 # ---- edge faults (tests/faults/test_edge_faults.py) ------------------------------------------------
 
 #: Where a worker's traces live, by consumer id ``<node>:<pid>:<hex>`` (see workers/queues/inbox.py).

@@ -24,7 +24,6 @@ from bertq.workers.queues.dead import DeadLetter, DeadLetters
 
 from bertq.records import JobView
 from tests.faults.conftest import FULL, record
-from tests.faults.test_worker_faults import expected_results
 from tests.procs import (
     FakeClock,
     Fleet,
@@ -36,6 +35,7 @@ from tests.procs import (
     count_final,
     events,
     exits,
+    expected_results,
     fill_disk,
     fill_memory,
     free_memory,

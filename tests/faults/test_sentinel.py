@@ -20,10 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
-from bertq.tasks import get_task
-from bertq.workers.backends.models import load_model
-from bertq.workers.runner import result_dicts, run_items
+from bertq.schemas import JobStatus, TaskName
 
 from bertq.client import Client
 from bertq.errors import BrokerUnavailable, SubmitIncomplete
@@ -37,6 +34,7 @@ from tests.procs import (
     audit,
     computed,
     count_final,
+    expected_results,
     first_final_after,
     free_port,
     same_results,
@@ -172,14 +170,6 @@ def sentiment(tiny_models: dict[str, Path]) -> str:
     return str(tiny_models["sentiment"])
 
 
-def expected_results(model: str, batch: list[str]) -> list[dict[str, Any]]:
-    """The fault-free in-process results of ``batch``, one per text."""
-    task = get_task(TaskName.sentiment)
-    items = validate_items(TaskName.sentiment, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
-    options = validate_options(TaskName.sentiment, {})
-    return result_dicts(run_items(task, load_model(task, model), items, options, 1024, 64))
-
-
 class Producer(threading.Thread):
     """Submits one-text jobs one at a time through the failover, as an application would, and keeps
     what each submit said: queued (acknowledged), refused (the producer knows it was not queued) or
@@ -219,7 +209,9 @@ def test_worker_and_client_carry_on_after_the_primary_is_killed(
 ) -> None:
     batch = texts(JOBS)
     produced = texts(JOBS // 2, seed=11)
-    expected_of = dict(zip(batch + produced, expected_results(sentiment, batch + produced), strict=True))
+    expected_of = dict(
+        zip(batch + produced, expected_results(sentiment, TaskName.sentiment, batch + produced), strict=True)
+    )
     fleet = Fleet(tmp_path / "logs", worker_env(group.url, QUEUE, {"sentiment": sentiment}))
     producer: Producer | None = None
     try:
@@ -276,7 +268,9 @@ def test_worker_and_client_carry_on_after_the_primary_is_killed(
         # the same worker serves new jobs, and Celery's side follows the master too
         probe = client.submit("sentiment", ["after the failover"])
         assert wait_final(client, [probe], timeout=60)[probe].status is JobStatus.done
-        celery_follows_the_master(group, probe, expected_results(sentiment, ["after the failover"]), worker.name)
+        celery_follows_the_master(
+            group, probe, expected_results(sentiment, TaskName.sentiment, ["after the failover"]), worker.name
+        )
     finally:
         if producer is not None:
             producer.stop.set()
@@ -409,7 +403,7 @@ def test_writes_the_replica_never_received_are_lost_and_what_bounds_them(
 
         final = settle(client, [warm, *acknowledged], after=time.time(), timeout=120)
         lost = [job_id for job_id in acknowledged if not final[job_id].finished]
-        one = expected_results(sentiment, [text])
+        one = expected_results(sentiment, TaskName.sentiment, [text])
         expected = {job_id: one for job_id in final}
         variant = f"min-replicas-to-write 1, max-lag {MAX_LAG_S} s" if min_replicas else "asynchronous replication"
         scenario = f"Sentinel failover, replica {LAG_S:g} s behind ({variant})"

@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from bertq.schemas import Limits, TaskName, validate_items, validate_options
-from bertq.tasks import get_task
-from bertq.workers.backends.models import load_model
-from bertq.workers.runner import result_dicts, run_items
+from bertq.schemas import TaskName
 
 from tests.faults.conftest import FULL, record
 from tests.procs import (
@@ -26,6 +23,7 @@ from tests.procs import (
     Server,
     WorkerProcess,
     computed,
+    expected_results,
     log_lines,
     same_results,
     texts,
@@ -83,12 +81,6 @@ def outputs(store: redis.Redis) -> dict[str, list[Any]]:
     return found
 
 
-def in_process(model: str, batch: list[str]) -> list[dict[str, Any]]:
-    task = get_task(TASK)
-    items = validate_items(TASK, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
-    return result_dicts(run_items(task, load_model(task, model), items, validate_options(TASK, {}), 1024, 64))
-
-
 def test_two_workers_ride_out_a_redis_freeze_longer_than_the_visibility_timeout(
     tmp_path: Path, tiny_models: dict[str, Path], minilm: Path, fault_table: list[dict[str, Any]]
 ) -> None:
@@ -128,7 +120,7 @@ def test_two_workers_ride_out_a_redis_freeze_longer_than_the_visibility_timeout(
     finally:
         fleet.close()
         server.close()
-    expected = in_process(model, batch)
+    expected = expected_results(model, TASK, batch)
     freezes = " + ".join(f"{s:.0f} s" for s in FREEZES_S)
     result = Audit(
         f"stream ({TASK.value}), 2 workers, Redis frozen {freezes} (SIGSTOP), {VISIBILITY_S} s visibility", ENTRIES

@@ -26,13 +26,13 @@ from bertq.workers import webhooks
 
 from bertq.records import WEBHOOKS, done_record, meta_key
 from tests.faults.conftest import FULL, record
-from tests.faults.test_worker_faults import expected_results
 from tests.procs import (
     Fleet,
     Server,
     audit,
     client_for,
     exits,
+    expected_results,
     free_port,
     texts,
     wait_final,

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
-from bertq.tasks import get_task
-from bertq.workers.backends.models import load_model
+from bertq.schemas import JobStatus, TaskName
 from bertq.workers.queues.dead import DeadLetters
-from bertq.workers.runner import result_dicts, run_items
 
 from tests.faults.conftest import FULL, record
 from tests.procs import (
@@ -28,6 +25,7 @@ from tests.procs import (
     audit,
     client_for,
     count_final,
+    expected_results,
     log_lines,
     memory_cgroup,
     raw_message,
@@ -44,14 +42,6 @@ QUEUE = "faults"
 @pytest.fixture
 def fleet_dir(tmp_path: Path) -> Path:
     return tmp_path / "logs"
-
-
-def expected_results(
-    model: str, task: TaskName, batch: list[str], options: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    loaded = load_model(get_task(task), model)
-    items = validate_items(task, [{"text": t} for t in batch], Limits(max_items_per_job=len(batch)))
-    return result_dicts(run_items(get_task(task), loaded, items, validate_options(task, options or {}), 1024, 64))
 
 
 def test_a_stage_that_dies_ends_the_process_non_zero_and_nothing_is_lost(
