@@ -30,7 +30,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: `make test` hands whole modules to its processes in collection order, and these go first so that
 #: the processes end together instead of one of them taking a long module last.
 SLOWEST_MODULES = (
-    "faults/test_worker_faults.py",
+    "faults/test_worker_kills.py",
     "workers/backends/test_backends.py",
     "faults/test_edge_faults.py",
     "workers/streams/test_streams.py",
