@@ -93,8 +93,10 @@ def settle(
     quiet_s: float,
     workers: Callable[[], Sequence[WorkerProcess]] | None = None,
 ) -> dict[str, JobView]:
-    """Records once every job is final, or no job became final for ``quiet_s`` seconds, or every worker
-    of ``workers()`` is gone, or ``timeout`` passed: a scenario whose jobs are stranded ends early."""
+    """Records once every job is final, or no job became final for ``quiet_s`` seconds since one did, or
+    every worker of ``workers()`` is gone, or ``timeout`` passed: a scenario whose jobs are stranded ends
+    early. The quiet time counts from the first final job, so slow worker starts on a loaded machine (a
+    model load can take longer than ``quiet_s``) do not end it before anything ran."""
     deadline = time.monotonic() + timeout
     last, changed = -1, time.monotonic()
     while time.monotonic() < deadline:
@@ -103,7 +105,7 @@ def settle(
             break
         if done != last:
             last, changed = done, time.monotonic()
-        elif time.monotonic() - changed > quiet_s:
+        elif done > 0 and time.monotonic() - changed > quiet_s:
             break
         if workers is not None and not any(worker.alive() for worker in workers()):
             break
