@@ -35,6 +35,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
     server.close()
 
 
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> Path:
+    """Where a scenario's worker processes write their logs."""
+    return tmp_path / "logs"
+
+
 @pytest.fixture(scope="session")
 def fault_table() -> Iterator[list[dict[str, Any]]]:
     yield ROWS

@@ -38,11 +38,6 @@ from tests.procs import (
 QUEUE = "faults"
 
 
-@pytest.fixture
-def fleet_dir(tmp_path: Path) -> Path:
-    return tmp_path / "logs"
-
-
 def inflight_jobs(server: Server, worker: WorkerProcess) -> list[str]:
     client = server.client()
     job_ids = []

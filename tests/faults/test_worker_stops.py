@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from bertq.schemas import TaskName
 
 from tests.faults.conftest import record
@@ -28,11 +27,6 @@ from tests.procs import (
 )
 
 QUEUE = "faults"
-
-
-@pytest.fixture
-def fleet_dir(tmp_path: Path) -> Path:
-    return tmp_path / "logs"
 
 
 def test_a_stage_that_dies_ends_the_process_non_zero_and_nothing_is_lost(
