@@ -6,7 +6,9 @@ stream consumer is its worker's registry name (``bertq:consumers``), listed befo
 a sweep claims the pending entries of exactly the consumers no longer listed: reaped by the queue's
 reaper once their heartbeat stopped moving for a visibility timeout (workers/queues/reaper.py), or
 stopped. Idle times (Redis's clock) decide nothing, so a step of the Redis host's clock or a freeze of
-the server claims nothing from a live worker. Redis counts each entry's deliveries; the source base's
+the server claims nothing from a live worker; entries delivered to a live worker whose read reply was
+lost (a read that reached the server while the client had given up) are adopted by that worker at its
+next sweep. Redis counts each entry's deliveries; the source base's
 rule (workers/engine/source.py) decides by that count: an entry delivered more than
 ``BERTQ_MAX_DELIVERIES`` times goes to the dead-letter stream ``<input>:dead`` with the reason, and is
 acknowledged; an entry on its last delivery runs alone (as quarantined queue jobs do), so entries that
@@ -204,8 +206,8 @@ class StreamIntake(Source):
         return pipe.execute()[1]
 
     def _deliveries(self, source: StreamSource, entries: list[tuple[str, dict[str, str]]], how: str) -> list[Delivery]:
-        """Entries as one delivery per task; one log line naming them (``how``: read, claimed or alone,
-        for an entry on its last delivery)."""
+        """Entries as one delivery per task; one log line naming them (``how``: read, claimed, adopted,
+        or alone, for an entry on its last delivery)."""
         if not entries:
             return []
         (log.info if how == "read" else log.warning)(
@@ -227,9 +229,40 @@ class StreamIntake(Source):
             )
         return deliveries
 
+    def _holding(self, source: StreamSource) -> set[str]:
+        """Ids of the entries of ``source`` this worker holds: in the engine, or waiting to run alone."""
+        reads = {id(d.ref): d.ref for d in self.engine.held() if isinstance(d.ref, Read) and d.ref.source is source}
+        held = {entry_id for read in reads.values() for entry_id, _ in read.entries}
+        return held | {entry_id for waiting, (entry_id, _) in self._quarantine if waiting is source}
+
+    def _adopt(self, source: StreamSource) -> None:
+        """Entries pending for this consumer that it does not hold: a read whose reply was lost in a Redis
+        fault (the server delivered them, the client had given up). No one else claims a live worker's
+        entries, so it runs them itself, as if read now; one deleted from the stream meanwhile is
+        acknowledged. Found with XPENDING and read with XRANGE, which leave delivery counts as they are
+        (reading a consumer's own history with XREADGROUP counts a delivery each time)."""
+        held, start = self._holding(source), "-"
+        while True:
+            rows = self.client.xpending_range(source.input, source.group, start, "+", READ_MOST, self.consumer)
+            orphans = [as_text(row["message_id"]) for row in rows if as_text(row["message_id"]) not in held]
+            if orphans:
+                pipe = self.client.pipeline(transaction=False)
+                for entry_id in orphans:
+                    pipe.xrange(source.input, entry_id, entry_id)
+                found = {entry_id: entries[0][1] for entry_id, entries in zip(orphans, pipe.execute()) if entries}
+                if deleted := [entry_id for entry_id in orphans if entry_id not in found]:
+                    self.client.xack(source.input, source.group, *deleted)
+                adopted = [(entry_id, _fields(fields)) for entry_id, fields in found.items()]
+                self.engine.submit(self._deliveries(source, adopted, "adopted"))
+            if len(rows) < READ_MOST:
+                return
+            start = "(" + as_text(rows[-1]["message_id"])
+
     def _sweep(self) -> None:
-        """Claim what consumers no longer listed left, and delete the stopped consumers that hold nothing."""
+        """Run what this worker was delivered but never received, claim what consumers no longer listed
+        left, and delete the stopped consumers that hold nothing."""
         for source in self.sources:
+            self._adopt(source)
             args: list[str | int] = [source.group, self.consumer, READ_MOST]
             while claimed := self._claim(keys=[source.input, CONSUMERS], args=args):
                 self._take_claimed(source, claimed)

@@ -308,6 +308,22 @@ def test_a_listed_workers_entries_are_never_claimed_however_idle_and_an_unlisted
     assert store.xlen("reviews:enriched") == 3 and not pending(store, "reviews")
 
 
+def test_entries_delivered_to_this_worker_but_never_received_are_adopted_once(redis_db: str) -> None:
+    """A read whose reply was lost in a Redis fault: the server delivered the entries to this consumer,
+    the worker never got them, and no other worker claims a live worker's entries."""
+    store = redis.Redis.from_url(redis_db)
+    ids = [store.xadd("reviews", {"text": f"lost reply {i}"}).decode() for i in range(5)]
+    store.xgroup_create("reviews", "bertq", id="0")
+    store.xreadgroup("bertq", "me", {"reviews": ">"}, count=3)  # the lost reply: three entries now pending for "me"
+    engine = Holding()
+    with running(stream_intake(redis_db, "reviews", engine, "me", visibility_timeout_s=1)):
+        assert wait_until(lambda: engine.taken.total() == 5, 5)  # three adopted, two read
+        time.sleep(2.5)  # later sweeps adopt nothing it holds
+        engine.finish()
+    assert engine.taken == Counter(dict.fromkeys(ids, 1))
+    assert store.xlen("reviews:enriched") == 5 and not pending(store, "reviews")
+
+
 def test_an_entry_on_its_last_delivery_stays_this_workers_while_it_waits_to_run_alone(redis_url: str) -> None:
     stream = f"last-{uuid.uuid4().hex[:6]}"
     store = redis.Redis.from_url(redis_url)
@@ -374,14 +390,16 @@ def test_claimed_entries_get_their_own_delivery_counts_among_many_of_this_worker
     ids = [store.xadd(stream, {"text": f"t{i}"}).decode() for i in range(10)]
     store.xgroup_create(stream, "bertq", id="0")
     store.xreadgroup("bertq", "gone", {stream: ">"}, count=1)
-    store.xreadgroup("bertq", "me", {stream: ">"}, count=8)  # this worker's, fresh, between the two
+    store.xreadgroup("bertq", "me", {stream: ">"}, count=8)  # this worker's, once each, between the two
     store.xreadgroup("bertq", "gone", {stream: ">"}, count=1)
     store.xclaim(stream, "bertq", "gone", 0, [ids[0], ids[9]], idle=10_000, retrycount=5, justid=True)
     engine = Holding()
     with running(stream_intake(redis_url, stream, engine, "me", visibility_timeout_s=5)):
         assert wait_until(lambda: store.xlen(f"{stream}:dead") == 2, 5)
     assert {fields[b"source_id"].decode() for _, fields in store.xrange(f"{stream}:dead")} == {ids[0], ids[9]}
-    assert set(pending(store, stream)) == set(ids[1:9]) and not engine.taken
+    # this worker's own (never received here, so adopted) keep their delivery count of 1
+    assert pending(store, stream) == dict.fromkeys(ids[1:9], ("me", 1))
+    assert engine.taken == Counter(dict.fromkeys(ids[1:9], 1))
 
 
 def test_a_rerank_source_reads_the_query_and_a_json_list_of_documents(
