@@ -142,7 +142,8 @@ def test_sigkill_at_random_moments_loses_nothing(
         )
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
         assert result.most_computations <= 2
-        assert len(recoveries) >= KILLS // 2, "most kills must hit a worker holding jobs"
+        # the kills done: on a loaded machine slow worker starts can let the producer's jobs run out first
+        assert len(recoveries) >= (kill + 1) // 2, "most kills must hit a worker holding jobs"
         assert max(recoveries) <= 2 * 3 + 2, recoveries  # two visibility timeouts (3 s), plus a sweep
     finally:
         producer.stop.set()
