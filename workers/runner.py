@@ -67,7 +67,7 @@ def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
         return _halves(task, loaded, rows)
     try:
         STAGES.enter("collate")
-        batch = collate(rows, loaded.pad_id, loaded.device)
+        batch = collate(rows, loaded.pad_id, loaded.device, loaded.key_mask)
         STAGES.enter("forward")
         with torch.inference_mode():
             outputs = task.forward(loaded, batch)
