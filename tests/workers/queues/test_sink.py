@@ -89,3 +89,42 @@ def test_expiry_is_judged_by_redis_clock_not_the_workers(client: redis.Redis) ->
     deliveries = {d.job_id: d for d in fetch_all(client, sink)}
     claims = sink.claim([deliveries[past], deliveries[future]])
     assert claims == [Claim.expired, Claim.run]
+
+
+def test_a_round_of_jobs_is_claimed_and_finished_in_one_script_call_each_job_on_its_own(
+    client: redis.Redis, redis_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bertq.workers.engine.delivery import Outcome
+    from bertq.workers.queues import sink as sink_module
+
+    from bertq.records import RESULTS_STREAM, revoked_record
+
+    monkeypatch.setattr(sink_module, "SCRIPT_JOBS", 4)  # 6 jobs: two calls, the second one short
+    producer = Client(redis_db, Settings(redis_url=redis_db, queue="q"))
+    ids = [producer.submit("sentiment", [f"text {i}"]) for i in range(6)]
+    done_already, cancelled, gone = ids[1], ids[2], ids[4]
+    client.set(meta_key(done_already), json.dumps({"status": "SUCCESS", "result": []}))
+    client.set(meta_key(cancelled), revoked_record(cancelled, JobStatus.cancelled, "cancelled"))
+    sink = records(client)
+    deliveries = {d.job_id: d for d in fetch_all(client, sink)}
+    client.hdel(sink.inflight, deliveries[gone].ref.tag)  # reclaimed meanwhile by another worker
+    calls = []
+    script = sink._claim
+    monkeypatch.setattr(sink, "_claim", lambda **kwargs: calls.append(1) or script(**kwargs))
+    claims = sink.claim([deliveries[job_id] for job_id in ids])
+    assert claims == [Claim.run, Claim.final, Claim.cancelled, Claim.run, Claim.lost, Claim.run]
+    assert len(calls) == 2
+    ran = [deliveries[job_id] for job_id, claim in zip(ids, claims) if claim is Claim.run]
+    assert all(JobView.from_record(d.job_id, client.get(meta_key(d.job_id))).status is JobStatus.running for d in ran)
+
+    outcomes = [Outcome(d, JobStatus.done, results=[{"label": "POSITIVE"}]) for d in ran]
+    outcomes.append(Outcome(deliveries[done_already], JobStatus.done, results=[{"label": "NEGATIVE"}]))
+    assert sink.finish(outcomes + outcomes[:1]) == [True, True, True, False, False]  # final ones are kept
+    assert json.loads(client.get(meta_key(done_already)))["result"] == []
+    for delivery in ran:
+        assert JobView.from_record(delivery.job_id, client.get(meta_key(delivery.job_id))).results == [
+            {"label": "POSITIVE"}
+        ]
+    assert [fields[b"job_id"].decode() for _, fields in client.xrange(RESULTS_STREAM)] == [d.job_id for d in ran]
+    sink.acknowledge([deliveries[cancelled]])
+    assert client.hlen(sink.inflight) == 0  # every message acknowledged, stored or not
