@@ -218,6 +218,11 @@ def result_dicts(results: list[Any]) -> list[dict[str, Any]]:
         if isinstance(result, BertqError)
         else {**result.result, "cached": True}
         if isinstance(result, Cached)
-        else result.model_dump(mode="json")
+        else result.__pydantic_serializer__.to_python(result, mode="json")  # model_dump(mode="json"), less overhead
         for result in results
     ]
+
+
+def result_json(result: BaseModel) -> str:
+    """A result's compact JSON (``model_dump_json()``, without its per-call overhead: 1 us, not 4.5)."""
+    return result.__pydantic_serializer__.to_json(result).decode()  # type: ignore[no-any-return]

@@ -183,7 +183,7 @@ class JobRecords:
         """The outcome's record; a record over the cap fails the job instead (the outcome says so)."""
         record = _record(outcome)
         if len(record) > self.max_record_bytes:
-            outcome.status, outcome.results = JobStatus.failed, None
+            outcome.status, outcome.results, outcome.results_json = JobStatus.failed, None, None
             outcome.error = ResultTooLarge(
                 f"{len(record)} bytes of results is over the limit of {self.max_record_bytes} "
                 "(BERTQ_MAX_RESULT_BYTES): send fewer items per job or ask for less",
@@ -226,7 +226,9 @@ def _record(outcome: Outcome) -> str:
     if delivery.callback_url:
         info["callback_url"] = delivery.callback_url
     if outcome.status is JobStatus.done:
-        return done_record(delivery.job_id, delivery.task, outcome.results or [], info, delivery.digest)
+        return done_record(
+            delivery.job_id, delivery.task, outcome.results or [], info, delivery.digest, outcome.results_json
+        )
     if outcome.status is JobStatus.expired:
         info = {"task": delivery.task, **info}
         return revoked_record(delivery.job_id, JobStatus.expired, "expired before it ran", info, delivery.digest)

@@ -15,6 +15,7 @@ from bertq.workers.queues.intake import decode
 from bertq.workers.queues.sink import JobRecords
 
 from bertq.client import Client, celery_message
+from bertq.errors import InvalidInput
 from bertq.keys import DEAD
 from bertq.records import JobView, meta_key
 from bertq.settings import Settings
@@ -128,3 +129,22 @@ def test_a_round_of_jobs_is_claimed_and_finished_in_one_script_call_each_job_on_
     assert [fields[b"job_id"].decode() for _, fields in client.xrange(RESULTS_STREAM)] == [d.job_id for d in ran]
     sink.acknowledge([deliveries[cancelled]])
     assert client.hlen(sink.inflight) == 0  # every message acknowledged, stored or not
+
+
+def test_a_record_made_from_each_results_json_reads_as_the_one_made_from_the_results() -> None:
+    from bertq.schemas import LabelScore, SentimentResult
+    from bertq.workers.runner import result_dicts, result_json
+
+    from bertq.records import done_record
+
+    made = SentimentResult(label="très bien 👍", score=1e-05, scores=[LabelScore(label="très bien 👍", score=1e-05)])
+    error = InvalidInput("empty", field="items[1].text")
+    results = result_dicts([made, error])
+    assert results[0] == made.model_dump(mode="json") and result_json(made) == made.model_dump_json()
+    texts = [result_json(made), json.dumps(results[1])]
+    info = {"worker": "w", "callback_url": 'http://x/"result": null'}
+    spliced = json.loads(done_record("j", "sentiment", results, info, "ab" * 20, texts))
+    plain = json.loads(done_record("j", "sentiment", results, info, "ab" * 20))
+    for record in (spliced, plain):
+        record["bertq"].pop("finished_at")
+    assert spliced == plain and spliced["result"] == results
