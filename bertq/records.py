@@ -118,10 +118,23 @@ def revoked_record(
     )
 
 
-def done_record(job_id: str, task: str, results: list[dict[str, Any]], info: dict[str, Any], digest: str = "") -> str:
+def done_record(
+    job_id: str,
+    task: str,
+    results: list[dict[str, Any]],
+    info: dict[str, Any],
+    digest: str = "",
+    results_json: list[str] | None = None,
+) -> str:
+    """``results_json``: each result's JSON already made (the worker made it once, for the result cap),
+    set in the record as it is rather than serialised again."""
     failed = sum(1 for result in results if "error" in result)
     info = {"task": task, "items": len(results), "failed_items": failed, "finished_at": time.time(), **info}
-    return _record("SUCCESS", job_id, results, info, digest)
+    if results_json is None:
+        return _record("SUCCESS", job_id, results, info, digest)
+    # the first '"result": null' is the field's: only the status and the hex digest come before it
+    head, tail = _record("SUCCESS", job_id, None, info, digest).split('"result": null', 1)
+    return f'{head}"result": [{",".join(results_json)}]{tail}'
 
 
 def failed_record(job_id: str, task: str | None, error: BertqError, info: dict[str, Any], digest: str = "") -> str:

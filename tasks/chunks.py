@@ -27,7 +27,7 @@ class Window:
 
 
 def text_windows(
-    loaded: Loaded, texts: list[str], options: LongTextOptions, **tokenizer: Any
+    loaded: Loaded, texts: list[str], options: LongTextOptions
 ) -> list[list[tuple[Any, Window]] | InvalidInput]:
     """Each text's windows as (tokenizer encoding, Window), or the error that names why it has none:
     more windows than BERTQ_MAX_CHUNKS, or an overlap the window cannot hold."""
@@ -41,18 +41,14 @@ def text_windows(
         return [error for _ in texts]
     limit = chars_for_tokens(loaded.max_length * (loaded.max_chunks if chunk else 1))
     capped = [cap_chars(text, limit) for text in texts]
-    encoded = loaded.tokenizer(
-        [text for text, _ in capped],
-        truncation=True,
-        max_length=loaded.max_length,
-        stride=options.chunk_overlap if chunk else 0,
-        return_special_tokens_mask=True,
-        **tokenizer,
-    )
+    encodings = encode(loaded, [text for text, _ in capped], options.chunk_overlap if chunk else 0)
     windows: list[list[tuple[Any, Window]] | InvalidInput] = []
-    for encoding, (_, cut) in zip(encoded.encodings, capped):
+    for encoding, (_, cut) in zip(encodings, capped):
         if not chunk:
-            windows.append([(encoding, Window(0, 0, cut or bool(encoding.overflowing)))])
+            # only a text cut at the window's length can have lost tokens: the others skip building
+            # their (empty) overflow list
+            truncated = cut or (len(encoding) >= loaded.max_length and bool(encoding.overflowing))
+            windows.append([(encoding, Window(0, 0, truncated))])
             continue
         parts = [encoding, *encoding.overflowing]
         if cut or len(parts) > loaded.max_chunks:
@@ -67,6 +63,27 @@ def text_windows(
             continue
         windows.append([(part, Window(i, part.special_tokens_mask.count(0), False)) for i, part in enumerate(parts)])
     return windows
+
+
+def encode(loaded: Loaded, texts: list[str], stride: int) -> list[Any]:
+    """The fast tokenizer's encodings of ``texts``, truncated at the model's length (the overflow in
+    windows of ``stride`` tokens' overlap): what ``loaded.tokenizer(texts, truncation=True, max_length=...,
+    stride=...)`` computes, read from its Rust tokenizer directly. The transformers call also copies
+    every encoding's ids, types, mask and special-token mask into Python lists that rows never read."""
+    tokenizer = loaded.tokenizer
+    backend = tokenizer.backend_tokenizer
+    # as transformers' set_truncation_and_padding sets it for that call
+    target = {"max_length": loaded.max_length, "stride": stride, "strategy": "longest_first"}
+    target["direction"] = tokenizer.truncation_side
+    current = backend.truncation
+    if current is None or {key: current.get(key) for key in target} != target:
+        backend.enable_truncation(**target)
+    if backend.padding is not None:
+        backend.no_padding()
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
+    return backend.encode_batch(texts, add_special_tokens=True)  # type: ignore[no-any-return]
 
 
 def weighted_mean(outputs: list[np.ndarray], windows: list[Window]) -> np.ndarray:

@@ -38,9 +38,7 @@ class EmbeddingTask:
     def preprocess(
         self, loaded: Loaded, items: list[TextItem], options: EmbeddingOptions
     ) -> list[list[Row] | BertqError]:
-        windows = text_windows(
-            loaded, [item.text for item in items], options, return_offsets_mapping=options.return_tokens
-        )
+        windows = text_windows(loaded, [item.text for item in items], options)
         return [
             text if isinstance(text, BertqError) else window_rows(i, text, options.pooling, options.return_tokens)
             for i, text in enumerate(windows)

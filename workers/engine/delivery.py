@@ -51,6 +51,9 @@ class Outcome:
     results: list[dict[str, Any]] | None = None
     error: BertqError | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: each result's compact JSON, when the engine has it (it serialised every result once, to count it
+    #: against the result cap): what a Redis sink writes instead of serialising ``results`` again
+    results_json: list[str] | None = None
 
 
 class Claim(str, Enum):

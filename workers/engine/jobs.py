@@ -4,6 +4,7 @@ items finish (counted against the result cap), and the one log line of each of i
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 from bertq.schemas import JobStatus, TaskName, parse_task, validate_item, validate_item_count, validate_options
 from bertq.tasks.base import Loaded, Row, Task
 from bertq.workers.engine.delivery import Delivery, Outcome
-from bertq.workers.runner import Cached, finish_item, preprocess_items, preprocess_jobs, result_dicts
+from bertq.workers.runner import Cached, finish_item, preprocess_items, preprocess_jobs, result_dicts, result_json
 from bertq.workers.stages import STAGES
 from pydantic import BaseModel
 
@@ -37,6 +38,7 @@ class Job:
     result_bytes: int = 0  # JSON bytes of the item results finished so far
     too_large: ResultTooLarge | None = None  # its results outgrew BERTQ_MAX_RESULT_BYTES: they are dropped
     cache_keys: list[str | None] = field(default_factory=list)  # per item, with the result cache on
+    texts: dict[int, str] = field(default_factory=dict)  # by item: its computed result's JSON, made once
     time_limit: tuple[float, str] | None = None  # seconds, and what set them
     deadline: float = float("inf")  # monotonic: past it, its rows still waiting for the device are dropped
     pooled: int = 0  # its rows in the pool, waiting for a batch
@@ -77,24 +79,27 @@ class Job:
                     self.task, self.loaded, self.items[index], self.options, [r for r, _ in done], [o for _, o in done]
                 )
                 STAGES.enter("serialise")
-                self.results[index] = self._within_result_cap(result, max_result_bytes)
+                self.results[index] = self._within_result_cap(result, max_result_bytes, index)
             del self.rows_left[index]
         return not self.rows_left
 
-    def _within_result_cap(self, result: BaseModel | BertqError | Cached, most: int) -> BaseModel | BertqError | Cached:
+    def _within_result_cap(
+        self, result: BaseModel | BertqError | Cached, most: int, index: int | None = None
+    ) -> BaseModel | BertqError | Cached:
         """The item's result, counted against the job's result cap as it is built: an item over the cap
         alone becomes an item error; a job whose items add up to more fails, and its results are dropped
-        at once rather than held until the record would be refused."""
-        if isinstance(result, Cached):
-            size = result.size
-        else:
-            size = len(result.model_dump_json()) if isinstance(result, BaseModel) else 256
+        at once rather than held until the record would be refused. A computed result's JSON, made to
+        count it, is kept (under ``index``) for the record."""
+        text = result_json(result) if isinstance(result, BaseModel) else None
+        size = result.size if isinstance(result, Cached) else 256 if text is None else len(text)
         if size > most:
             return ResultTooLarge(
                 f"this item's result is {size} bytes, over the limit of {most} (BERTQ_MAX_RESULT_BYTES)",
                 field="results",
             )
         self.result_bytes += size
+        if text is not None and index is not None:
+            self.texts[index] = text
         if self.result_bytes > most:
             finished = sum(1 for done in self.results if done is not None)
             self.too_large = ResultTooLarge(
@@ -103,6 +108,7 @@ class Job:
                 field="results",
             )
             self.results = [None] * len(self.items)
+            self.texts = {}
         return result if self.too_large is None else self.too_large
 
     def past_time_limit(self, worker_name: str) -> Outcome:
@@ -123,7 +129,10 @@ class Job:
         info = {"worker": worker_name, **self.loaded.info(), "deliveries": self.delivery.deliveries}
         if self.too_large is not None:
             return Outcome(self.delivery, JobStatus.failed, error=self.too_large, info=info)
-        return Outcome(self.delivery, JobStatus.done, results=result_dicts(self.results), info=info)
+        results = result_dicts(self.results)
+        made = self.texts  # errors and cached results (a few) are serialised here
+        texts = [made[i] if i in made else json.dumps(result, ensure_ascii=False) for i, result in enumerate(results)]
+        return Outcome(self.delivery, JobStatus.done, results=results, info=info, results_json=texts)
 
 
 def validate(delivery: Delivery, settings: Settings) -> tuple[TaskName, BaseModel, list[Any], str]:

@@ -34,6 +34,7 @@ class Read:
     entries: list[tuple[str, dict[str, str]]]
     results: dict[TaskName, list[dict[str, Any]]] = field(default_factory=dict)
     errors: dict[TaskName, dict[str, Any]] = field(default_factory=dict)
+    texts: dict[TaskName, list[str]] = field(default_factory=dict)  # each result's JSON, as the engine made it
 
     @property
     def complete(self) -> bool:
@@ -90,6 +91,8 @@ class StreamSink:
                 task = TaskName(outcome.delivery.task)
                 if outcome.results is not None:
                     read.results[task] = outcome.results
+                    if outcome.results_json is not None:
+                        read.texts[task] = outcome.results_json
                 else:
                     read.errors[task] = (
                         outcome.error.to_record()
@@ -128,10 +131,11 @@ class StreamSink:
                 if name in fields:
                     out += [name, fields[name]]
             for task in source.tasks:
-                if task in read.results:
-                    value = _unprefixed(read.results[task][index])
-                else:
-                    value = {"error": read.errors[task]}
+                result = read.results.get(task)
+                if result is not None and "error" not in result[index] and task in read.texts:
+                    out += [task.value, read.texts[task][index]]  # the result's JSON, made once by the engine
+                    continue
+                value = _unprefixed(result[index]) if result is not None else {"error": read.errors[task]}
                 out += [task.value, json.dumps(value, ensure_ascii=False)]
             args += [entry_id, len(out), *out]
         return args
