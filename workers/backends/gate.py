@@ -13,6 +13,7 @@ thresholds when read back, so a path is measured once per model, precision and h
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,7 @@ def report_of(
     if report is not None and "domains" in report:
         report = judge(report)
     else:
-        report = measure(task, reference(), loaded, found)
+        report = measure(task, reference, loaded, found, (str(item.key.get("model", loaded.model_id)),))
         if recipe is not None:
             report["recipe"] = recipe
         item.write_report(name, report)
@@ -101,10 +102,22 @@ def domains_for(loaded: Loaded, config: BackendConfig) -> list[heldout.Domain]:
     )
 
 
-def measure(task: Task, reference: Loaded, candidate: Loaded, found: list[heldout.Domain]) -> dict[str, Any]:
+#: The reference's results by (task, model fingerprint, held-out set): a process that gates several
+#: paths of one model (bertq quantize with two recipes, the bench, the tests) runs fp32 once.
+_expected: OrderedDict[tuple[str, ...], list[BaseModel | BertqError]] = OrderedDict()
+EXPECTED_KEPT = 4
+
+
+def measure(
+    task: Task,
+    reference: Callable[[], Loaded],
+    candidate: Loaded,
+    found: list[heldout.Domain],
+    memo: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
     """Run every domain's items through both (the task's own pre- and postprocessing, default
     options; all domains in one run, so batches are as full as in serving) and compare their results
-    domain by domain."""
+    domain by domain. ``reference()`` is called only when ``memo`` names no results kept."""
     options = validate_options(task.name, {})
     items: list[Any] = []
     counts = []
@@ -112,7 +125,14 @@ def measure(task: Task, reference: Loaded, candidate: Loaded, found: list[heldou
         raw = calibration.task_items(task.name, domain.texts, candidate.tokenizer.mask_token)
         items += validate_items(task.name, raw, Limits())
         counts.append(len(raw))
-    expected = run_items(task, reference, items, options, 1024, 64)
+    key = (task.name.value, *memo, heldout.fingerprint(found)) if memo else None
+    expected = _expected.get(key) if key else None
+    if expected is None:
+        expected = run_items(task, reference(), items, options, 1024, 64)
+        if key:
+            _expected[key] = expected
+            while len(_expected) > EXPECTED_KEPT:
+                _expected.popitem(last=False)
     got = run_items(task, candidate, items, options, 1024, 64)
     per_domain, start = [], 0
     for domain, count in zip(found, counts):
