@@ -2,7 +2,8 @@
 
 It loads its model, then answers JSON-line commands on stdin, one at a time, so the parent times the
 systems round-robin while only one of them computes: ``warmup``, ``run`` (one timed pass over the
-texts), ``save`` (its outputs to a .npy file), ``exit``. It reports its resident memory before
+texts), ``save`` (its outputs to a .npy file), ``encode`` (the outputs of other texts, from a JSON
+file, to a .npy file), ``exit``. It reports its resident memory before
 loading (libraries imported) and after. Standard library and numpy only at import: the
 sentence-transformers + OpenVINO peer runs it from its own virtual environment (transformers < 5),
 where bertq is not installed.
@@ -63,7 +64,11 @@ def bertq_system(spec: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
     name = TaskName(spec["task"])
     # The gate's verdict is reported beside the figures, not enforced: a failed path is still measured.
     settings = Settings(
-        backend=spec["backend"], dtype=spec["dtype"], cache_dir=spec["cache_dir"], accept_any_accuracy=True
+        backend=spec["backend"],
+        dtype=spec["dtype"],
+        cache_dir=spec["cache_dir"],
+        accept_any_accuracy=True,
+        int8_recipe=spec.get("int8_recipe") or "auto",
     )
     loaded = load_model(get_task(name), spec["model"], "cpu", settings.dtype, BackendConfig.from_settings(settings))
     task, options = get_task(name), validate_options(name, {})
@@ -76,7 +81,8 @@ def bertq_system(spec: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
             return np.array([r.embedding for r in results], dtype=np.float32)  # type: ignore[union-attr]
         return np.array([labels.index(r.label) for r in results])  # type: ignore[union-attr]
 
-    run.info = {"backend": loaded.backend, "precision": loaded.precision}  # type: ignore[attr-defined]
+    recipe = (loaded.accuracy or {}).get("recipe")
+    run.info = {"backend": loaded.backend, "precision": loaded.precision, "recipe": recipe}  # type: ignore[attr-defined]
     return run
 
 
@@ -164,6 +170,8 @@ def main() -> int:
             reply = {"seconds": time.perf_counter() - start}
         elif command["cmd"] == "save":
             np.save(command["path"], run(texts))
+        elif command["cmd"] == "encode":  # other texts than the timed ones (the gate's held-out domains)
+            np.save(command["path"], run(json.loads(Path(command["texts"]).read_text())))
         elif command["cmd"] == "memory":
             reply = rss_mib()
         elif command["cmd"] == "exit":

@@ -218,11 +218,19 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     """Build the converted (and quantised) model into the cache ahead of time; print its accuracy
     report. Exit 1 when the report fails the gate (and BERTQ_ACCEPT_ANY_ACCURACY is not set)."""
-    from bertq.workers.backends.gate import summary
+    from bertq.workers.backends.gate import domain_table, summary
     from bertq.workers.backends.models import prebuild
 
-    report = prebuild(settings, args.task, args.model, args.calibration)
-    print(summary(report) if "metric" in report else f"{report['backend']} ({report['precision']}): exact, no gate")
+    report = prebuild(settings, args.task, args.model, args.calibration, args.held_out, args.recipe)
+    if "metric" not in report:
+        print(f"{report['backend']} ({report['precision']}): exact, no gate")
+        return 0
+    print(summary(report))
+    for line in domain_table(report):
+        print("  " + line)
+    for tried in report.get("tried", []):
+        verdict = "passed" if tried["passed"] else "refused on " + ", ".join(tried["failed_domains"])
+        print(f"  recipe {tried['recipe']}: {verdict}" + (" (serves)" if tried["recipe"] == report["recipe"] else ""))
     return 0 if report["passed"] or settings.accept_any_accuracy else 1
 
 
@@ -324,6 +332,12 @@ def _add_quantize(commands: Any) -> None:
     quantize.add_argument("--model", help="hub id or local path (default: BERTQ_MODEL_<TASK>)")
     quantize.add_argument(
         "--calibration", help="text lines or JSONL with a `text` field (default: BERTQ_CALIBRATION_FILE)"
+    )
+    quantize.add_argument(
+        "--held-out", help="your own held-out domain for the gate, lines or JSONL (default: BERTQ_HELD_OUT_FILE)"
+    )
+    quantize.add_argument(
+        "--recipe", help="int8 recipes to try in order, comma-separated, or auto (default: BERTQ_INT8_RECIPE)"
     )
     quantize.set_defaults(handler=cmd_quantize)
 

@@ -99,10 +99,21 @@ class Settings(BaseSettings):
         description="Calibration text for `openvino-int8` (text lines, or JSONL with a `text` field). "
         "Unset: a general-English set that ships with bertq.",
     )
+    int8_recipe: str = Field(
+        "auto",
+        description="What `openvino-int8` quantises: `auto` (by the CPU's features: `attention-float` on AMX, "
+        "`attention-int8` then `attention-float` on AVX512-VNNI or AVX-VNNI without AMX, the first that passes the "
+        "accuracy gate), or recipe names to try in order, comma-separated (`attention-float`, `attention-int8`).",
+    )
+    held_out_file: str | None = Field(
+        None,
+        description="Your own held-out text for the accuracy gate (text lines, or JSONL with a `text` field): one "
+        "more domain, named after the file, judged beside the shipped ones.",
+    )
     accept_any_accuracy: bool = Field(
         False,
         description="Serve a model on a path that failed its accuracy gate (embedding minimum cosine under "
-        "0.99 or a top-1 agreement under 0.98 against fp32).",
+        "0.99 or a top-1 agreement under 0.98 against fp32, on any held-out domain).",
     )
 
     max_batch_tokens: int = Field(

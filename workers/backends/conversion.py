@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bertq.tasks.base import Row, collate
+from bertq.workers.backends.recipes import Recipe
 
 MODEL_FILE = "model.xml"  # and model.bin beside it
 
@@ -51,31 +52,23 @@ def calibration_inputs(model: Any, rows: list[Row], pad_id: int) -> list[dict[st
     return samples
 
 
-#: Names what ``quantize`` leaves out of int8, in the int8 cache key: a change rebuilds cached models.
-QUANTIZATION_RECIPE = "int8 linear layers; feed-forward outputs and attention in the inference precision"
-
-
-def quantize(model: Any, samples: list[dict[str, Any]]) -> Any:
+def quantize(model: Any, samples: list[dict[str, Any]], recipe: Recipe) -> Any:
     """Static int8 weights and activations for every linear layer except the feed-forward output
-    (``after_gelu``), whose input has outliers a per-tensor int8 scale cannot hold: on
-    all-MiniLM-L6-v2 they cost the minimum cosine 0.967 -> 0.996 on documentation paragraphs. Those
-    layers run in the inference precision (bf16 or f32). Attention's inputs stay unquantised too: on
-    an AMX CPU (OpenVINO 2026.4, bf16 inference precision) int8 query, key and value gave wrong
-    vectors for every text of exactly 32 tokens (cosine 0.80-0.93 against fp32), at no measured
-    speed gain. NNCF's progress bars go to stderr, never to stdout (where `bertq run` writes its
-    results)."""
+    (``after_gelu``), whose input has outliers a per-tensor int8 scale cannot hold; attention's
+    inputs too when the recipe says so (recipes.py says where each recipe is safe and why). What is
+    left out runs in the inference precision (bf16 or f32). NNCF's progress bars go to stderr, never
+    to stdout (where `bertq run` writes its results)."""
     import nncf
 
     nncf.set_log_level(logging.WARNING)
+    kept_types = [] if recipe.quantise_attention else ["ScaledDotProductAttention"]
     with contextlib.redirect_stdout(sys.stderr):
         return nncf.quantize(
             model,
             nncf.Dataset(samples),
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(samples),
-            ignored_scope=nncf.IgnoredScope(
-                names=after_gelu(model), types=["ScaledDotProductAttention"], validate=False
-            ),
+            ignored_scope=nncf.IgnoredScope(names=after_gelu(model), types=kept_types, validate=False),
         )
 
 

@@ -1,5 +1,6 @@
 """What the CPU can do, read from /proc/cpuinfo: the features that decide which CPU path is fast
-(AVX2, AVX512-VNNI for int8, AVX512-BF16 or AMX for bf16)."""
+(AVX2, AVX-VNNI or AVX512-VNNI for int8, AVX512-BF16 or AMX for bf16; AMX also decides the int8
+recipe, recipes.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 #: Flags that decide the fast path, as /proc/cpuinfo names them, and how we print them.
 FEATURES = {
     "avx2": "AVX2",
+    "avx_vnni": "AVX-VNNI",
     "avx512_vnni": "AVX512-VNNI",
     "avx512_bf16": "AVX512-BF16",
     "amx_bf16": "AMX-BF16",

@@ -1,5 +1,7 @@
-"""The accuracy gate: a path that is not exact fp32 (int8, bf16) is compared with fp32 on the
-held-out calibration texts when it is built, and refused when it drifts too far.
+"""The accuracy gate: a path that is not exact fp32 (int8, bf16) is compared with fp32 when it is
+built, on held-out text of several domains (heldout.py: the held-out calibration slice, reviews,
+technical text and code, short queries, paragraphs near the window, unicode and numbers, and a
+user's own file), each judged on its own; it is refused when any domain drifts too far, naming it.
 
 Embeddings: minimum and mean cosine of the vectors. Other tasks: top-1 agreement of what a consumer
 reads: the sentiment label, NER entity spans (label, start, end; matched over all texts, Jaccard),
@@ -11,12 +13,13 @@ thresholds when read back, so a path is measured once per model, precision and h
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from bertq.schemas import Limits, TaskName, validate_items, validate_options
 from bertq.tasks.base import Loaded, Task
-from bertq.workers.backends import calibration, disk_cache
+from bertq.workers.backends import calibration, disk_cache, heldout
 from bertq.workers.backends.paths import BackendConfig
 from bertq.workers.runner import run_items
 from pydantic import BaseModel
@@ -51,38 +54,109 @@ def admit(
     loaded: Loaded,
     reference: Callable[[], Loaded],
     config: BackendConfig,
-    held_out: list[str] | None = None,
-) -> None:
-    """The stored report of this path, measured now against ``reference()`` (loaded only then) when
-    missing; refuse the path when it failed."""
-    if held_out is None:
-        held_out = calibration.split(config.calibration_texts())[1]
-    name = f"{loaded.precision}-{calibration.fingerprint(held_out)}"
+    found: list[heldout.Domain] | None = None,
+    recipe: str | None = None,
+) -> dict[str, Any]:
+    """``report_of`` this path, then refuse it when it failed (unless BERTQ_ACCEPT_ANY_ACCURACY)."""
+    report = report_of(task, item, loaded, reference, config, found, recipe)
+    enforce(report, config.accept_any_accuracy)
+    return report
+
+
+def report_of(
+    task: Task,
+    item: disk_cache.Entry,
+    loaded: Loaded,
+    reference: Callable[[], Loaded],
+    config: BackendConfig,
+    found: list[heldout.Domain] | None = None,
+    recipe: str | None = None,
+) -> dict[str, Any]:
+    """The stored report of this path on every held-out domain, measured now against ``reference()``
+    (loaded only then) when missing; set as ``loaded.accuracy`` and logged, not enforced."""
+    if found is None:
+        found = domains_for(loaded, config)
+    name = f"{loaded.precision}-{heldout.fingerprint(found)}"
     report = item.report(name)
-    if report is not None:
+    if report is not None and "domains" in report:
         report = judge(report)
     else:
-        items = calibration.task_items(task.name, held_out, loaded.tokenizer.mask_token)
-        report = measure(task, reference(), loaded, items)
-        report["held_out"] = (
-            "bertq general English" if config.calibration_file is None else str(config.calibration_file)
-        )
+        report = measure(task, reference, loaded, found, (str(item.key.get("model", loaded.model_id)),))
+        if recipe is not None:
+            report["recipe"] = recipe
         item.write_report(name, report)
     loaded.accuracy = report
     log.info("accuracy gate", result=summary(report), report=str(item.directory / f"accuracy-{name}.json"))
-    enforce(report, config.accept_any_accuracy)
+    return report
 
 
-def measure(task: Task, reference: Loaded, candidate: Loaded, raw_items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run ``raw_items`` through both (the task's own pre- and postprocessing, default options) and
-    compare their results."""
-    items = validate_items(task.name, raw_items, Limits())
+def domains_for(loaded: Loaded, config: BackendConfig) -> list[heldout.Domain]:
+    """The held-out domains for this model: its tokenizer and window make the ``long`` domain."""
+    tokenizer = loaded.tokenizer
+    return heldout.domains(
+        calibration.split(config.calibration_texts())[1],
+        config.calibration_file,
+        config.held_out_file,
+        lambda text: len(tokenizer(text)["input_ids"]),
+        loaded.max_length,
+    )
+
+
+#: The reference's results by (task, model fingerprint, held-out set): a process that gates several
+#: paths of one model (bertq quantize with two recipes, the bench, the tests) runs fp32 once.
+_expected: OrderedDict[tuple[str, ...], list[BaseModel | BertqError]] = OrderedDict()
+EXPECTED_KEPT = 4
+
+
+def measure(
+    task: Task,
+    reference: Callable[[], Loaded],
+    candidate: Loaded,
+    found: list[heldout.Domain],
+    memo: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Run every domain's items through both (the task's own pre- and postprocessing, default
+    options; all domains in one run, so batches are as full as in serving) and compare their results
+    domain by domain. ``reference()`` is called only when ``memo`` names no results kept."""
     options = validate_options(task.name, {})
-    expected = run_items(task, reference, items, options, 1024, 64)
+    items: list[Any] = []
+    counts = []
+    for domain in found:
+        raw = calibration.task_items(task.name, domain.texts, candidate.tokenizer.mask_token)
+        items += validate_items(task.name, raw, Limits())
+        counts.append(len(raw))
+    key = (task.name.value, *memo, heldout.fingerprint(found)) if memo else None
+    expected = _expected.get(key) if key else None
+    if expected is None:
+        expected = run_items(task, reference(), items, options, 1024, 64)
+        if key:
+            _expected[key] = expected
+            while len(_expected) > EXPECTED_KEPT:
+                _expected.popitem(last=False)
     got = run_items(task, candidate, items, options, 1024, 64)
-    report = compare(task.name, expected, got)
+    per_domain, start = [], 0
+    for domain, count in zip(found, counts):
+        part = compare(task.name, expected[start : start + count], got[start : start + count])
+        per_domain.append({"domain": domain.name, "source": domain.source, **part})
+        start += count
+    report = combine(task.name, per_domain)
     report.update(model=candidate.model_id, backend=candidate.backend, precision=candidate.precision)
     return report
+
+
+def combine(task: TaskName, per_domain: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of every domain's: the headline figure is the worst domain's; the verdict needs every
+    domain to pass (``judge``)."""
+    first = per_domain[0]
+    metric = first["metric"]
+    items = sum(domain["held_out_items"] for domain in per_domain)
+    report: dict[str, Any] = {"task": task.value, "metric": metric, "held_out_items": items, "domains": per_domain}
+    if "of" in first:
+        report["of"] = first["of"]
+    report[metric] = min(domain[metric] for domain in per_domain)
+    if metric == "min_cosine":
+        report["mean_cosine"] = sum(d["mean_cosine"] * d["held_out_items"] for d in per_domain) / max(1, items)
+    return judge(report)
 
 
 def compare(
@@ -106,9 +180,14 @@ def compare(
 
 
 def judge(report: dict[str, Any]) -> dict[str, Any]:
-    """Set the threshold and the verdict by today's thresholds (a stored report is judged again)."""
+    """Set the threshold and the verdict by today's thresholds (a stored report is judged again): per
+    domain, and overall (every domain passed); ``failed_domains`` names those that did not."""
     threshold = MIN_COSINE if report["metric"] == "min_cosine" else MIN_AGREEMENT
-    return {**report, "threshold": threshold, "passed": report[report["metric"]] >= threshold}
+    if "domains" not in report:
+        return {**report, "threshold": threshold, "passed": report[report["metric"]] >= threshold}
+    per_domain = [judge(domain) for domain in report["domains"]]
+    failed = [domain["domain"] for domain in per_domain if not domain["passed"]]
+    return {**report, "domains": per_domain, "threshold": threshold, "passed": not failed, "failed_domains": failed}
 
 
 def _cosine(a: Any, b: Any) -> float:
@@ -150,16 +229,39 @@ def _top1(task: TaskName, result: Any) -> Any:
 
 
 def summary(report: dict[str, Any]) -> str:
-    """One line a person reads: the path, the figure, the threshold, the verdict."""
-    where = (
-        f"{report['task']} on {report['backend']} ({report['precision']}), {report['held_out_items']} held-out texts"
-    )
-    if report["metric"] == "min_cosine":
+    """One line a person reads: the path and its recipe, the worst figure and its domain, the
+    threshold, the verdict and the domains that failed."""
+    path = report["precision"] + (f", recipe {report['recipe']}" if "recipe" in report else "")
+    per_domain = report.get("domains", [])
+    count = f"{report['held_out_items']} held-out texts" + (f" in {len(per_domain)} domains" if per_domain else "")
+    where = f"{report['task']} on {report['backend']} ({path}), {count}"
+    metric = report["metric"]
+    if metric == "min_cosine":
         figure = f"minimum cosine {report['min_cosine']:.5f} (mean {report['mean_cosine']:.5f}) vs fp32"
     else:
         figure = f"top-1 agreement {report['agreement']:.4f} vs fp32 ({report['of']})"
+    if per_domain:
+        figure += f", worst on {min(per_domain, key=lambda domain: domain[metric])['domain']}"
     verdict = "passed" if report["passed"] else "FAILED"
+    if not report["passed"] and per_domain:
+        verdict += " on " + ", ".join(f"{d['domain']} ({d[metric]:.4f})" for d in per_domain if not d["passed"])
     return f"{where}: {figure}; threshold {report['threshold']}: {verdict}"
+
+
+def domain_table(report: dict[str, Any]) -> list[str]:
+    """The per-domain figures as a plain-text table (`bertq quantize` prints it)."""
+    cosine = report["metric"] == "min_cosine"
+    rows = [["domain", "texts", *(["min cosine", "mean cosine"] if cosine else ["agreement"]), "verdict"]]
+    for domain in report.get("domains", []):
+        figures = [f"{domain['min_cosine']:.5f}", f"{domain['mean_cosine']:.5f}"] if cosine else []
+        figures = figures or [f"{domain['agreement']:.4f}"]
+        verdict = "passed" if domain["passed"] else "FAILED"
+        rows.append([domain["domain"], str(domain["held_out_items"]), *figures, verdict])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
 
 
 def enforce(report: dict[str, Any], accept_any: bool) -> None:

@@ -109,16 +109,27 @@ class ModelCache:
 
 
 def prebuild(
-    settings: Settings, task_name: str, model_id: str | None = None, calibration_file: str | None = None
+    settings: Settings,
+    task_name: str,
+    model_id: str | None = None,
+    calibration_file: str | None = None,
+    held_out_file: str | None = None,
+    recipe: str | None = None,
 ) -> dict[str, Any]:
     """Convert and quantise ``model_id`` for ``task_name`` into the cache (for example in a Docker
     build step) and return its accuracy report. Builds BERTQ_BACKEND when it names an openvino backend,
-    else openvino-int8. The gate's verdict is reported, not enforced: the caller decides."""
+    else openvino-int8, with the int8 recipes BERTQ_INT8_RECIPE (or ``recipe``) chooses. The gate's
+    verdict on every held-out domain is reported, not enforced: the caller decides."""
     task = parse_task(task_name)
     backend = settings.backend if settings.backend != "torch" else "openvino-int8"
     update = {"backend": backend, "accept_any_accuracy": True, "device": "cpu"}
-    if calibration_file:
-        update["calibration_file"] = calibration_file
+    for name, value in (
+        ("calibration_file", calibration_file),
+        ("held_out_file", held_out_file),
+        ("int8_recipe", recipe),
+    ):
+        if value:
+            update[name] = value
     config = BackendConfig.from_settings(settings.model_copy(update=update))
     loaded = load_model(get_task(task), model_id or settings.model_for(task), "cpu", settings.dtype, config)
     return loaded.accuracy or {

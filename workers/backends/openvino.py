@@ -14,8 +14,10 @@ from typing import Any
 
 from bertq.schemas import Limits, validate_items, validate_options
 from bertq.tasks.base import Loaded, Row, Task
-from bertq.workers.backends import calibration, conversion, disk_cache, gate
+from bertq.workers.backends import calibration, conversion, disk_cache, gate, recipes
+from bertq.workers.backends.cpu import cpu_info
 from bertq.workers.backends.paths import BackendConfig, ForwardPath, require_packages
+from bertq.workers.backends.recipes import Recipe
 from bertq.workers.backends.torch import from_pretrained, load_torch, ready
 from bertq.workers.runner import preprocess_items
 
@@ -92,21 +94,60 @@ class TorchReference:
 
 def load_openvino(task: Task, model_id: str, tokenizer: Any, path: ForwardPath, config: BackendConfig) -> Loaded:
     """Convert (and quantise) once, keep it in the disk cache, compile it for this CPU, and gate any
-    precision that is not fp32."""
+    precision that is not fp32 on every held-out domain."""
     import transformers
 
     require_packages(path.backend)
     hf_config = from_pretrained(task, model_id, transformers.AutoConfig.from_pretrained)
     shell = ready(task, model_id, SimpleNamespace(config=hf_config), tokenizer, "cpu")  # tokenizes, never runs
-    texts, held_out = calibration.split(config.calibration_texts())
+    texts, _ = calibration.split(config.calibration_texts())
     reference = TorchReference(task, model_id, tokenizer, config)
     item = convert_once(task, shell, texts, reference, config.cache_dir)
     if path.backend == "openvino-int8":
-        item = quantise_once(task, shell, texts, item, config.cache_dir)
-    loaded = compile_for_cpu(task, shell, item, path, config.threads())
-    if loaded.precision != "fp32":
-        gate.admit(task, item, loaded, reference, config, held_out)
+        loaded = int8_by_recipe(task, shell, texts, item, path, config, reference)
+    else:
+        loaded = compile_for_cpu(task, shell, item, path, config.threads())
+        if loaded.precision != "fp32":
+            gate.admit(task, item, loaded, reference, config, gate.domains_for(shell, config))
     reference.release()
+    return loaded
+
+
+def int8_by_recipe(
+    task: Task,
+    shell: Loaded,
+    texts: list[str],
+    ir: disk_cache.Entry,
+    path: ForwardPath,
+    config: BackendConfig,
+    reference: TorchReference,
+) -> Loaded:
+    """Quantise with each recipe BERTQ_INT8_RECIPE chooses for this CPU (recipes.choose), in order,
+    until one passes the gate on every held-out domain; that one serves. When none passes, the first
+    (the CPU's preferred) is refused, or served with BERTQ_ACCEPT_ANY_ACCURACY. The report lists every
+    recipe tried."""
+    dtype = "fp32" if path.openvino_precision == "f32" else "auto"
+    found = gate.domains_for(shell, config)
+    tried: list[tuple[Loaded, dict[str, Any]]] = []
+    for recipe in recipes.choose(config.int8_recipe, cpu_info(), dtype):
+        item = quantise_once(task, shell, texts, ir, config.cache_dir, recipe)
+        loaded = compile_for_cpu(task, shell, item, path, config.threads())
+        report = gate.report_of(task, item, loaded, reference, config, found, recipe.name)
+        tried.append((loaded, report))
+        if report["passed"]:
+            break
+        log.warning("int8 recipe refused by the accuracy gate", recipe=recipe.name, result=gate.summary(report))
+    loaded, report = next(((lo, re) for lo, re in tried if re["passed"]), tried[0])
+    report = {
+        **report,
+        "tried": [
+            {"recipe": re["recipe"], "passed": re["passed"], "failed_domains": re.get("failed_domains", [])}
+            for _, re in tried
+        ],
+    }
+    loaded.accuracy = report
+    log.info("int8 recipe", recipe=report["recipe"], cpu=cpu_info().describe(), tried=len(tried))
+    gate.enforce(report, config.accept_any_accuracy)
     return loaded
 
 
@@ -135,33 +176,35 @@ def _save_ir(task: Task, shell: Loaded, texts: list[str], module: Any, directory
 
 
 def quantise_once(
-    task: Task, shell: Loaded, texts: list[str], ir: disk_cache.Entry, cache_dir: Path
+    task: Task, shell: Loaded, texts: list[str], ir: disk_cache.Entry, cache_dir: Path, recipe: Recipe
 ) -> disk_cache.Entry:
     """The static int8 model in the disk cache, keyed by the IR, the recipe and the calibration
-    texts; quantised from the IR on one sample per calibration row when missing."""
+    texts; quantised from the IR on one sample per calibration row when missing. The recipe before
+    recipes had only today's attention-float description in the key: those entries are still found."""
     key = {
         **ir.key,
         "nncf": version("nncf"),
-        "recipe": conversion.QUANTIZATION_RECIPE,
+        "recipe": recipe.description,
         "calibration": calibration.fingerprint(texts),
     }
     item = disk_cache.entry(cache_dir, shell.model_id, task.name.value, "openvino-int8", key)
-    if disk_cache.get_or_build(item, lambda directory: _save_int8(task, shell, texts, ir.directory, directory)):
+    if disk_cache.get_or_build(item, lambda directory: _save_int8(task, shell, texts, ir.directory, directory, recipe)):
         log.info(
             "quantised to static int8",
             task=task.name.value,
             model=shell.model_id,
+            recipe=recipe.name,
             samples=len(texts),
             entry=str(item.directory),
         )
     return item
 
 
-def _save_int8(task: Task, shell: Loaded, texts: list[str], ir: Path, directory: Path) -> None:
+def _save_int8(task: Task, shell: Loaded, texts: list[str], ir: Path, directory: Path, recipe: Recipe) -> None:
     model = conversion.read(ir)
     rows = calibration_rows(task, shell, texts)
     samples = conversion.calibration_inputs(model, rows, shell.tokenizer.pad_token_id or 0)
-    conversion.save(conversion.quantize(model, samples), directory)
+    conversion.save(conversion.quantize(model, samples, recipe), directory)
 
 
 def compile_for_cpu(task: Task, shell: Loaded, item: disk_cache.Entry, path: ForwardPath, threads: int) -> Loaded:

@@ -17,7 +17,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertq.workers.backends import calibration, disk_cache
+from bertq.workers.backends import calibration, disk_cache, recipes
 from bertq.workers.backends.cpu import CpuInfo, cpu_info
 
 from bertq.errors import ModelUnavailable
@@ -39,6 +39,8 @@ class BackendConfig:
     cache_dir: Path = field(default_factory=disk_cache.default_root)
     calibration_file: Path | None = None
     accept_any_accuracy: bool = False
+    int8_recipe: str = "auto"  # recipes.choose: auto, or recipe names in the order to try
+    held_out_file: Path | None = None  # a user's own held-out domain for the gate
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackendConfig:
@@ -46,12 +48,16 @@ class BackendConfig:
         log the CPU and the path chosen."""
         path = choose_path(settings.device, settings.dtype, settings.backend, cpu_info())
         require_packages(settings.backend)
+        if settings.backend == "openvino-int8":  # a recipe known to be wrong here stops the worker now
+            recipes.choose(settings.int8_recipe, cpu_info(), settings.dtype)
         config = cls(
             name=settings.backend,
             cpu_threads=settings.cpu_threads,
             cache_dir=Path(settings.cache_dir).expanduser() if settings.cache_dir else disk_cache.default_root(),
             calibration_file=Path(settings.calibration_file) if settings.calibration_file else None,
             accept_any_accuracy=settings.accept_any_accuracy,
+            int8_recipe=settings.int8_recipe,
+            held_out_file=Path(settings.held_out_file) if settings.held_out_file else None,
         )
         log.info(
             "forward path",

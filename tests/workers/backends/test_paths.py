@@ -1,12 +1,13 @@
 """Choosing a forward path: what each (device, dtype, backend) runs on this CPU or why it is refused,
-the settings checked when a worker starts, the missing extra in one line, and the CPU features read
-from /proc/cpuinfo that decide it."""
+the int8 recipes each CPU tries, the settings checked when a worker starts, the missing extra in one
+line, and the CPU features read from /proc/cpuinfo that decide it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from bertq.workers.backends import recipes
 from bertq.workers.backends.cpu import parse_cpuinfo
 from bertq.workers.backends.paths import BackendConfig, choose_path, require_packages
 
@@ -40,6 +41,43 @@ def test_each_dtype_and_backend_chooses_a_path_or_says_why_not() -> None:
         choose_path("cuda", "auto", "openvino", BF16_CPU)
 
 
+AMX_CPU = parse_cpuinfo("model name : Xeon\nflags : avx2 avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile\n")
+AVX2_VNNI_CPU = parse_cpuinfo("model name : Core\nflags : avx2 avx_vnni\n")
+NO_VNNI_CPU = parse_cpuinfo("model name : Older\nflags : avx2 avx512f\n")
+
+
+def names(chosen: list[recipes.Recipe]) -> list[str]:
+    return [recipe.name for recipe in chosen]
+
+
+def test_each_cpu_tries_the_int8_recipes_its_features_favour() -> None:
+    # AMX: attention stays out of int8 (wrong under bf16, no faster under fp32)
+    assert names(recipes.choose("auto", AMX_CPU, "auto")) == ["attention-float"]
+    assert names(recipes.choose("auto", AMX_CPU, "fp32")) == ["attention-float"]
+    # VNNI without AMX (AVX512 or AVX2): int8 attention first, the gate falls back to attention-float
+    for cpu in (BF16_CPU, PLAIN_CPU, AVX2_VNNI_CPU):
+        assert names(recipes.choose("auto", cpu, "auto")) == ["attention-int8", "attention-float"]
+    assert names(recipes.choose("", BF16_CPU, "auto")) == ["attention-int8", "attention-float"]
+    assert names(recipes.choose("auto", NO_VNNI_CPU, "auto")) == ["attention-float"]
+    assert [r.name for r in recipes.available(AMX_CPU, "auto")] == ["attention-float"]
+    assert [r.name for r in recipes.available(AMX_CPU, "fp32")] == ["attention-float", "attention-int8"]
+
+
+def test_a_forced_recipe_is_tried_as_named_or_refused_where_it_is_wrong() -> None:
+    assert names(recipes.choose("attention-float", BF16_CPU, "auto")) == ["attention-float"]
+    assert names(recipes.choose("attention-float, attention-int8", PLAIN_CPU, "auto")) == [
+        "attention-float",
+        "attention-int8",
+    ]
+    assert names(recipes.choose("attention-int8", AMX_CPU, "fp32")) == ["attention-int8"]
+    with pytest.raises(ModelUnavailable, match="attention-int8 is refused on Xeon.*AMX.*BERTQ_DTYPE=fp32") as refused:
+        recipes.choose("attention-int8", AMX_CPU, "auto")
+    assert refused.value.field == "int8_recipe"
+    with pytest.raises(ModelUnavailable, match="unknown BERTQ_INT8_RECIPE all-int8; known: auto, attention-float"):
+        recipes.choose("all-int8", AMX_CPU, "auto")
+    assert recipes.ATTENTION_FLOAT.description != recipes.ATTENTION_INT8.description  # both in the cache key
+
+
 def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from bertq.workers.backends import paths
 
@@ -56,6 +94,13 @@ def test_settings_are_checked_when_the_worker_starts(monkeypatch: pytest.MonkeyP
         )
     )
     assert made == BackendConfig("openvino-int8", 1, tmp_path, Path("x.txt"), True)
+    monkeypatch.setattr(paths, "cpu_info", lambda: AMX_CPU)
+    with pytest.raises(ModelUnavailable, match="attention-int8 is refused"):
+        BackendConfig.from_settings(Settings(backend="openvino-int8", int8_recipe="attention-int8"))
+    made = BackendConfig.from_settings(
+        Settings(backend="openvino-int8", dtype="fp32", int8_recipe="attention-int8", held_out_file="mine.jsonl")
+    )
+    assert (made.int8_recipe, made.held_out_file) == ("attention-int8", Path("mine.jsonl"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert BackendConfig.from_settings(Settings()).cache_dir == tmp_path / "hf" / "bertq"
 
@@ -76,6 +121,7 @@ def test_cpu_features_are_read_from_cpuinfo() -> None:
     assert BF16_CPU.describe() == "Test CPU (AVX2, AVX512-VNNI, AVX512-BF16)"
     assert PLAIN_CPU.features() == {
         "AVX2": True,
+        "AVX-VNNI": False,
         "AVX512-VNNI": True,
         "AVX512-BF16": False,
         "AMX-BF16": False,
