@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from bertq.schemas import TaskName
-from bertq.workers.engine.delivery import Delivery, Outcome
+from bertq.workers.engine.delivery import Delivery, Observer, Outcome
 from bertq.workers.queues.inbox import Inbox
 from bertq.workers.stages import STAGES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -29,7 +29,7 @@ TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-class Metrics:
+class Metrics(Observer):
     """The metrics, and the ``Observer`` that feeds them."""
 
     def __init__(self) -> None:
