@@ -31,9 +31,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: the processes end together instead of one of them taking a long module last.
 SLOWEST_MODULES = (
     "faults/test_worker_kills.py",
-    "faults/test_worker_stops.py",
     "workers/backends/test_backends.py",
     "faults/test_edge_faults.py",
+    "faults/test_worker_stops.py",
+    "workers/backends/test_gate.py",
+    "workers/backends/test_disk_cache.py",
     "workers/streams/test_streams.py",
     "test_enrich.py",
     "faults/test_redis_faults.py",
