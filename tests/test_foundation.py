@@ -31,7 +31,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 # ---- light imports ---------------------------------------------------------------------------------
 
 #: The worker extras: a producer's `pip install bertq` has none of them (tests/test_producer_install.py).
-HEAVY = ("torch", "transformers", "numpy", "prometheus_client", "opentelemetry")
+HEAVY = ("torch", "transformers", "numpy", "prometheus_client")
 
 
 @pytest.mark.parametrize(

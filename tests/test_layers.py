@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("sources and sinks", ["bertq.workers.queues.*", "bertq.workers.streams.*"]),
     ("process parts", [
         "bertq.workers.health", "bertq.workers.metrics", "bertq.workers.events", "bertq.workers.webhooks",
-        "bertq.workers.control",
+        "bertq.workers.control", "bertq.workers.tracing",
     ]),
     ("worker process", ["bertq.workers.worker", "bertq.workers.supervise"]),
     ("producers", [

@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bertq.schemas import JobStatus, Limits, TaskName, validate_items, validate_options
-from bertq.tasks import get_task
-from bertq.workers.backends.models import load_model
-from bertq.workers.runner import result_dicts, run_items
+from bertq.schemas import JobStatus, TaskName
 
 from tests.faults.conftest import FULL, record
 from tests.procs import (
@@ -24,6 +21,7 @@ from tests.procs import (
     audit,
     client_for,
     count_final,
+    expected_results,
     first_final_after,
     texts,
     wait_final,
@@ -44,10 +42,7 @@ def sentiment(tiny_models: dict[str, Path]) -> str:
 @pytest.fixture(scope="module")
 def expected(sentiment: str) -> list[dict[str, Any]]:
     """The fault-free in-process results of every text, in order."""
-    task = get_task(TaskName.sentiment)
-    loaded = load_model(task, sentiment)
-    items = validate_items(TaskName.sentiment, [{"text": t} for t in texts(JOBS)], Limits(max_items_per_job=JOBS))
-    return result_dicts(run_items(task, loaded, items, validate_options(TaskName.sentiment, {}), 1024, 64))
+    return expected_results(sentiment, TaskName.sentiment, texts(JOBS))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +69,10 @@ def run_with_fault(
     server, fleet, worker = rig
     assert worker.alive(), "the worker died in an earlier scenario"
     client = client_for(server.url, QUEUE)
-    ids = client.submit_many("sentiment", texts(JOBS), items_per_message=1)
+    batch = texts(JOBS)
+    ids = client.submit_many("sentiment", batch[: JOBS * 2 // 3], items_per_message=1)
     assert wait_until(lambda: count_final(client, ids) >= JOBS // 10, 120), "the worker is not serving"
+    ids += client.submit_many("sentiment", batch[JOBS * 2 // 3 :], items_per_message=1)  # however fast it drained
     assert count_final(client, ids) < JOBS, "the fault must come mid-run"
     fault(server)
     ended = time.monotonic()
