@@ -23,6 +23,9 @@ from bertq.workers.runner import distinct_rows
 
 from bertq.settings import Settings
 
+#: Deadline entries kept before those of jobs no longer pooled are dropped: finished jobs would otherwise
+#: stay referenced (results and all) until their deadline, an hour of jobs under a one-hour limit.
+COMPACT_DEADLINES = 1024
 SCAN_BATCHES = 8  # a batch is packed from at most this many full batches' worth of the oldest rows
 
 
@@ -43,6 +46,7 @@ class Pool:
         self._changed = threading.Condition()
         self._deadlines: list[tuple[float, int, Job]] = []  # a heap, of jobs with a time limit
         self._order = itertools.count()
+        self._compact_at = COMPACT_DEADLINES
 
     def add(self, jobs: list[tuple[Job, list[Row]]]) -> bool:
         """Pool each job's rows, each distinct input once, in their place by rank, all at once (the forward
@@ -62,6 +66,10 @@ class Pool:
                 job.pooled += len(pending)
                 if job.time_limit is not None:
                     heapq.heappush(self._deadlines, (job.deadline, next(self._order), job))
+            if len(self._deadlines) > self._compact_at:  # finished jobs' entries, held until their deadline
+                self._deadlines = [entry for entry in self._deadlines if entry[2].pooled]
+                heapq.heapify(self._deadlines)
+                self._compact_at = max(COMPACT_DEADLINES, 2 * len(self._deadlines))
             self._changed.notify_all()
         return True
 
