@@ -44,6 +44,21 @@ def filled_sequence(loaded: Loaded, input_ids: list[int], position: int, token: 
     return str(loaded.tokenizer.decode([t for t in filled if t != pad_id], skip_special_tokens=single_mask))
 
 
+#: The attribute of a masked-LM model that maps hidden states to vocabulary logits, where it is one
+#: module: BERT and DeBERTa ``cls``, RoBERTa and XLM-R ``lm_head``, ALBERT ``predictions``.
+HEAD_NAMES = ("cls", "lm_head", "predictions")
+
+
+def encoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The model's encoder and its prediction head, so that the head runs on the mask positions only
+    (for BERT-base it is a fifth of the forward's work at every token); None where the head is not one
+    known module (DistilBERT, ELECTRA, an OpenVINO graph), which then computes every token's logits."""
+    prefix = getattr(model, "base_model_prefix", "")
+    encoder = getattr(model, prefix, None) if prefix else None
+    head = next((getattr(model, name) for name in HEAD_NAMES if callable(getattr(model, name, None))), None)
+    return None if encoder is None or head is None else (encoder, head)
+
+
 class FillMaskTask:
     name = TaskName.fill_mask
     model_class = "AutoModelForMaskedLM"
@@ -52,6 +67,7 @@ class FillMaskTask:
         if loaded.tokenizer.mask_token_id is None:
             raise ModelUnavailable(f"the tokenizer of {loaded.model_id!r} defines no mask token", field="model")
         loaded.extra["vocab"] = loaded.tokenizer.get_vocab()
+        loaded.extra["encoder_and_head"] = encoder_and_head(loaded.model)
 
     def preprocess(
         self, loaded: Loaded, items: list[TextItem], options: FillMaskOptions
@@ -80,12 +96,18 @@ class FillMaskTask:
     def forward(self, loaded: Loaded, batch: Batch) -> list[Any]:
         import torch
 
-        logits = loaded.model(**batch.model_inputs()).logits
-        device = logits.device
+        inputs = batch.model_inputs()
+        device = inputs["input_ids"].device
         row_of_mask = torch.tensor([i for i, row in enumerate(batch.rows) for _ in row.meta.positions], device=device)
         position_of_mask = torch.tensor([p for row in batch.rows for p in row.meta.positions], device=device)
-        # [masks, vocab]: only the mask positions' logits, gathered on the device
-        probabilities = logits[row_of_mask, position_of_mask].float().softmax(-1)
+        # [masks, vocab]: only the mask positions' logits, on the device
+        split = loaded.extra.get("encoder_and_head")
+        if split is None:
+            logits = loaded.model(**inputs).logits[row_of_mask, position_of_mask]
+        else:
+            encoder, head = split
+            logits = head(encoder(**inputs).last_hidden_state[row_of_mask, position_of_mask])
+        probabilities = logits.float().softmax(-1)
         results = []
         first = 0
         for row in batch.rows:

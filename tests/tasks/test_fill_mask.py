@@ -137,3 +137,19 @@ def test_a_text_without_a_mask_fails_alone(loaded: Loaded) -> None:
         assert error.field == f"items[{index}].text"
         assert "no [MASK] token" in error.message
         assert ("first 512 tokens" in error.message) == (index == 3)
+
+
+def test_the_head_runs_on_mask_positions_only_with_every_tokens_results(loaded: Loaded) -> None:
+    """BERT's prediction head is applied to the mask positions' hidden states alone; the results are
+    those of the whole model's logits (the path of models whose head is not one module)."""
+    split = loaded.extra["encoder_and_head"]
+    assert split is not None and split[1] is loaded.model.cls
+    options = FillMaskOptions(top_k=5)
+    on_masks = run(loaded, TEXTS, options)
+    loaded.extra["encoder_and_head"] = None
+    try:
+        every_token = run(loaded, TEXTS, options)
+    finally:
+        loaded.extra["encoder_and_head"] = split
+    for ours, theirs in zip(on_masks, every_token):
+        assert_same_results(ours, theirs)
