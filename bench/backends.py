@@ -229,11 +229,11 @@ def run(ctx: Context) -> dict[str, Any]:
     }
     ctx.section(
         "Backends: embedding in-process, each system in its own process (all-MiniLM-L6-v2, documentation paragraphs)",
-        "the recipe auto chooses >= 1.3x the sentence-transformers OpenVINO int8 peer on a CPU with AVX512-VNNI "
-        "and no AMX, and on an AMX CPU no slower than before (1.06x the peer), both at minimum cosine >= 0.99 on "
-        "every held-out domain of the gate. My prediction on an AMX Xeon: attention-float about 1.05x the peer "
-        "(as recorded); attention-int8, which runs only under fp32 there, about 0.65x attention-float (a side "
-        "run: 301 against 456 texts/s); both at >= 0.993 on every domain; the peer under 0.99 on documentation",
+        "auto serves attention-float on every CPU, both recipes at minimum cosine >= 0.99 on every held-out "
+        "domain of the gate. My prediction: on an AMX Xeon attention-float about 1.05-1.15x the peer and "
+        "attention-int8 (fp32 there) about 0.7x attention-float; on an AMD EPYC (AVX512-VNNI, no AMX) "
+        "attention-float 0.85-0.95x the peer and attention-int8 within 5% of attention-float (the peer is "
+        "faster by its int8 feed-forward outputs, and under 0.99 on documentation)",
     )
     python = sys.executable
     specs: dict[str, tuple[str, dict[str, Any]]] = {

@@ -124,7 +124,7 @@ def int8_by_recipe(
 ) -> Loaded:
     """Quantise with each recipe BERTQ_INT8_RECIPE chooses for this CPU (recipes.choose), in order,
     until one passes the gate on every held-out domain; that one serves. When none passes, the first
-    (the CPU's preferred) is refused, or served with BERTQ_ACCEPT_ANY_ACCURACY. The report lists every
+    is refused, or served with BERTQ_ACCEPT_ANY_ACCURACY. The report lists every
     recipe tried."""
     dtype = "fp32" if path.openvino_precision == "f32" else "auto"
     found = gate.domains_for(shell, config)

@@ -1,5 +1,5 @@
-"""int8 recipes: which layers ``openvino-int8`` quantises, chosen per CPU from its features and then
-by the accuracy gate.
+"""int8 recipes: which layers ``openvino-int8`` quantises, which of them a CPU's features make wrong,
+and which one ``auto`` serves (the accuracy gate still judges it).
 
 Every recipe keeps each feed-forward block's output layer (the matrix product after a GELU) in the
 inference precision: its input has outliers a per-tensor int8 scale cannot hold (all-MiniLM-L6-v2:
@@ -11,14 +11,18 @@ attention:
   every 32-token batch at cosine 0.80-0.93 against fp32 when first found, minimum 0.76 on texts
   alone and 0.80 on documentation paragraphs when measured again; with AMX, bf16 is as fast as int8,
   so keeping attention out of int8 costs nothing there.
-- ``attention-int8``: attention's inputs quantised too. On AVX512-VNNI without AMX (AMD EPYC) the
-  attention exclusion cost a third of the speed at no accuracy gain. On the AMX CPU it is exact
-  enough with fp32 inference precision (BERTQ_DTYPE=fp32: minimum cosine 0.9986 on texts of 8 to 80
-  tokens, alone and batched) and no faster there.
+- ``attention-int8``: attention's inputs quantised too. It is exact enough on AVX512-VNNI without
+  AMX (AMD EPYC) and, with fp32 inference precision (BERTQ_DTYPE=fp32: minimum cosine 0.9986 on texts
+  of 8 to 80 tokens, alone and batched), on the AMX CPU, but faster on neither: on the AMD EPYC,
+  0.98x attention-float on documentation paragraphs of 55 tokens and 1.02x on paragraphs of 246
+  (BENCHMARKS.md), where attention is a small share of the work; on AMX under fp32, 0.70x.
 
-``auto`` (BERTQ_INT8_RECIPE) tries, in order, the recipes the CPU's features favour; the first that
-passes the gate serves (``openvino.load_openvino``). The recipe's name and description are in the
-quantised model's cache key, and its name is in the accuracy report."""
+``auto`` (BERTQ_INT8_RECIPE) therefore serves attention-float on every CPU measured. What would be
+faster is the feed-forward outputs in int8 (the peer's every-layer recipe): 1.13-1.18x attention-float
+on the EPYC, at a minimum cosine of 0.967 on documentation, which the gate refuses. A forced order of
+recipes is tried in turn; the first that passes the gate serves (``openvino.load_openvino``). The
+recipe's name and description are in the quantised model's cache key, and its name is in the accuracy
+report."""
 
 from __future__ import annotations
 
@@ -52,11 +56,6 @@ def has_amx(cpu: CpuInfo) -> bool:
     return "amx_int8" in cpu.flags or "amx_bf16" in cpu.flags
 
 
-def has_vnni(cpu: CpuInfo) -> bool:
-    """int8 dot products in hardware: AVX512-VNNI, or AVX-VNNI (AVX2 CPUs since Alder Lake)."""
-    return "avx512_vnni" in cpu.flags or "avx_vnni" in cpu.flags
-
-
 def bf16_inference(cpu: CpuInfo, dtype: str) -> bool:
     """Whether OpenVINO computes the unquantised parts in bf16: its own choice (``auto``) is bf16 where
     the CPU has native bf16; ``BERTQ_DTYPE=fp32`` forces f32."""
@@ -73,27 +72,13 @@ def unsafe(recipe: Recipe, cpu: CpuInfo, dtype: str) -> str | None:
     return None
 
 
-def preferred(cpu: CpuInfo) -> list[Recipe]:
-    """The recipes ``auto`` tries on this CPU, fastest first. AMX: attention-float only (bf16 is as fast
-    as int8 there, and int8 attention under bf16 is wrong). VNNI without AMX: attention-int8, then
-    attention-float if the gate refuses it. No VNNI: attention-float (int8 attention unmeasured there)."""
-    if has_vnni(cpu) and not has_amx(cpu):
-        return [ATTENTION_INT8, ATTENTION_FLOAT]
-    return [ATTENTION_FLOAT]
-
-
-def available(cpu: CpuInfo, dtype: str) -> list[Recipe]:
-    """Every recipe that is not known to be wrong on this CPU at ``dtype``."""
-    return [recipe for recipe in RECIPES.values() if unsafe(recipe, cpu, dtype) is None]
-
-
 def choose(setting: str, cpu: CpuInfo, dtype: str) -> list[Recipe]:
-    """The recipes to try in order: ``auto`` (the CPU's preference, less any known to be wrong at
-    ``dtype``), or the comma-separated names of BERTQ_INT8_RECIPE. A named recipe known to be wrong
+    """The recipes to try in order: ``auto`` (attention-float, right on every CPU), or the
+    comma-separated names of BERTQ_INT8_RECIPE. A named recipe known to be wrong
     here is refused with the reason and what to set instead."""
     names = [name.strip() for name in setting.split(",") if name.strip()] or ["auto"]
     if names == ["auto"]:
-        return [recipe for recipe in preferred(cpu) if unsafe(recipe, cpu, dtype) is None] or [ATTENTION_FLOAT]
+        return [ATTENTION_FLOAT]
     unknown = [name for name in names if name not in RECIPES]
     if unknown:
         raise ModelUnavailable(

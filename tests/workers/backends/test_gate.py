@@ -4,6 +4,7 @@ threads, and `bertq run` on a chosen backend."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,12 @@ def test_gate_refuses_a_model_that_fails_one_domain_and_names_it(
     assert report["min_cosine"] == by_domain["unicode"]["min_cosine"]
 
 
-def test_auto_recipe_falls_back_when_the_gate_refuses_the_first(
+def test_a_recipe_order_falls_back_when_the_gate_refuses_the_first(
     tiny_models: dict[str, Path], small_calibration: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A CPU with VNNI and no AMX tries attention-int8 first; here it is damaged, the gate refuses it
-    on one domain, and attention-float serves. The stored reports make the next load choose without
-    measuring again."""
+    """BERTQ_INT8_RECIPE=attention-int8,attention-float on a CPU with VNNI and no AMX: attention-int8
+    is damaged here, the gate refuses it on one domain, and attention-float serves. The stored reports
+    make the next load choose without measuring again."""
     from bertq.workers.backends import openvino as openvino_backend
     from bertq.workers.backends.cpu import parse_cpuinfo
 
@@ -122,7 +123,9 @@ def test_auto_recipe_falls_back_when_the_gate_refuses_the_first(
     task, model = get_task(TaskName.embedding), str(tiny_models["base"])
     tokenizer = load_model(task, model).tokenizer
     quantised = damaging(monkeypatch, tokenizer, when=lambda recipe: recipe.quantise_attention)
-    strict = config("openvino-int8", tmp_path, small_calibration, accept=False)
+    strict = replace(
+        config("openvino-int8", tmp_path, small_calibration, accept=False), int8_recipe="attention-int8,attention-float"
+    )
     loaded = load_model(task, model, "cpu", "fp32", strict)
     assert quantised == ["attention-int8", "attention-float"]
     assert loaded.accuracy is not None and loaded.accuracy["recipe"] == "attention-float" and loaded.accuracy["passed"]
