@@ -33,7 +33,9 @@ SEND_EVERY = 0.1  # seconds an event may wait for others to share its batch
 class CeleryEvents(Observer):
     """An ``Observer`` that sends Celery task events from a thread of its own while ``enabled``
     (``bertq worker --events``, or Celery's ``enable_events`` / ``disable_events`` control commands,
-    Flower's buttons among them)."""
+    Flower's buttons among them). A job's events are sent only if its task-received was: a job that
+    was received while events were off and finishes once they are on again sends nothing, rather than
+    an outcome for a task no monitor has seen."""
 
     def __init__(self, app: Celery, hostname: str, enabled: bool = True) -> None:
         self.app = app
@@ -41,6 +43,7 @@ class CeleryEvents(Observer):
         self.enabled = enabled
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(QUEUE_MOST)
         self._started: dict[str, float] = {}
+        self._announced: set[str] = set()  # jobs whose task-received was sent
         self._dropped = 0
         self._thread = threading.Thread(target=self._send_loop, name="bertq-events", daemon=True)
 
@@ -117,6 +120,7 @@ class CeleryEvents(Observer):
     def received(self, delivery: Delivery) -> None:
         if not self.enabled:
             return
+        self._announced.add(delivery.job_id)
         self._put(
             "task-received",
             uuid=delivery.job_id,
@@ -131,7 +135,7 @@ class CeleryEvents(Observer):
         )
 
     def started(self, delivery: Delivery) -> None:
-        if not self.enabled:
+        if not self.enabled or delivery.job_id not in self._announced:
             return
         self._started[delivery.job_id] = time.monotonic()
         self._put("task-started", uuid=delivery.job_id)
@@ -139,6 +143,9 @@ class CeleryEvents(Observer):
     def finished(self, outcome: Outcome, stored: bool) -> None:
         job_id = outcome.delivery.job_id
         began = self._started.pop(job_id, None)
+        if job_id not in self._announced:
+            return
+        self._announced.discard(job_id)
         if not self.enabled:
             return
         runtime = time.monotonic() - began if began is not None else 0.0

@@ -68,7 +68,7 @@ def test_results_come_in_input_order_through_the_sink_as_run_items_computes_them
     assert results[NOT_AN_OBJECT] == {
         "error": {"code": "invalid_input", "field": "items[2100]", "message": "items[2100]: must be an object"}
     }
-    assert results[REPEATED] == results[5] and "label" in results[5]
+    assert same_output([results[REPEATED]], [results[5]]) and "label" in results[5]  # batched apart: float noise
     # every chunk went through the sink as one job, and was taken from it; the input was read ahead of
     # the results by two chunks at most (the engine's room), not all at once
     assert local.sink.claimed == [f"local-{number}" for number in range(5)]
