@@ -32,6 +32,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SLOWEST_MODULES = (
     "faults/test_worker_kills.py",
     "workers/backends/test_backends.py",
+    "workers/backends/test_minilm.py",
     "faults/test_edge_faults.py",
     "faults/test_worker_stops.py",
     "workers/backends/test_gate.py",
@@ -56,9 +57,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Built once per run: pytest-xdist's processes share one directory under a file lock (the
+    first builds, the others read), where each used to build its own."""
+    from filelock import FileLock
+
     from bertq.tiny_models import build_tiny_models
 
-    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-models"  # this run's, above each process's own
+    with FileLock(f"{shared}.lock"):
+        return build_tiny_models(shared)
 
 
 @pytest.fixture(scope="session")
