@@ -122,6 +122,18 @@ def test_the_queued_count_survives_fetch_release_reclaim_and_quarantine(redis_db
     assert queued_items(r) == {} and r.llen("q@small") == 0
 
 
+def test_a_cancelled_jobs_items_count_until_a_worker_takes_it_off_the_list(redis_db: str) -> None:
+    r = redis.Redis.from_url(redis_db)
+    client = client_for(redis_db, tenant="small")
+    job_id = client.submit("sentiment", ["x"] * 10)
+    assert client.cancel([job_id]) == {job_id: (True, "cancelled")}
+    with pytest.raises(QuotaExceeded):  # still in the list: a worker skips it only once it fetches it
+        client.submit("sentiment", ["y"])
+    (fetched,) = Inbox(r, "w1", ["q"]).fetch(64, 1 << 20)
+    assert json.loads(fetched.raw)["headers"]["id"] == job_id and queued_items(r) == {}
+    client.submit("sentiment", ["y"] * 10)
+
+
 def test_a_message_without_a_count_never_takes_a_tenant_below_zero(redis_db: str) -> None:
     r = redis.Redis.from_url(redis_db)
     client_for(redis_db, tenant="small").submit("sentiment", ["x"] * 3)
