@@ -159,6 +159,7 @@ def test_the_cli_submits_for_a_tenant_and_a_refusal_exits_with_one_line(
 
 
 def test_status_and_the_metrics_show_each_tenants_depth_and_refusals(redis_db: str) -> None:
+    from bertq.workers.engine.delivery import Delivery
     from bertq.workers.metrics import Metrics
 
     from bertq.status import overview
@@ -187,3 +188,6 @@ def test_status_and_the_metrics_show_each_tenants_depth_and_refusals(redis_db: s
     assert sample("bertq_tenant_queued_jobs", tenant="other") == 1
     assert sample("bertq_tenant_refusals_total", tenant="small", quota="max_queued_items") == 1
     assert sample("bertq_queue_depth", queue="q") == 2
+    running = Delivery("j", "sentiment", [{"text": "x"}] * 3, tenant="small")
+    metrics.read_held_items(lambda: 3, lambda: [running])
+    assert sample("bertq_tenant_held_items", tenant="small") == 3 and sample("bertq_held_items") == 3

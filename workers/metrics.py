@@ -138,10 +138,10 @@ class Metrics(Observer):
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
-    def read_held_items(self, read: Callable[[], float], by_tenant: Callable[[], dict[str, int]]) -> None:
-        """``read``: the items the worker holds; ``by_tenant``: the same per tenant (running items)."""
+    def read_held_items(self, read: Callable[[], float], held: Callable[[], list[Delivery]]) -> None:
+        """``read``: the items the worker holds; ``held``: what it holds, counted per tenant (running items)."""
         self.held_items.set_function(read)
-        self.tenant_queue.held = by_tenant
+        self.tenant_queue.held = held
 
     def poll_gauges(self, inbox: Inbox, sources: list[StreamSource]) -> None:
         """The depth of each of the worker's queues and of the dead letters, and each source stream's
@@ -224,7 +224,7 @@ class TenantQueues(Collector):
     def __init__(self, tenants: frozenset[str]) -> None:
         self.labels = sorted({DEFAULT, *tenants, OTHER})
         self.tenants = tenants
-        self.held: Callable[[], dict[str, int]] = dict
+        self.held: Callable[[], list[Delivery]] = list
         self.jobs: dict[str, int] = {}
         self.items: dict[str, int] = {}
         self.refused: dict[tuple[str, str], int] = {}
@@ -246,7 +246,7 @@ class TenantQueues(Collector):
         return summed
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        held = self._by_label(iter(self.held().items()))
+        held = self._by_label((delivery.tenant, delivery.item_count) for delivery in self.held())
         for name, what, values in (
             ("bertq_tenant_queued_jobs", "Jobs waiting in a tenant's lists.", self.jobs),
             ("bertq_tenant_queued_items", "Items waiting in a tenant's lists.", self.items),

@@ -224,7 +224,7 @@ def run_worker(
     if warning := retry(lambda: pubsub_warning(worker.client, settings.max_result_bytes), "check the Redis server"):
         log.warning("published records may outgrow Celery's subscribers", reason=warning)
     if metrics is not None:
-        metrics.read_held_items(lambda: worker.engine.held_items, worker.engine.held_items_by_tenant)
+        metrics.read_held_items(lambda: worker.engine.held_items, worker.engine.held)
         metrics.serve(int(settings.metrics_port or 0))
         log.info("metrics served", port=settings.metrics_port, path="/metrics")
     celery_events.start()

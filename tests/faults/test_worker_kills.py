@@ -18,7 +18,6 @@ from bertq.schemas import JobStatus, TaskName
 from bertq.workers.queues.dead import DeadLetters
 
 from bertq.tenants import QUEUED_ITEMS, tenant_queue
-
 from tests.faults.conftest import FULL, record
 from tests.procs import (
     Fleet,

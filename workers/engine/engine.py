@@ -129,10 +129,6 @@ class Engine:
         none while draining, or while a delivery waits to run alone or runs alone, whatever its source."""
         return self._held.room()
 
-    def item_room(self) -> int:
-        """Items a source may still hand over before the held-items cap (BERTQ_MAX_HELD_ITEMS)."""
-        return self._held.item_room()
-
     def wait_for_room(self, timeout: float, needed: int = 1) -> None:
         """Wait up to ``timeout`` while fewer than ``needed`` deliveries fit."""
         self._held.wait_for_room(timeout, needed)

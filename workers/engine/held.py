@@ -77,10 +77,6 @@ class Held:
             return 0
         return max(0, self.settings.prefetch - len(self._deliveries))
 
-    def item_room(self) -> int:
-        """Items a source may still hand over (a delivery over it is still taken when there is room)."""
-        return max(0, self.settings.max_held_items - self.items)
-
     def wait_for_room(self, timeout: float, needed: int) -> None:
         with self._changed:
             if self.room() < needed:

@@ -282,7 +282,7 @@ class QueueIntake(Source):
         if self._suspect or time.monotonic() - self._reconciled > RECONCILE_EVERY_S:
             self._adopt_orphans()
         STAGES.enter("fetch")
-        items = self.engine.item_room()
+        items = max(0, self.settings.max_held_items - self.engine.held_items)  # room past it: one message
         fetched = self.retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES, items), "fetch")
         self.last_fetch = time.monotonic()
         if fetched:
