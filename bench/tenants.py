@@ -177,8 +177,9 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         "## Tenants: fair share on one worker",
         "",
         f"Tenant A floods {figures['flood_items']} items (64-item jobs); a second later tenant B submits "
-        f"{figures['small_jobs']} one-text jobs; one worker, the tiny sentiment checkpoint. Without tenants both "
-        "are the default tenant (one FIFO list); with tenants they are `shop-a` and `shop-b`, equal weights. "
+        f"{figures['small_jobs']} one-text jobs; one worker (torch on one thread), the tiny sentiment checkpoint. "
+        "Without tenants both are the default tenant (one FIFO list); with tenants they are `shop-a` and `shop-b`, "
+        "equal weights. "
         f"`{figures.get('command', 'python -m bench --only tenants')}`.",
         "",
         f"Medians of {figures['rows']['with tenants']['runs']} runs each, alternated on the same worker.",
