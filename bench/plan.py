@@ -32,6 +32,9 @@ class Plan:
     backend_rounds: int = 7  # its timed rounds: more than elsewhere, its rows differ up to 6x in speed
     gateway_seconds: float = 3.0  # one round of one path in the gateway section (1, 16, 64 clients)
     gateway_rounds: int = 4  # rounds per row, gateway and direct alternated
+    tenants_flood_items: int = 20_000  # tenant A's backlog in the tenants section
+    tenants_small_jobs: int = 50  # tenant B's one-text jobs submitted behind it
+    tenants_share_items: int = 15_000  # each tenant's backlog where both flood (the share of the device)
 
 
 DEFAULT = Plan("default")
@@ -58,4 +61,7 @@ QUICK = Plan(
     backend_rounds=1,
     gateway_seconds=1.5,
     gateway_rounds=1,
+    tenants_flood_items=2_000,
+    tenants_small_jobs=10,
+    tenants_share_items=1_000,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench import backends, enrich, gateway, host, observability, outputs, redis_ops, streams, summarize
+from bench import backends, enrich, gateway, host, observability, outputs, redis_ops, streams, summarize, tenants
 
 SECTIONS: dict[str, ModuleType] = {
     "backends": backends,
@@ -22,4 +22,5 @@ SECTIONS: dict[str, ModuleType] = {
     "host": host,
     "outputs": outputs,
     "gateway": gateway,
+    "tenants": tenants,
 }

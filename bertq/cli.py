@@ -54,6 +54,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         "options": json_object(args.options),
         "priority": args.priority,
         "callback_url": args.callback_url,
+        "tenant": args.tenant,
     }
     try:
         if len(items) <= settings.max_items_per_job:
@@ -257,6 +258,7 @@ def _add_submit(commands: Any) -> None:
     submit.add_argument("--options", help="JSON object of task options")
     submit.add_argument("--priority", type=int, choices=range(10), metavar="0-9", help="0 (default) is served first")
     submit.add_argument("--callback-url", help="a worker POSTs the final record here (see README, Webhooks)")
+    submit.add_argument("--tenant", help="who the job is for (see README, Tenants); default: default")
     submit.add_argument("--wait", action="store_true", help="wait and print the result (exit 1 unless done)")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(handler=cmd_submit)

@@ -1,9 +1,10 @@
 """The producer client: submit jobs, read their status and results. Light: redis and pydantic only.
 
-A submit is one Redis round trip: the job's ``queued`` record and its Celery message go in one
-pipeline, so a job is never visible without its message nor its message without a record. The
-message is Celery's protocol 2 over kombu's Redis transport, JSON only (the README documents it for
-producers in other languages), so plain Celery workers' tooling sees ordinary tasks.
+A submit is one Redis round trip: the job's ``queued`` record and its Celery message go in one script,
+which checks the tenant's quotas first (bertq/tenants.py), so a job is never visible without its message
+nor its message without a record, and a refused submit leaves nothing behind. The message is Celery's
+protocol 2 over kombu's Redis transport, JSON only (the README documents it for producers in other
+languages), so plain Celery workers' tooling sees ordinary tasks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, cast
 
 import redis
 
+from bertq import tenants
 from bertq.connection import broker_error, connect
-from bertq.errors import InvalidInput, ResultsTrimmed, SubmitIncomplete
+from bertq.errors import InvalidInput, QuotaExceeded, ResultsTrimmed, SubmitIncomplete
 from bertq.keys import priority_list
 from bertq.records import RESULTS_STREAM, JobView, cancel_jobs, message_digest, meta_key, queued_record
 from bertq.schemas import CONTRACTS, TaskName, TextItem, parse_task, validate_item_count, validate_options
@@ -37,9 +39,12 @@ def celery_message(
     queue: str,
     priority: int = 0,
     trace: dict[str, str] | None = None,
+    tenant: str = tenants.DEFAULT,
 ) -> str:
     """One Celery task message as kombu's Redis transport stores it in the queue's list; ``trace``: the
-    W3C trace context headers to carry (``traceparent``, ``tracestate``)."""
+    W3C trace context headers to carry (``traceparent``, ``tracestate``). ``queue`` is the tenant's kombu
+    queue (``<queue>@<tenant>``); ``bertq_items`` is what the tenant's queued-items count and the fair fetch
+    read (bertq/tenants.py)."""
     body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     headers = {
         "lang": "py",
@@ -58,6 +63,8 @@ def celery_message(
         "origin": _ORIGIN,
         "ignore_result": False,
         "bertq_submitted_at": time.time(),
+        "bertq_tenant": tenant,
+        "bertq_items": len(kwargs["items"]),
         **(trace or {}),
     }
     return json.dumps(
@@ -93,13 +100,19 @@ def trace_context() -> dict[str, str]:
 
 
 class Client:
-    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, settings: Settings | None = None, tenant: str | None = None
+    ) -> None:
+        """``tenant``: who this client's jobs are for, unless a submit names another (``default`` without)."""
         self.settings = settings or Settings()
+        self.tenant = tenants.validate(tenant)
+        self.quotas = self.settings.quotas()
         url = redis_url or self.settings.redis_url
         if not url:
             raise RuntimeError("no Redis URL: pass redis_url or set BERTQ_REDIS_URL")
         self.url = url
         self.redis = connect(url, name="bertq-client")
+        self._submit = self.redis.register_script(tenants.SUBMIT)
 
     # ---- submit --------------------------------------------------------------------------------
 
@@ -111,16 +124,18 @@ class Client:
         options: dict[str, Any] | None = None,
         priority: int | None = None,
         callback_url: str | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Queue one job; returns its id. Items are dicts of the task's item fields (a plain string
         stands for ``{"text": ...}`` where the task takes a text). Job-level mistakes raise
         InvalidInput here; an invalid item gets its own error in the job's results. ``priority``: 0-9,
         0 (the default) served first, as Celery on Redis does. ``callback_url``: a worker POSTs the final
-        record there (see README, Webhooks).
+        record there (see README, Webhooks). ``tenant``: who the job is for (default: the client's); over
+        its quota (BERTQ_TENANT_QUOTAS) this raises ``QuotaExceeded`` and queues nothing.
 
         Raises ``SubmitIncomplete`` (a ``BrokerUnavailable``) when Redis cannot take the job; its
         ``unconfirmed_ids`` holds the id when the reply was lost and the job may be queued."""
-        return self._send(parse_task(task), [list(items)], model, options, priority, callback_url)[0]
+        return self._send(parse_task(task), [list(items)], model, options, priority, callback_url, tenant)[0]
 
     def submit_many(
         self,
@@ -131,16 +146,19 @@ class Client:
         options: dict[str, Any] | None = None,
         priority: int | None = None,
         callback_url: str | None = None,
+        tenant: str | None = None,
     ) -> list[str]:
         """Queue a stream of items as jobs of ``items_per_message`` items each; one id per job, in order.
 
         Jobs go to Redis in transactions of up to 500: each transaction is queued whole or not at all.
         When Redis fails part-way this raises ``SubmitIncomplete``: ``queued_ids`` were queued,
         ``unconfirmed_ids`` were in the transaction whose reply was lost (check them with ``get``:
-        ``unknown`` means not queued), and the rest were not sent."""
+        ``unknown`` means not queued), and the rest were not sent. Quotas are checked per transaction: one
+        over its tenant's quota raises ``QuotaExceeded`` and queues nothing of it; its ``queued_ids`` are the
+        earlier transactions' jobs, which stay queued."""
         size = items_per_message or self.settings.items_per_message
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-        return self._send(parse_task(task), chunks, model, options, priority, callback_url)
+        return self._send(parse_task(task), chunks, model, options, priority, callback_url, tenant)
 
     def _send(
         self,
@@ -150,15 +168,18 @@ class Client:
         options: dict[str, Any] | None,
         priority: int | None,
         callback_url: str | None,
+        tenant: str | None,
     ) -> list[str]:
         validate_options(task, options)
+        who = self.tenant if tenant is None else tenants.validate(tenant)
         if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
             raise InvalidInput("must be an integer from 0 (served first) to 9", field="priority")
         if callback_url is not None and not callback_url.startswith(("http://", "https://")):
             raise InvalidInput("must be an http:// or https:// URL", field="callback_url")
         limits = self.settings.limits()
         trace = trace_context()
-        queue = priority_list(self.settings.queue_for(task), priority)
+        kombu_queue = tenants.tenant_queue(self.settings.queue_for(task), who)
+        queue = priority_list(kombu_queue, priority)
         jobs = []
         for chunk in chunks:
             items = [self._item(task, item) for item in validate_item_count(chunk, limits)]
@@ -166,27 +187,33 @@ class Client:
             kwargs: dict[str, Any] = {"items": items, "model": model, "options": options or {}}
             if callback_url:
                 kwargs["callback_url"] = callback_url
-            message = celery_message(job_id, task, kwargs, self.settings.queue_for(task), priority or 0, trace)
+            message = celery_message(job_id, task, kwargs, kombu_queue, priority or 0, trace, who)
             record = queued_record(job_id, task.value, len(items), callback_url, message_digest(message))
-            jobs.append((job_id, record, message))
+            jobs.append((job_id, record, message, len(items)))
+        quota = self.quotas.get(who, tenants.Quota())
+        limits = [_limit(quota.max_queued_items), _limit(quota.max_items_per_minute)]
         queued: list[str] = []
         for start in range(0, len(jobs), 500):
             batch = jobs[start : start + 500]
-            pipe = self.redis.pipeline(transaction=True)
-            for job_id, record, message in batch:
-                pipe.set(meta_key(job_id), record, ex=self.settings.result_ttl_s)
-                pipe.lpush(queue, message)
+            items_sent = sum(count for *_, count in batch)
+            keys: list[str] = [tenants.index_key(self.settings.queue_for(task))]
+            args: list[Any] = [who, *limits, self.settings.result_ttl_s, items_sent]
+            for job_id, record, message, _ in batch:
+                keys += [meta_key(job_id), queue]
+                args += [record, message]
             try:
-                pipe.execute()
+                reply = self._submit(keys=keys, args=args)
             except redis.RedisError as error:
-                ids = [job_id for job_id, _, _ in batch]
+                ids = [job_id for job_id, *_ in batch]
                 unconfirmed = ids if _maybe_sent(error) else []
                 cause = broker_error(error, self.url)
                 detail = f"{len(queued)} of {len(jobs)} jobs queued" + (
                     f", {len(unconfirmed)} unconfirmed (the reply was lost: check them with get)" if unconfirmed else ""
                 )
                 raise SubmitIncomplete(f"{cause.message}; {detail}", queued, unconfirmed) from error
-            queued.extend(job_id for job_id, _, _ in batch)
+            if _text(reply[0]) == "refused":
+                raise _refusal(who, _text(reply[1]), int(reply[2]), int(reply[3]), items_sent, queued)
+            queued.extend(job_id for job_id, *_ in batch)
         return queued
 
     def cancel(self, job_ids: Sequence[str], unknown_too: bool = False) -> dict[str, tuple[bool, str]]:
@@ -294,6 +321,29 @@ class Client:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
                     yield last_id, fields[b"job_id"].decode(), fields[b"status"].decode()
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _refusal(tenant: str, quota: str, limit: int, current: int, items: int, queued: list[str]) -> QuotaExceeded:
+    what = "items queued" if quota == "max_queued_items" else "items accepted this minute"
+    return QuotaExceeded(
+        f"{tenant} is over its quota {quota}={limit} (BERTQ_TENANT_QUOTAS): {current} {what}, and this "
+        f"submit has {items} more; nothing of it was queued"
+        + (f" ({len(queued)} jobs of earlier transactions were)" if queued else ""),
+        tenant=tenant,
+        quota=quota,
+        limit=limit,
+        current=current,
+        items=items,
+        queued_ids=queued,
+    )
 
 
 def _entry_id(text: str) -> tuple[int, int]:

@@ -121,3 +121,31 @@ class TimeLimitExceeded(BertqError):
     worker's device for ever."""
 
     code = "time_limit_exceeded"
+
+
+class QuotaExceeded(BertqError):
+    """A submit over its tenant's quota (BERTQ_TENANT_QUOTAS): nothing of it was queued. ``quota`` names the
+    limit (``max_queued_items`` or ``max_items_per_minute``), ``limit`` its value, ``current`` the tenant's
+    count when it was refused (items queued, or accepted this minute), ``items`` what the submit asked for.
+    ``queued_ids``: jobs of the same ``submit_many`` queued by earlier transactions. Raised to producers;
+    never stored on a job."""
+
+    code = "quota_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        tenant: str = "",
+        quota: str = "",
+        limit: int = 0,
+        current: int = 0,
+        items: int = 0,
+        queued_ids: list[str] | None = None,
+    ) -> None:
+        super().__init__(message, field="tenant")
+        self.tenant = tenant
+        self.quota = quota
+        self.limit = limit
+        self.current = current
+        self.items = items
+        self.queued_ids = list(queued_ids or [])

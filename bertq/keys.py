@@ -49,7 +49,8 @@ def queue_lists(queues: list[str]) -> list[str]:
 
 
 def queue_of(source: str) -> str:
-    """The queue a list (a priority step's, or its quarantine) belongs to."""
+    """The kombu queue a list (a priority step's, or its quarantine) belongs to: a tenant's lists belong to
+    ``<queue>@<tenant>`` (bertq.tenants.split_queue parts it)."""
     return source.removeprefix(QUARANTINE_PREFIX).split(PRIORITY_SEP, 1)[0]
 
 

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bertq.schemas import Limits, TaskName
+from bertq.tenants import Quota, parse_quotas, parse_weights
 
 #: What a real user gets when a task's model is not configured (needs the model hub once).
 DEFAULT_MODELS: dict[TaskName, str] = {
@@ -55,6 +56,16 @@ class Settings(BaseSettings):
         "",
         description="Redis Streams to enrich: a JSON list of sources, or `;`-separated `INPUT=TASK[,TASK...]` "
         "(see README, Review streams). Workers read them beside the queue.",
+    )
+    tenant_weights: str = Field(
+        "",
+        description='Tenants\' shares of the workers, a JSON object such as `{"shop-a": 2, "shop-b": 1}`: a '
+        "worker serves each queue's tenants in weighted fair turns by items. Unlisted tenants weigh 1 (see Tenants).",
+    )
+    tenant_quotas: str = Field(
+        "",
+        description='Per-tenant limits checked at submit, a JSON object such as `{"shop-a": {"max_queued_items": '
+        '100000, "max_items_per_minute": 50000}}`; a submit over one raises QuotaExceeded and queues nothing.',
     )
     result_ttl_s: int = Field(86_400, ge=1, description="Seconds a job record and its result are kept.")
     results_stream_maxlen: int = Field(
@@ -285,6 +296,24 @@ class Settings(BaseSettings):
         if self.max_batch_tokens == 0:
             self.max_batch_tokens = CUDA_BATCH_TOKENS if self.device.startswith("cuda") else CPU_BATCH_TOKENS
         return self
+
+    @model_validator(mode="after")
+    def _tenants_readable(self) -> Settings:
+        self.weights()
+        self.quotas()
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """``tenant_weights`` by tenant (unlisted tenants weigh 1)."""
+        return parse_weights(self.tenant_weights)
+
+    def quotas(self) -> dict[str, Quota]:
+        return parse_quotas(self.tenant_quotas)
+
+    def configured_tenants(self) -> frozenset[str]:
+        """The tenants named in ``tenant_weights`` or ``tenant_quotas``: workers serve them even before
+        any submit indexes them, and metrics label them by name."""
+        return frozenset(self.weights()) | frozenset(self.quotas())
 
     def model_for(self, task: TaskName) -> str:
         return str(getattr(self, f"model_{task.value}"))

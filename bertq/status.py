@@ -10,9 +10,10 @@ from typing import Any, cast
 
 import redis
 
-from bertq.keys import CONSUMERS, DEAD, PRIORITY_STEPS, QUARANTINE_PREFIX, heartbeat_key, priority_list
+from bertq.keys import CONSUMERS, DEAD, PRIORITY_STEPS, QUARANTINE_PREFIX, as_text, heartbeat_key, priority_list
 from bertq.settings import Settings
 from bertq.streams import parse_sources, stream_state
+from bertq.tenants import DEFAULT, QUEUED_ITEMS, REFUSED, index_key, tenant_queue
 
 #: A worker's heartbeat fields that the overview shows, in this order.
 WORKER_FIELDS = (
@@ -44,19 +45,59 @@ def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
 
 
 def overview(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """Queues and their depth per priority step, live workers, dead letters, and stream groups' state.
-    Raises ``redis.RedisError`` as it comes."""
+    """Queues and their depth per priority step (every tenant's) and per tenant, live workers, dead letters,
+    tenants' queued items and quota refusals, and stream groups' state. Raises ``redis.RedisError`` as it
+    comes."""
     workers = live_workers(client)
     queues = sorted({settings.queue, *(q for w in workers for q in w.get("queues", []))})
-    depths = {}
+    depths: dict[str, dict[str, Any]] = {}
+    tenants = {DEFAULT, *settings.configured_tenants()}
     for queue in queues:
-        lists = {step: priority_list(queue, step) for step in PRIORITY_STEPS}
-        by_priority = {str(step): int(client.llen(key)) for step, key in lists.items()}
-        quarantined = sum(int(client.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
-        depths[queue] = {"queued": sum(by_priority.values()), "by_priority": by_priority, "quarantined": quarantined}
+        indexed = sorted(tenants | {as_text(name) for name in client.smembers(index_key(queue))})
+        by_priority, quarantined, by_tenant = dict.fromkeys(map(str, PRIORITY_STEPS), 0), 0, {}
+        for tenant in indexed:
+            lists = {step: priority_list(tenant_queue(queue, tenant), step) for step in PRIORITY_STEPS}
+            queued = {str(step): int(client.llen(key)) for step, key in lists.items()}
+            held_back = sum(int(client.llen(QUARANTINE_PREFIX + key)) for key in lists.values())
+            by_priority = {step: by_priority[step] + count for step, count in queued.items()}
+            quarantined += held_back
+            by_tenant[tenant] = {"queued": sum(queued.values()), "quarantined": held_back}
+        depths[queue] = {
+            "queued": sum(by_priority.values()),
+            "by_priority": by_priority,
+            "quarantined": quarantined,
+            "tenants": by_tenant,
+        }
     dead = int(client.xlen(DEAD))
     sources = {(s.input, s.group) for s in parse_sources(settings.stream_specs())}
     sources |= {(s["input"], s["group"]) for w in workers for s in w.get("streams", [])}
     streams = [stream_state(client, stream, group) for stream, group in sorted(sources)]
     shown = [{key: worker.get(key) for key in WORKER_FIELDS} for worker in workers]
-    return {"queues": depths, "workers": shown, "dead_letters": dead, "streams": streams}
+    return {
+        "queues": depths,
+        "tenants": tenant_overview(client, settings, {t for d in depths.values() for t in d["tenants"]}),
+        "workers": shown,
+        "dead_letters": dead,
+        "streams": streams,
+    }
+
+
+def tenant_overview(client: redis.Redis, settings: Settings, tenants: set[str]) -> dict[str, Any]:
+    """Per tenant: items queued (bertq/tenants.py keeps the count), submits its quotas refused, by quota,
+    and its weight and quota as configured."""
+    items = {as_text(t): int(n) for t, n in cast(dict[bytes, bytes], client.hgetall(QUEUED_ITEMS)).items()}
+    refused: dict[str, dict[str, int]] = {}
+    for key, count in cast(dict[bytes, bytes], client.hgetall(REFUSED)).items():
+        tenant, _, quota = as_text(key).partition("\n")
+        refused.setdefault(tenant, {})[quota] = int(count)
+    weights, quotas = settings.weights(), settings.quotas()
+    shown = {}
+    for tenant in sorted(tenants | set(items) | set(refused)):
+        limits = quotas.get(tenant)
+        shown[tenant] = {
+            "queued_items": items.get(tenant, 0),
+            "refused": refused.get(tenant, {}),
+            "weight": weights.get(tenant, 1.0),
+            "quota": None if limits is None else vars(limits),
+        }
+    return shown

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("public contract", ["bertq.schemas.*"]),
     ("light modules", [
         "bertq.settings", "bertq.tasks.*", "bertq.keys", "bertq.messages", "bertq.records", "bertq.streams",
-        "bertq.connection", "bertq.embedded", "bertq.tiny_models", "bertq.files", "bertq.vectors",
+        "bertq.connection", "bertq.embedded", "bertq.tiny_models", "bertq.files", "bertq.vectors", "bertq.tenants",
     ]),
     ("celery app", ["bertq.workers", "bertq.workers.app"]),
     ("rows through a model", [
@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 #: What a producer module may import from bertq.workers at module level: the Celery app, light itself.
 LIGHT_WORKER_MODULES = {"bertq.workers", "bertq.workers.app"}
 #: Producer modules an app imports: they import nothing of bertq.workers but the Celery app, not even lazily.
-NO_WORKER_MODULES = {"bertq.client", "bertq.status", "bertq.messages", "bertq.records"}
+NO_WORKER_MODULES = {"bertq.client", "bertq.status", "bertq.messages", "bertq.records", "bertq.tenants"}
 #: Commands' worker-side halves in bertq/: the engine in-process (`enrich --local`), which only the command
 #: imports, inside the function that needs it (so a producer's install never loads them).
 WORKER_SIDE_COMMANDS = {"bertq.enrich.local"}

@@ -1,7 +1,8 @@
 """Prometheus metrics of a worker process, every metric defined once, here.
 
 Served on ``BERTQ_METRICS_PORT`` (unset: off) at ``/metrics``; with ``--gpus`` the process of GPU i
-serves on port + i. Labels stay low-cardinality: task, status, queue, operation, never a job id.
+serves on port + i. Labels stay low-cardinality: task, status, queue, operation, never a job id; ``tenant``
+is ``default``, a tenant configured in BERTQ_TENANT_WEIGHTS or BERTQ_TENANT_QUOTAS, or ``other``.
 Throughput, latency and batch figures come from the engine as it works (``Observer``); held items are
 read when Prometheus scrapes; queue depths, dead letters and stream lag are read from Redis at each
 heartbeat (``poll_gauges``).
@@ -17,11 +18,12 @@ from bertq.workers.engine.delivery import Delivery, Observer, Outcome
 from bertq.workers.queues.inbox import Inbox
 from bertq.workers.stages import STAGES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bertq.keys import DEAD
 from bertq.streams import StreamSource, stream_state
+from bertq.tenants import DEFAULT, OTHER, QUEUED_ITEMS, REFUSED, label
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -32,9 +34,10 @@ RATIO = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 class Metrics(Observer):
     """The metrics, and the ``Observer`` that feeds them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenants: frozenset[str] = frozenset()) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        self.tenants = tenants  # configured: labelled by name, every other tenant as ``other``
         self.jobs = Counter(
             "bertq_jobs", "Jobs that reached a final state, by task and status.", ["task", "status"], registry=registry
         )
@@ -119,21 +122,41 @@ class Metrics(Observer):
             registry=registry,
         )
 
+        self.tenant_jobs = Counter(
+            "bertq_tenant_jobs",
+            "Jobs that reached a final state, by tenant and status.",
+            ["tenant", "status"],
+            registry=registry,
+        )
+        self.tenant_items = Counter(
+            "bertq_tenant_items", "Items of finished jobs, by tenant.", ["tenant"], registry=registry
+        )
+        self.tenant_queue = TenantQueues(tenants)
+        registry.register(self.tenant_queue)
         registry.register(StageSeconds())
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
-    def read_held_items(self, read: Callable[[], float]) -> None:
+    def read_held_items(self, read: Callable[[], float], held: Callable[[], list[Delivery]]) -> None:
+        """``read``: the items the worker holds; ``held``: what it holds, counted per tenant (running items)."""
         self.held_items.set_function(read)
+        self.tenant_queue.held = held
 
     def poll_gauges(self, inbox: Inbox, sources: list[StreamSource]) -> None:
         """The depth of each of the worker's queues and of the dead letters, and each source stream's
         lag and pending entries, as Redis has them now."""
-        depths = inbox.depths()
-        self.dead_letters.set(depths.pop(DEAD))
+        by_tenant = inbox.tenant_depths()
+        depths = dict.fromkeys(inbox.queues, 0)
+        for (queue, _), jobs in by_tenant.items():
+            depths[queue] += jobs
         for queue, depth in depths.items():
             self.queue_depth.labels(queue).set(depth)
+        pipe = inbox.client.pipeline(transaction=False)
+        pipe.xlen(DEAD).hgetall(QUEUED_ITEMS).hgetall(REFUSED)
+        dead, queued_items, refused = pipe.execute()
+        self.dead_letters.set(dead)
+        self.tenant_queue.update(by_tenant, queued_items, refused)
         for source in sources:
             state = stream_state(inbox.client, source.input, source.group)
             if state["lag"] is not None:
@@ -161,10 +184,13 @@ class Metrics(Observer):
             else outcome.status.value
         )
         self.jobs.labels(task, status).inc()
+        tenant = label(outcome.delivery.tenant, self.tenants)
+        self.tenant_jobs.labels(tenant, status).inc()
         if outcome.results is not None:
             errors = sum(1 for result in outcome.results if "error" in result)
             self.items.labels(task, "ok").inc(len(outcome.results) - errors)
             self.items.labels(task, "error").inc(errors)
+            self.tenant_items.labels(tenant).inc(len(outcome.results))
         if outcome.delivery.submitted_at is not None:
             self.job_latency_seconds.labels(task).observe(max(0.0, time.time() - outcome.delivery.submitted_at))
 
@@ -188,6 +214,54 @@ class Metrics(Observer):
 
     def redis_back(self, operation: str) -> None:
         self.redis_reconnects.inc()
+
+
+class TenantQueues(Collector):
+    """Per tenant, as the last heartbeat read them from Redis: jobs and items queued (every queue this
+    worker serves), and submits refused by a quota (``bertq_tenant_refusals_total``, counted by the
+    producers' submit script); and the items this worker holds, read when Prometheus scrapes."""
+
+    def __init__(self, tenants: frozenset[str]) -> None:
+        self.labels = sorted({DEFAULT, *tenants, OTHER})
+        self.tenants = tenants
+        self.held: Callable[[], list[Delivery]] = list
+        self.jobs: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+
+    def update(self, jobs: dict[tuple[str, str], int], items: dict[bytes, bytes], refused: dict[bytes, bytes]) -> None:
+        self.jobs = self._by_label((tenant, count) for (_, tenant), count in jobs.items())
+        self.items = self._by_label((tenant.decode(), int(count)) for tenant, count in items.items())
+        counts: dict[tuple[str, str], int] = {}
+        for key, count in refused.items():
+            tenant, _, quota = key.decode().partition("\n")
+            at = (label(tenant, self.tenants), quota)
+            counts[at] = counts.get(at, 0) + int(count)
+        self.refused = counts
+
+    def _by_label(self, counts: Iterator[tuple[str, int]]) -> dict[str, int]:
+        summed = dict.fromkeys(self.labels, 0)
+        for tenant, count in counts:
+            summed[label(tenant, self.tenants)] += count
+        return summed
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        held = self._by_label((delivery.tenant, delivery.item_count) for delivery in self.held())
+        for name, what, values in (
+            ("bertq_tenant_queued_jobs", "Jobs waiting in a tenant's lists.", self.jobs),
+            ("bertq_tenant_queued_items", "Items waiting in a tenant's lists.", self.items),
+            ("bertq_tenant_held_items", "Items of a tenant this worker holds (fetched, not yet stored).", held),
+        ):
+            family = GaugeMetricFamily(name, what, labels=["tenant"])
+            for tenant, value in values.items():
+                family.add_metric([tenant], value)
+            yield family
+        refusals = CounterMetricFamily(
+            "bertq_tenant_refusals", "Submits refused by a tenant's quota, by quota.", labels=["tenant", "quota"]
+        )
+        for (tenant, quota), count in sorted(self.refused.items()):
+            refusals.add_metric([tenant, quota], count)
+        yield refusals
 
 
 class StageSeconds(Collector):

@@ -85,7 +85,14 @@ class Worker:
         client = connect(settings.redis_url, name=f"bertq-worker:{node}")
         self.client = client
         dead_letters = DeadLetterLimits(settings.dead_letter_ttl_s, DEAD_MAXLEN, settings.dead_letter_max_bytes)
-        self.inbox = Inbox(client, self.consumer, queues, dead_letters=dead_letters)
+        self.inbox = Inbox(
+            client,
+            self.consumer,
+            queues,
+            dead_letters=dead_letters,
+            weights=settings.weights(),
+            tenants=settings.configured_tenants(),
+        )
         self.records = JobRecords(
             client,
             self.inbox.inflight,
@@ -204,7 +211,7 @@ def run_worker(
     app = configure(settings)
     node = name or node_name(settings.device)
     queues = queues or [settings.queue]
-    metrics = Metrics() if settings.metrics_port else None
+    metrics = Metrics(settings.configured_tenants()) if settings.metrics_port else None
     celery_events = CeleryEvents(app, node, enabled=events)
     tracing = Tracing(tracer_provider()) if tracing_wanted() else None
     observers: list[Any] = [o for o in (metrics, celery_events, ActiveRequests(node), tracing) if o is not None]
@@ -217,7 +224,7 @@ def run_worker(
     if warning := retry(lambda: pubsub_warning(worker.client, settings.max_result_bytes), "check the Redis server"):
         log.warning("published records may outgrow Celery's subscribers", reason=warning)
     if metrics is not None:
-        metrics.read_held_items(lambda: worker.engine.held_items)
+        metrics.read_held_items(lambda: worker.engine.held_items, worker.engine.held)
         metrics.serve(int(settings.metrics_port or 0))
         log.info("metrics served", port=settings.metrics_port, path="/metrics")
     celery_events.start()

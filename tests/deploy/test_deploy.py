@@ -58,6 +58,12 @@ WORKER_METRICS = {
     "bertq_dead_letters": "gauge",
     "bertq_stream_lag": "gauge",
     "bertq_stream_pending": "gauge",
+    "bertq_tenant_jobs_total": "counter",
+    "bertq_tenant_items_total": "counter",
+    "bertq_tenant_queued_jobs": "gauge",
+    "bertq_tenant_queued_items": "gauge",
+    "bertq_tenant_held_items": "gauge",
+    "bertq_tenant_refusals_total": "counter",
 }
 
 

@@ -1,5 +1,5 @@
-"""Workers killed: SIGKILL at random moments (also right after a fetch, and for jobs from a foreign
-producer), and a job that kills its worker every time (tests/faults/test_worker_stops.py has the faults
+"""Workers killed: SIGKILL at random moments (also right after a fetch, for jobs from a foreign producer,
+and with tenants in use), and a job that kills its worker every time (tests/faults/test_worker_stops.py has the faults
 that end or slow a worker without a kill)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from bertq.schemas import JobStatus, TaskName
 from bertq.workers.queues.dead import DeadLetters
 
+from bertq.tenants import QUEUED_ITEMS, tenant_queue
 from tests.faults.conftest import FULL, record
 from tests.procs import (
     Fleet,
@@ -36,6 +37,11 @@ from tests.procs import (
 )
 
 QUEUE = "faults"
+#: The SIGKILL run's tenants: the client's jobs go to the default tenant, shop-a and shop-b (indexed by the
+#: client); the raw producer's also to shop-c, served because the workers have it configured.
+TENANTS = [None, "shop-a", "shop-b"]
+RAW_TENANTS = [None, "shop-c"]
+WEIGHTS = json.dumps({"shop-c": 2})
 
 
 def inflight_jobs(server: Server, worker: WorkerProcess) -> list[str]:
@@ -57,8 +63,9 @@ BACKLOG = 300
 
 class Producer(threading.Thread):
     """Submits jobs at a steady rate while the workers are killed: one-text jobs from the client and
-    from a raw LPUSH producer (and, in the full run, 64-text jobs), so there is always work to fetch,
-    and no more than BACKLOG of them wait in the queue."""
+    from a raw LPUSH producer (and, in the full run, 64-text jobs), each for a tenant drawn from
+    ``TENANTS`` or ``RAW_TENANTS``, so there is always work to fetch, and no more than BACKLOG of them
+    wait in the queue's lists."""
 
     def __init__(self, server: Server, rate: float, seed: int, limit: int | None) -> None:
         super().__init__(daemon=True)
@@ -76,26 +83,32 @@ class Producer(threading.Thread):
             if sent > (time.monotonic() - started) * self.rate:
                 time.sleep(0.005)
                 continue
-            if self.redis.llen(QUEUE) >= BACKLOG:
+            if self.waiting() >= BACKLOG:
                 started += 0.02  # the rate counts from when the queue had room
                 time.sleep(0.02)
                 continue
             kind = self.rng.random()
             batch = texts(64 if FULL and kind < 0.1 else 1, seed=self.rng.randrange(1 << 30))
             if kind < 0.5:
-                job_id = self.client.submit("sentiment", batch)
+                job_id = self.client.submit("sentiment", batch, tenant=self.rng.choice(TENANTS))
             else:
                 job_id = str(uuid.uuid4())
-                self.redis.lpush(QUEUE, raw_message(job_id, "sentiment", [{"text": t} for t in batch], QUEUE))
+                queue = tenant_queue(QUEUE, self.rng.choice(RAW_TENANTS) or "default")
+                self.redis.lpush(queue, raw_message(job_id, "sentiment", [{"text": t} for t in batch], queue))
             self.jobs[job_id] = batch
             sent += 1
+
+    def waiting(self) -> int:
+        lists = [tenant_queue(QUEUE, tenant or "default") for tenant in {*TENANTS, *RAW_TENANTS}]
+        return sum(self.redis.llen(name) for name in lists)
 
 
 def test_sigkill_at_random_moments_loses_nothing(
     server: Server, fleet_dir: Path, tiny_models: dict[str, Path], fault_table: list[dict[str, Any]]
 ) -> None:
     sentiment = str(tiny_models["sentiment"])
-    fleet = Fleet(fleet_dir, worker_env(server.url, QUEUE, {"sentiment": sentiment}, OMP_NUM_THREADS="1"))
+    env = worker_env(server.url, QUEUE, {"sentiment": sentiment}, OMP_NUM_THREADS="1", BERTQ_TENANT_WEIGHTS=WEIGHTS)
+    fleet = Fleet(fleet_dir, env)
     rng = random.Random(7)
     producer = Producer(server, JOBS_PER_S, seed=5, limit=JOB_LIMIT)
     try:
@@ -142,6 +155,8 @@ def test_sigkill_at_random_moments_loses_nothing(
         )
         assert (result.lost, result.failed, result.wrong) == (0, 0, 0), result.notes
         assert result.most_computations <= 2
+        # every message was put back as often as it was taken: no tenant's queued count drifted
+        assert server.client().hgetall(QUEUED_ITEMS) == {}
         # the kills done: on a loaded machine slow worker starts can let the producer's jobs run out first
         assert len(recoveries) >= (kill + 1) // 2, "most kills must hit a worker holding jobs"
         assert max(recoveries) <= 2 * 3 + 2, recoveries  # two visibility timeouts (3 s), plus a sweep

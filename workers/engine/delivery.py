@@ -36,6 +36,7 @@ class Delivery:
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
     digest: str = ""  # SHA-1 of the message: its records name it, so another message under this id is refused
     first_item: int = 0  # the number of its first item in a longer input (item errors name items by it)
+    tenant: str = "default"  # who it is for (bertq/tenants.py): the engine's pool shares the device between them
 
     @property
     def item_count(self) -> int:

@@ -1,14 +1,17 @@
 """The engine's pool: prepared rows waiting for the device, by (task, model), across jobs (TEI's queue).
 
-Each model's rows are kept in (priority, arrival) order. The forward thread takes one batch at a time:
-when the device is idle and no batch is full yet, it waits up to ``BERTQ_MAX_WAIT_MS`` after the first
-row arrived for more to fill it, then takes the length-sorted batch that holds that first row, under
-the model's budget of padded tokens.
-"""
+Each model's rows are kept in (priority, start tag) order: 0 first, then the lowest tag. The tags share
+the device between tenants by rows (start-time fair queueing, as the fair fetch shares the queues): a job
+starts at the later of the pool's clock (the tag of the last batch's first row) and its tenant's previous
+job's finish, and each of its rows after the first adds one over the tenant's weight (BERTQ_TENANT_WEIGHTS).
+One tenant's jobs keep their arrival order, as before tenants; another tenant's new job does not wait
+behind the thousands of rows the first one's jobs hold here, only behind its share of them. The forward
+thread takes one batch at a time: when the device is idle and no batch is full yet, it waits up to
+``BERTQ_MAX_WAIT_MS`` after the first row arrived for more to fill it, then takes the length-sorted batch
+that holds that first row, under the model's budget of padded tokens."""
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import threading
@@ -33,7 +36,8 @@ SCAN_BATCHES = 8  # a batch is packed from at most this many full batches' worth
 class PendingRow:
     row: Row
     job: Job
-    rank: tuple[int, float]  # (priority, arrival): 0 first, then oldest first
+    rank: tuple[int, float]  # (priority, start tag): 0 first, then the lowest tag first
+    arrived: float = 0.0  # monotonic time it was pooled: the bounded wait counts from the first row's
     copies: list[Row] = field(default_factory=list)  # rows of the same job with the same input
 
 
@@ -47,22 +51,26 @@ class Pool:
         self._deadlines: list[tuple[float, int, Job]] = []  # a heap, of jobs with a time limit
         self._order = itertools.count()
         self._compact_at = COMPACT_DEADLINES
+        self._weights = settings.weights()
+        self._clock = 0.0  # the start tag of the last batch's first row
+        self._finish: dict[str, float] = {}  # per tenant: the finish tag of its last job pooled
 
     def add(self, jobs: list[tuple[Job, list[Row]]]) -> bool:
         """Pool each job's rows, each distinct input once, in their place by rank, all at once (the forward
         thread sees them together). False, and nothing pooled, once the pool is closed."""
         now = time.monotonic()
-        ranked = [self._pending(job, rows, (job.delivery.priority, now)) for job, rows in jobs if rows]
         with self._changed:
             if self.closed:
                 return False
+            ranked = [self._pending(job, rows, now) for job, rows in jobs if rows]
             for pending in ranked:
-                job, rank = pending[0].job, pending[0].rank
-                rows_of = self._rows.setdefault((job.task.name, job.loaded.model_id), [])
-                at = len(rows_of)
-                if rows_of and rows_of[-1].rank > rank:  # a higher priority than the last: in its place
-                    at = bisect.bisect_right([p.rank for p in rows_of], rank)
-                rows_of[at:at] = pending
+                job = pending[0].job
+                key = (job.task.name, job.loaded.model_id)
+                rows_of = self._rows.setdefault(key, [])
+                if rows_of and rows_of[-1].rank > pending[0].rank:  # ahead of some: merged in their places
+                    self._rows[key] = list(heapq.merge(rows_of, pending, key=lambda p: p.rank))
+                else:
+                    rows_of += pending
                 job.pooled += len(pending)
                 if job.time_limit is not None:
                     heapq.heappush(self._deadlines, (job.deadline, next(self._order), job))
@@ -73,11 +81,15 @@ class Pool:
             self._changed.notify_all()
         return True
 
-    @staticmethod
-    def _pending(job: Job, rows: list[Row], rank: tuple[int, float]) -> list[PendingRow]:
-        """The job's rows as the pool holds them: each distinct input once, its copies beside it."""
+    def _pending(self, job: Job, rows: list[Row], now: float) -> list[PendingRow]:
+        """The job's rows as the pool holds them: each distinct input once, its copies beside it, each with
+        its start tag: the job's start, plus the rows before it over the tenant's weight."""
         distinct, position = distinct_rows(rows)
-        pending = [PendingRow(rows[i], job, rank) for i in distinct]
+        tenant, priority = job.delivery.tenant, job.delivery.priority
+        weight = self._weights.get(tenant, 1.0)
+        start = max(self._clock, self._finish.get(tenant, 0.0))
+        self._finish[tenant] = start + len(distinct) / weight
+        pending = [PendingRow(rows[i], job, (priority, start + k / weight), now) for k, i in enumerate(distinct)]
         for index, row in enumerate(rows):
             if distinct[position[index]] != index:
                 pending[position[index]].copies.append(row)
@@ -129,13 +141,14 @@ class Pool:
                 if not groups:
                     self._changed.wait()
                     continue
-                (_, first_arrived), key = min(groups)
+                _, key = min(groups)
                 rows = self._rows[key]
-                wait = first_arrived + max_wait - time.monotonic()
+                wait = rows[0].arrived + max_wait - time.monotonic()
                 if wait <= 0 or self._is_full(rows) or self.closed:
                     break
                 self._changed.wait(wait)
             batch = self.select(rows)
+            self._clock = max(self._clock, rows[0].rank[1])
             taken = {id(pending) for pending in batch}
             for pending in batch:
                 pending.job.pooled -= 1

@@ -19,17 +19,22 @@ import redis
 from bertq.keys import DEAD, DELIVERIES, as_text, queue_of
 from bertq.messages import identity, item_count, task_name
 from bertq.records import message_digest, meta_key, queued_record
+from bertq.tenants import COUNT_QUEUED, split_queue
 
 # Requeue a dead letter: its message goes back to the front of its queue, with a fresh delivery count
 # and a queued record. KEYS: dead stream, deliveries, record. ARGV: entry id, source, message, identity,
 # queued record ('' for none), ttl.
-_REQUEUE = """
+_REQUEUE = (
+    COUNT_QUEUED
+    + """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', ARGV[2], ARGV[3])
+count_queued(ARGV[2], ARGV[3], 1)
 redis.call('HDEL', KEYS[2], ARGV[4])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 return 1
 """
+)
 
 
 @dataclass
@@ -53,7 +58,8 @@ class DeadLetter:
             "entry_id": self.entry_id,
             "job_id": self.job_id or None,
             "task": self.task or None,
-            "queue": queue_of(self.source),
+            "queue": split_queue(queue_of(self.source))[0],
+            "tenant": split_queue(queue_of(self.source))[1],
             "deliveries": self.deliveries,
             "reason": self.reason,
             "worker": self.worker,

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import redis
 from bertq.workers.engine.source import DEAD_LETTER_FN, DeadLetterLimits
+from bertq.workers.queues.fair import FAIR_FETCH, TAKE_IN_ORDER
 
 from bertq.keys import (
     CONSUMER_LISTS,
@@ -41,9 +42,9 @@ from bertq.keys import (
     inflight_key,
     landing_key,
     queue_lists,
-    queue_of,
 )
 from bertq.messages import identity
+from bertq.tenants import COUNT_QUEUED, DEFAULT, index_key, tenant_queue
 
 
 @dataclass
@@ -92,40 +93,6 @@ local function return_landed(first)
 end
 """
 
-# KEYS: in-flight hash, sequence, consumers zset, landing lists (k of them), then queue lists in service
-# order. ARGV: most messages, most bytes, k, consumer, then the source list of each landing list.
-_FETCH = """
-local inflight, sequence = KEYS[1], KEYS[2]
-local most, budget, landings = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local out, count, bytes = {}, 0, 0
--- the clock makes tags unique even if a failover loses writes and the sequence goes back
-local now = redis.call('TIME')
-local stamp = now[1] .. string.format('%06d', tonumber(now[2]))
--- listed where the reaper looks before it holds anything; when Redis is full this write is refused
--- first, so a worker never holds what no reaper can see
-redis.call('ZADD', KEYS[3], 'NX', tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[4])
-local function take(list, source)
-  if count >= most or (count > 0 and bytes >= budget) then return false end
-  local raw = redis.call('RPOP', list)
-  if not raw then return false end
-  local tag = redis.call('INCR', sequence) .. '-' .. stamp
-  redis.call('HSET', inflight, tag, source .. '\\n' .. raw)
-  out[#out + 1] = tag
-  out[#out + 1] = source
-  out[#out + 1] = raw
-  count = count + 1
-  bytes = bytes + string.len(raw)
-  return true
-end
-for i = 1, landings do
-  while take(KEYS[3 + i], ARGV[4 + i]) do end
-end
-for i = 4 + landings, #KEYS do
-  while take(KEYS[i], KEYS[i]) do end
-end
-return out
-"""
-
 _HEARTBEAT = """
 local now = redis.call('TIME')
 redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[1])
@@ -140,12 +107,14 @@ return 1
 _UNREGISTER = (
     IN_FLIGHT
     + RETURN_LANDED
+    + COUNT_QUEUED
     + """
 local moved = return_landed(5)
 local held = redis.call('HGETALL', KEYS[4])
 for i = 2, #held, 2 do
   local source, raw = split(held[i])
   redis.call('RPUSH', source, raw)
+  count_queued(source, raw, 1)
   moved = moved + 1
 end
 redis.call('DEL', KEYS[4])
@@ -172,6 +141,10 @@ return 1
 )
 
 
+def _fetched(reply: list[Any]) -> list[Fetched]:
+    return [Fetched(as_text(reply[i]), as_text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
+
+
 class Inbox:
     """One worker process's side of the queues: fetch into its in-flight hash, wait for work,
     heartbeat, dead-letter what cannot be read. Called from one intake thread, except ``heartbeat``."""
@@ -183,38 +156,60 @@ class Inbox:
         queues: list[str],
         block_s: float = 0.5,
         dead_letters: DeadLetterLimits | None = None,
+        weights: dict[str, float] | None = None,
+        tenants: frozenset[str] = frozenset(),
     ) -> None:
         self.client = client
         self.consumer = consumer
         self.queues = list(queues)
+        self.weights = dict(weights or {})
+        self.tenants = tenants  # configured: served before any submit indexes them
         self.block_s = block_s
         self.dead_letters = dead_letters or DeadLetterLimits()
         self.inflight = inflight_key(consumer)
-        self._lists = queue_lists(self.queues)
         self._turn = 0
-        self._fetch = client.register_script(_FETCH)
+        self._fetch = client.register_script(FAIR_FETCH)
+        self._take_in_order = client.register_script(TAKE_IN_ORDER)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._dead_letter = client.register_script(_DEAD_LETTER)
         self._unregister = client.register_script(_UNREGISTER)
 
-    def fetch(self, most: int, budget_bytes: int) -> list[Fetched]:
-        """Up to ``most`` messages (at least one even if it is bigger than ``budget_bytes``), moved into
-        the in-flight hash: first whatever ``wait`` landed, then the queues by priority step."""
-        landings = [landing_key(self.consumer, queue) for queue in self.queues]
-        return self._take([*landings, *self._lists], [most, budget_bytes, len(landings), self.consumer, *self.queues])
+    def fetch(self, most: int, budget_bytes: int, budget_items: int = 1 << 30) -> list[Fetched]:
+        """Up to ``most`` messages (at least one even if it is bigger than ``budget_bytes`` or holds more
+        than ``budget_items``), moved into the in-flight hash: first whatever ``wait`` landed, then each
+        queue's tenants in weighted fair turns, each tenant's work by priority step."""
+        keys = [self.inflight, SEQUENCE, CONSUMERS, *(landing_key(self.consumer, queue) for queue in self.queues)]
+        args: list[Any] = [most, budget_bytes, len(self.queues), self.consumer, *self.queues]
+        args += [json.dumps(self.weights), json.dumps(sorted(self.tenants)), budget_items]
+        reply = self._fetch(keys=keys, args=args)
+        return _fetched(reply)
 
     def fetch_quarantined(self) -> Fetched | None:
-        """One quarantined job of this worker's queues, moved into the in-flight hash."""
-        fetched = self._take([QUARANTINE_PREFIX + source for source in self._lists], [1, 1, 0, self.consumer])
+        """One quarantined job of this worker's queues (any tenant's), moved into the in-flight hash."""
+        lists = [QUARANTINE_PREFIX + source for source in self.lists()]
+        reply = self._take_in_order(keys=[self.inflight, SEQUENCE, CONSUMERS, *lists], args=[1, 1, 0, self.consumer])
+        fetched = _fetched(reply)
         return fetched[0] if fetched else None
 
-    def _take(self, lists: list[str], args: list[Any]) -> list[Fetched]:
-        reply = self._fetch(keys=[self.inflight, SEQUENCE, CONSUMERS, *lists], args=args)
-        return [Fetched(as_text(reply[i]), as_text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
+    def tenant_lists(self) -> dict[tuple[str, str], list[str]]:
+        """Every (queue, tenant) this worker serves, with its lists by priority step: the queue's index
+        and the configured tenants, ``default`` first."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.smembers(index_key(queue))
+        lists = {}
+        for queue, indexed in zip(self.queues, pipe.execute()):
+            for tenant in [DEFAULT, *sorted({as_text(name) for name in indexed} | self.tenants - {DEFAULT})]:
+                lists[(queue, tenant)] = queue_lists([tenant_queue(queue, tenant)])
+        return lists
+
+    def lists(self) -> list[str]:
+        return [source for lists in self.tenant_lists().values() for source in lists]
 
     def quarantined(self) -> int:
+        lists = self.lists()
         pipe = self.client.pipeline(transaction=False)
-        for source in self._lists:
+        for source in lists:
             pipe.llen(QUARANTINE_PREFIX + source)
         return sum(pipe.execute())
 
@@ -253,16 +248,22 @@ class Inbox:
         )
 
     def depths(self) -> dict[str, int]:
-        """Jobs waiting in each of this worker's queues (every priority), and dead letters."""
-        pipe = self.client.pipeline(transaction=False)
-        for source in self._lists:
-            pipe.llen(source)
-        pipe.xlen(DEAD)
-        *lengths, dead = pipe.execute()
+        """Jobs waiting in each of this worker's queues (every priority, every tenant), and dead letters."""
+        by_tenant = self.tenant_depths()
         depths = {queue: 0 for queue in self.queues}
-        for source, length in zip(self._lists, lengths):
-            depths[queue_of(source)] += int(length)
-        return {**depths, DEAD: int(dead)}
+        for (queue, _), jobs in by_tenant.items():
+            depths[queue] += jobs
+        return {**depths, DEAD: int(self.client.xlen(DEAD))}
+
+    def tenant_depths(self) -> dict[tuple[str, str], int]:
+        """Jobs waiting per (queue, tenant), every priority."""
+        tenant_lists = self.tenant_lists()
+        pipe = self.client.pipeline(transaction=False)
+        for lists in tenant_lists.values():
+            for source in lists:
+                pipe.llen(source)
+        lengths = iter(pipe.execute())
+        return {flow: sum(int(next(lengths)) for _ in lists) for flow, lists in tenant_lists.items()}
 
     def unregister(self) -> int:
         """A worker that stops holding nothing in its engine: what it landed or has in flight without

@@ -24,10 +24,12 @@ from bertq.workers.queues.inbox import Fetched, Inbox
 from bertq.workers.stages import STAGES
 
 from bertq.errors import BertqError, InvalidMessage, Unsupported
+from bertq.keys import queue_of
 from bertq.log import get_logger
 from bertq.messages import TASK_PREFIX, Unreadable, loads, peek_id
 from bertq.records import message_digest
 from bertq.settings import Settings
+from bertq.tenants import split_queue
 
 log = get_logger(__name__)
 
@@ -81,6 +83,7 @@ def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
         priority=_priority(properties.get("priority")),
         submitted_at=_submitted_at(headers.get("bertq_submitted_at")),
         digest=message_digest(raw),
+        tenant=_tenant(fetched, headers.get("bertq_tenant")),
     )
     try:
         if (
@@ -110,6 +113,15 @@ def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
     return delivery
 
 
+def _tenant(fetched: Fetched, named: Any) -> str:
+    """The tenant of the list the message came from: the list decides, for the fair share, the quotas and
+    the metrics. A ``bertq_tenant`` header that names another tenant changes nothing; it is logged."""
+    tenant = split_queue(queue_of(fetched.source))[1]
+    if named is not None and named != tenant:
+        log.warning("bertq_tenant header differs from the list's tenant", list=fetched.source, header=str(named)[:80])
+    return tenant
+
+
 def _unread(fetched: Fetched, sink: Sink, reason: str) -> Delivery:
     """A message not parsed (too large, too deep, not JSON): refused under the id it names, found
     without parsing, or dead-lettered when it names none."""
@@ -117,6 +129,7 @@ def _unread(fetched: Fetched, sink: Sink, reason: str) -> Delivery:
     if job_id is None:
         raise Undeliverable(reason)
     delivery = Delivery(job_id, "", None, size=len(fetched.raw), sink=sink, ref=fetched)
+    delivery.tenant = split_queue(queue_of(fetched.source))[1]
     delivery.digest = message_digest(fetched.raw)
     delivery.refusal = InvalidMessage(f"{reason}: not read", field="message")
     return delivery
@@ -269,7 +282,8 @@ class QueueIntake(Source):
         if self._suspect or time.monotonic() - self._reconciled > RECONCILE_EVERY_S:
             self._adopt_orphans()
         STAGES.enter("fetch")
-        fetched = self.retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES), "fetch")
+        items = max(0, self.settings.max_held_items - self.engine.held_items)  # room past it: one message
+        fetched = self.retry(lambda: self.inbox.fetch(min(room, FETCH_MOST), FETCH_BUDGET_BYTES, items), "fetch")
         self.last_fetch = time.monotonic()
         if fetched:
             STAGES.enter("decode")

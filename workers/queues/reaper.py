@@ -57,6 +57,7 @@ from bertq.records import (
     meta_key,
     queued_record,
 )
+from bertq.tenants import COUNT_QUEUED
 
 log = get_logger(__name__)
 
@@ -83,6 +84,7 @@ _RECLAIM = (
     IN_FLIGHT
     + RECORD_STATE
     + DEAD_LETTER_FN
+    + COUNT_QUEUED
     + """
 if redis.call('ZSCORE', KEYS[7], ARGV[7]) ~= '0' then return 'back' end
 local source, raw = take_held(KEYS[1], ARGV[1])
@@ -98,9 +100,11 @@ if number <= most and ARGV[17] ~= '' and state_of(KEYS[4]) == 'STARTED'
 end
 if number < most then
   redis.call('RPUSH', queue_list, raw)
+  count_queued(queue_list, raw, 1)
   return 'run'
 elseif number == most then
   redis.call('RPUSH', prefix .. queue_list, raw)  -- its last delivery: it will run alone
+  count_queued(queue_list, raw, 1)
   return 'alone'
 end
 redis.call('HDEL', KEYS[2], ARGV[2])

@@ -31,6 +31,7 @@ from bertq.records import (
     revoked_record,
     running_record,
 )
+from bertq.tenants import COUNT_QUEUED
 
 # Every job of a prepare round in one call. KEYS: in-flight hash, deliveries, dead stream, then each job's
 # record. ARGV: ttl, consumer, the dead-letter limits (ttl, maxlen, most bytes), then 5 per job: its running
@@ -80,10 +81,12 @@ return out
 _RELEASE = (
     IN_FLIGHT
     + RECORD_STATE
+    + COUNT_QUEUED
     + """
 local source, raw = take_held(KEYS[1], ARGV[1])
 if not source then return 0 end
 redis.call('RPUSH', source, raw)
+count_queued(source, raw, 1)
 if ARGV[2] ~= '' and state_of(KEYS[2]) == 'STARTED' then
   redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 end

@@ -104,3 +104,27 @@ def test_jobs_taken_together_are_tokenized_in_one_call_per_model_and_options(
     outcomes = sink.wait([delivery.job_id for delivery in [*plain, *top]], 30)
     assert gated.prepared == 2
     assert [len((outcome.results or [{}])[0]["scores"]) for outcome in outcomes] == [2] * 5 + [1] * 3
+
+
+def test_a_tenants_new_job_goes_ahead_of_the_rows_another_tenant_holds_in_the_pool(
+    start_engine: Callable[..., Engine], gated: GatedTask
+) -> None:
+    sink, recorder = MemorySink(), Recorder()
+    engine = start_engine(recorder, max_batch_rows=4, tenant_weights='{"b": 2}')
+    engine.submit([reviews("busy", sink)])
+    assert wait_until(lambda: recorder.starts == ["busy"], 10)  # the forward thread waits in its batch
+    flood = [reviews(f"a-{i}", sink, *(f"text {i} {k}" for k in range(4))) for i in range(5)]
+    for delivery in flood:
+        delivery.tenant = "a"
+    late = [reviews(f"b-{i}", sink, f"b text {i}") for i in range(4)]
+    for delivery in late:
+        delivery.tenant = "b"
+    engine.submit(flood)
+    assert wait_until(lambda: gated.prepared == 2, 10)
+    engine.submit(late)  # pooled after all of A's 20 rows
+    assert wait_until(lambda: gated.prepared == 3, 10)
+    gated.gate.set()
+    sink.wait([delivery.job_id for delivery in flood + late], 30)
+    # by rows over weights: B (weight 2) is two rows' start for each of A's, so its four one-row jobs start
+    # within A's first two batches, not after all five of A's jobs
+    assert recorder.starts.index("b-3") < recorder.starts.index("a-2")

@@ -78,3 +78,21 @@ def test_metrics_label_refused_tasks_unknown_so_messages_cannot_grow_the_label_s
         if "task" in sample.labels
     }
     assert labels == {"unknown", "sentiment"}
+
+
+def test_metrics_count_each_tenants_jobs_under_a_bounded_label(start_engine: Callable[..., Engine]) -> None:
+    metrics, sink = Metrics(frozenset({"shop-a"})), MemorySink()
+    engine = start_engine(metrics)
+    deliveries = [Delivery(f"job-{n}", "sentiment", [{"text": "x"}] * 2, sink=sink) for n in range(6)]
+    for delivery, tenant in zip(deliveries, ["shop-a", "shop-a", "default", "made-up-1", "made-up-2", "made-up-3"]):
+        delivery.tenant = tenant
+    engine.submit(deliveries)
+    sink.wait([d.job_id for d in deliveries], 30)
+
+    def jobs(tenant: str) -> float | None:
+        return metrics.registry.get_sample_value("bertq_tenant_jobs_total", {"tenant": tenant, "status": "done"})
+
+    assert wait_until(lambda: (jobs("shop-a"), jobs("default"), jobs("other")) == (2, 1, 3), 10)
+    assert metrics.registry.get_sample_value("bertq_tenant_items_total", {"tenant": "other"}) == 6
+    labels = {s.labels["tenant"] for f in metrics.registry.collect() for s in f.samples if "tenant" in s.labels}
+    assert labels == {"shop-a", "default", "other"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +16,16 @@ from bertq.workers.queues.inbox import Inbox
 from bertq.workers.queues.reaper import Reaper, Reclaimed
 
 from bertq.client import Client, celery_message
-from bertq.keys import CONSUMERS, DEAD, DELIVERIES, inflight_key, landing_key, priority_list, queue_lists
+from bertq.keys import (
+    CONSUMERS,
+    DEAD,
+    DELIVERIES,
+    QUARANTINE_PREFIX,
+    inflight_key,
+    landing_key,
+    priority_list,
+    queue_lists,
+)
 from bertq.records import RESULTS_STREAM, JobView, meta_key
 from bertq.settings import Settings
 
@@ -316,3 +326,78 @@ def test_a_requeued_job_reads_queued_again_not_running(client: redis.Redis, redi
 def test_a_job_id_that_starts_with_digits_is_not_read_as_an_entry_id(client: redis.Redis, redis_db: str) -> None:
     # a UUID whose first eight hex digits are all decimal ("12345678-...") made XRANGE fail
     assert DeadLetters(client, 60).find("12345678-9abc-4def-8123-456789abcdef") is None
+
+
+def tenant_message(tenant: str, items: int = 1, priority: int = 0) -> bytes:
+    kwargs = {"items": [{"text": "x"}] * items, "model": None, "options": {}}
+    return celery_message(str(uuid.uuid4()), TaskName.sentiment, kwargs, f"q@{tenant}", priority, None, tenant).encode()
+
+
+def queue_for(client: redis.Redis, tenant: str, count: int, items: int = 1, priority: int = 0) -> None:
+    """``count`` messages in ``tenant``'s list of queue q, indexed as the client indexes them."""
+    client.lpush(
+        priority_list(f"q@{tenant}", priority), *[tenant_message(tenant, items, priority) for _ in range(count)]
+    )
+    client.sadd("bertq:tenants:q", tenant)
+
+
+def tenants_of(fetched: list[Any]) -> list[str]:
+    return [json.loads(f.raw)["headers"]["bertq_tenant"] for f in fetched]
+
+
+def test_a_tenants_one_text_jobs_are_fetched_beside_anothers_backlog_by_items(client: redis.Redis) -> None:
+    queue_for(client, "a", 300, items=64)
+    inbox = Inbox(client, "w1", ["q"])
+    assert tenants_of(inbox.fetch(60, 1 << 30)) == ["a"] * 60  # alone, A takes everything
+    queue_for(client, "b", 300)
+    # B's items weigh 1 each against A's 64, and B starts at the clock (A's last start), not at zero: it
+    # banks no credit for the time it had no work, so A still gets its turn after 64 of B's
+    assert tenants_of(inbox.fetch(130, 1 << 30)) == ["b"] * 64 + ["a"] + ["b"] * 64 + ["a"]
+
+
+def test_weights_share_the_fetch_and_priorities_order_work_within_a_tenant(client: redis.Redis) -> None:
+    queue_for(client, "a", 100)
+    queue_for(client, "b", 100, priority=9)
+    queue_for(client, "b", 5, priority=0)
+    inbox = Inbox(client, "w1", ["q"], weights={"a": 3.0})
+    fetched = inbox.fetch(40, 1 << 30)
+    assert abs(tenants_of(fetched).count("a") - 30) <= 1
+    b_sources = [f.source for f in fetched if f.source.startswith("q@b")]
+    assert b_sources[:5] == ["q@b"] * 5 and set(b_sources[5:]) == {"q@b\x06\x169"}
+
+
+def test_an_equal_share_holds_over_many_fetches_of_any_size(client: redis.Redis) -> None:
+    queue_for(client, "a", 200, items=8)
+    queue_for(client, "b", 1600)
+    inbox = Inbox(client, "w1", ["q"])
+    items = {"a": 0, "b": 0}
+    for size in [1, 7, 64, 3, 30] * 4:
+        for fetched in inbox.fetch(size, 1 << 30):
+            tenant = tenants_of([fetched])[0]
+            items[tenant] += 8 if tenant == "a" else 1
+    assert abs(items["a"] - items["b"]) <= 8
+
+
+def test_a_configured_tenant_is_served_without_an_index_entry(client: redis.Redis) -> None:
+    # a Celery producer's send_task(queue="q@celery") indexes nothing: the worker serves it once configured
+    client.lpush("q@celery", tenant_message("celery"))
+    assert Inbox(client, "w1", ["q"]).fetch(10, 1 << 30) == []
+    fetched = Inbox(client, "w2", ["q"], tenants=frozenset({"celery"})).fetch(10, 1 << 30)
+    assert [f.source for f in fetched] == ["q@celery"] and client.sismember("bertq:tenants:q", "celery")
+
+
+def test_a_tenants_job_reclaimed_to_its_quarantine_runs_alone_and_its_dead_letter_names_it(
+    client: redis.Redis,
+) -> None:
+    queue_for(client, "b", 1)
+    inbox = Inbox(client, "w1", ["q"])
+    (fetched,) = inbox.fetch(10, 1 << 30)
+    assert reclaim_silent(client, "w1", max_deliveries=2).quarantined == 1
+    assert client.llen(QUARANTINE_PREFIX + "q@b") == 1 and inbox.fetch(10, 1 << 30) == []
+    alone = Inbox(client, "w2", ["q"]).fetch_quarantined()
+    assert alone is not None and alone.raw == fetched.raw
+    report = reclaim_silent(client, "w2", max_deliveries=2)
+    assert report.dead_lettered == 1
+    (letter,) = DeadLetters(client, 60).list()
+    assert (letter.summary()["queue"], letter.summary()["tenant"]) == ("q", "b")
+    assert DeadLetters(client, 60).requeue(letter) and client.llen(QUARANTINE_PREFIX + "q@b") + client.llen("q@b") == 1
