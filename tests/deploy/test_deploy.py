@@ -556,6 +556,33 @@ def test_the_validator_rejects_a_broken_deployment(base: list[dict[str, Any]]) -
         validate(broken)
 
 
+def test_the_every_tenant_component_scales_on_every_tenants_jobs(tmp_path: Path) -> None:
+    """components/keda-every-tenant: the redis trigger (one list, the default tenant's) is replaced by
+    a Prometheus trigger on the depth the workers report, summed over their queues, every tenant's lists
+    counted; the rest of the ScaledObject is the base's."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    up = os.path.relpath(K8S, overlay)  # kustomize refuses absolute paths
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {up}\ncomponents:\n  - {up}/components/keda-every-tenant\n"
+    )
+    scaled = find(kustomize(overlay), "ScaledObject", "bertq-worker")
+    base_scaled = find(kustomize(K8S), "ScaledObject", "bertq-worker")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    metadata = trigger["metadata"]
+    assert all(isinstance(value, str) for value in metadata.values()), "KEDA trigger metadata is a map of strings"
+    assert metadata["query"] == "sum(max by (queue) (bertq_queue_depth))"
+    assert WORKER_METRICS["bertq_queue_depth"] == "gauge"
+    assert metadata["threshold"] == base_scaled["spec"]["triggers"][0]["metadata"]["listLength"]
+    assert metadata["serverAddress"].startswith("http")
+    assert {k: v for k, v in scaled["spec"].items() if k != "triggers"} == {
+        k: v for k, v in base_scaled["spec"].items() if k != "triggers"
+    }
+    assert scaled["spec"]["minReplicaCount"] >= 1, "a worker must be there to report the depth"
+
+
 @pytest.mark.parametrize("overlay", ["base", "cpu"])
 def test_keda_scales_the_worker_deployment_on_the_queue_it_consumes(
     overlay: str, request: pytest.FixtureRequest
