@@ -1,6 +1,7 @@
 """OpenTelemetry traces that cross the queue (``bertq[otel]``, configured by the standard ``OTEL_*``
 variables): a job whose message carries a W3C ``traceparent`` (the client injects the caller's; a stream
-entry may carry one as a field) continues that trace on the worker.
+entry may carry one as a field) continues that trace on the worker. Stream entries read together are one
+delivery per task: its job span is a root of its own, linked to each traced entry's span.
 
 Spans of one job, children of the producer's span: ``bertq.job <task>`` from the engine's receipt to the
 stored record, and in it ``bertq.queued`` (from the producer's ``bertq_submitted_at``, when it is
@@ -79,13 +80,21 @@ class Tracing(Observer):
         self._lock = threading.Lock()
 
     def received(self, delivery: Delivery) -> None:
-        if not delivery.trace:
+        if not delivery.trace and not delivery.trace_links:
             return
-        parent = self._propagator.extract(delivery.trace)
+        from opentelemetry.trace import Link
+
+        root = self._trace.set_span_in_context(self._trace.INVALID_SPAN)
+        parent = self._propagator.extract(delivery.trace) if delivery.trace else root
+        links = [
+            Link(self._trace.get_current_span(self._propagator.extract(c)).get_span_context())
+            for c in delivery.trace_links
+        ]
         now = time.time_ns()
         span = self._tracer.start_span(
             f"bertq.job {delivery.task}",
             context=parent,
+            links=links,
             kind=self._trace.SpanKind.CONSUMER,
             attributes={
                 "bertq.job_id": delivery.job_id,

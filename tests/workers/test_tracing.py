@@ -150,3 +150,30 @@ def test_a_worker_process_exports_the_continued_trace_over_otlp(
         fleet.close()
         server.close()
         collector.shutdown()
+
+
+def test_a_delivery_of_several_traced_stream_entries_links_each_from_a_span_of_its_own(
+    tiny_models: dict[str, Path], producer: Any
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sink, tracing = MemorySink(), Tracing(provider)
+    engine = Engine(Settings(model_sentiment=str(tiny_models["sentiment"])), ModelCache(), "test", tracing)
+    engine.start()
+    traced = []
+    for name in ("entry 1", "entry 2"):
+        with producer.start_as_current_span(name) as span:
+            traced.append((span.get_span_context(), trace_context()))
+    items = [{"text": "one"}, {"text": "two"}, {"text": "untraced"}]
+    try:
+        engine.submit([Delivery("read", "sentiment", items, sink=sink, trace_links=[c for _, c in traced])])
+        sink.wait(["read"], 30)
+    finally:
+        engine.stop()
+    assert wait_until(lambda: any(s.name == "bertq.job sentiment" for s in exporter.get_finished_spans()), 10)
+    (job,) = [s for s in exporter.get_finished_spans() if s.name == "bertq.job sentiment"]
+    assert job.parent is None  # it serves several traces: a root of its own
+    assert [(link.context.trace_id, link.context.span_id) for link in job.links] == [
+        (context.trace_id, context.span_id) for context, _ in traced
+    ]

@@ -12,6 +12,20 @@ from bertq.schemas import JobStatus
 
 from bertq.errors import BertqError
 
+MAX_TRACE_FIELD = 512  # characters of a traceparent or tracestate (W3C: 55 and 512)
+
+
+def trace_context(fields: Any) -> dict[str, str] | None:
+    """The W3C trace context in a message's headers or a stream entry's fields (``traceparent``,
+    ``tracestate``), as the propagator reads it; None without a ``traceparent``. Values that are no short
+    strings are ignored."""
+    context = {
+        name: value
+        for name in ("traceparent", "tracestate")
+        if isinstance(value := fields.get(name), str) and len(value) <= MAX_TRACE_FIELD
+    }
+    return context if "traceparent" in context else None
+
 
 @dataclass(eq=False)
 class Delivery:
@@ -32,6 +46,9 @@ class Delivery:
     submitted_at: float | None = None  # unix time, when the producer said
     callback_url: str | None = None  # a webhook to call once the job is final
     trace: dict[str, str] | None = None  # the W3C trace context it carries (``traceparent``, ``tracestate``)
+    trace_links: list[dict[str, str]] = field(
+        default_factory=list
+    )  # contexts it serves beside its own: stream entries'
     refusal: BertqError | None = None
     deliveries: int = 1  # this delivery's number: 1 + deliveries that ended with their worker gone
     digest: str = ""  # SHA-1 of the message: its records name it, so another message under this id is refused

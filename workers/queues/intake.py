@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bertq.schemas import TaskName
-from bertq.workers.engine.delivery import Delivery, Sink
+from bertq.workers.engine.delivery import Delivery, Sink, trace_context
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.source import Source
 from bertq.workers.queues.inbox import Fetched, Inbox
@@ -37,7 +37,6 @@ FETCH_MOST = 64  # messages per fetch round trip
 FETCH_BUDGET_BYTES = 16 * 1024 * 1024  # and bytes, past the first message
 KWARGS = {"items", "model", "options", "callback_url"}
 KNOWN_TASKS = [task.value for task in TaskName]
-MAX_TRACE_HEADER = 512  # characters of a traceparent or tracestate header (W3C: 55 and 512)
 MAX_CLOCK_SKEW_S = 60.0  # a producer's clock ahead of this worker's by at most this
 MAX_QUEUED_S = 7 * 86_400.0  # longer than any record lives (BERTQ_RESULT_TTL_S)
 RECONCILE_EVERY_S = 10.0
@@ -95,7 +94,7 @@ def decode(fetched: Fetched, sink: Sink, max_message_bytes: int) -> Delivery:
             raise InvalidMessage(f"unknown task {task!r}; bertq workers run {known}", field="headers.task")
         delivery.expires_at = _expires(headers.get("expires"))
         delivery.time_limit_s = _time_limit(headers.get("timelimit"))
-        delivery.trace = _trace_context(headers)
+        delivery.trace = trace_context(headers)
         if headers.get("eta") is not None:
             raise Unsupported("eta/countdown is not supported: send the job when it should run", field="headers.eta")
         kwargs = _kwargs(envelope, properties)
@@ -213,17 +212,6 @@ def _time_limit(value: Any) -> float | None:
         if limit > 0:
             limits.append(float(limit))
     return min(limits, default=None)
-
-
-def _trace_context(headers: dict[str, Any]) -> dict[str, str] | None:
-    """The W3C trace context a producer put in the headers (``traceparent``, ``tracestate``), as the
-    propagator reads it; None without a ``traceparent``. Values that are no short strings are ignored."""
-    context = {
-        name: value
-        for name in ("traceparent", "tracestate")
-        if isinstance(value := headers.get(name), str) and len(value) <= MAX_TRACE_HEADER
-    }
-    return context if "traceparent" in context else None
 
 
 def _submitted_at(value: Any) -> float | None:

@@ -25,7 +25,7 @@ import time
 from typing import Any, cast
 
 import redis
-from bertq.workers.engine.delivery import Delivery
+from bertq.workers.engine.delivery import Delivery, trace_context
 from bertq.workers.engine.engine import Engine
 from bertq.workers.engine.source import (
     DEAD_LETTER_FN,
@@ -214,6 +214,8 @@ class StreamIntake(Source):
             "stream entries taken", stream=source.input, how=how, entries=[entry_id for entry_id, _ in entries]
         )
         read = Read(source, entries)
+        # one entry's traceparent is continued; several entries' are linked from each delivery's span
+        traces = [context for _, fields in entries if (context := trace_context(fields)) is not None]
         deliveries = []
         for task in source.tasks:
             items = [source.item(task, fields) for _, fields in entries]
@@ -225,6 +227,8 @@ class StreamIntake(Source):
                     options=source.options.get(task, {}),
                     sink=self.sink,  # type: ignore[arg-type]
                     ref=read,
+                    trace=traces[0] if len(entries) == 1 and traces else None,
+                    trace_links=traces if len(entries) > 1 else [],
                 )
             )
         return deliveries

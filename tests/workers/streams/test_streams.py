@@ -439,3 +439,23 @@ def test_a_rerank_source_reads_the_query_and_a_json_list_of_documents(
     assert same_results(entries[ids[3]], expected) and len(expected["ranked"]) == 2
     errors = [entries[entry_id]["error"]["field"] for entry_id in ids[len(good) :]]
     assert errors == ["documents", "documents", "query"]
+
+
+def test_an_entrys_traceparent_is_continued_alone_and_linked_among_others(redis_db: str) -> None:
+    """An entry may carry ``traceparent`` (and ``tracestate``) fields: a read of that one entry continues
+    its trace; a read of several links each traced entry from the delivery they share."""
+    store = redis.Redis.from_url(redis_db)
+    parents = [f"00-{i:032x}-{i:016x}-01" for i in (1, 2, 3)]
+    store.xadd("traced", {"text": "first", "traceparent": parents[0], "tracestate": "app=1"})
+    store.xadd("traced", {"text": "untraced"})
+    store.xadd("traced", {"text": "second", "traceparent": parents[1]})
+    engine = Holding()
+    with running(stream_intake(redis_db, "traced", engine, "me")):
+        assert wait_until(lambda: len(engine.taken) == 3, 10)
+        store.xadd("traced", {"text": "alone", "traceparent": parents[2], "tracestate": "x" * 600})
+        assert wait_until(lambda: len(engine.taken) == 4, 10)
+        together, alone = engine.held()
+        engine.finish()
+    assert together.item_count == 3 and together.trace is None
+    assert together.trace_links == [{"traceparent": parents[0], "tracestate": "app=1"}, {"traceparent": parents[1]}]
+    assert alone.trace == {"traceparent": parents[2]} and alone.trace_links == []  # an oversized tracestate is dropped
