@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bertq.workers.engine.delivery import Delivery, Observer, Outcome
@@ -62,7 +62,6 @@ class _Job:
     span: Any
     prepare: Any
     last_batch_end_ns: int = 0
-    batches: list[Any] = field(default_factory=list)
 
 
 class Tracing(Observer):
