@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from bertq.errors import BertqError, BrokerUnavailable, SubmitIncomplete
+from bertq.errors import BertqError, BrokerUnavailable, QuotaExceeded, SubmitIncomplete
 from bertq.log import get_logger
 from bertq.schemas import ErrorRecord
 
@@ -92,6 +92,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, BertqError)
         return JSONResponse({"error": error.to_record()}, status_code=422)
 
+    async def quota_exceeded(request: Request, error: Exception) -> JSONResponse:
+        """429: the tenant's quota, its limit and the count now; nothing of the job was queued (jobs of a
+        batch queued before it are named)."""
+        assert isinstance(error, QuotaExceeded)
+        quota = {"tenant": error.tenant, "quota": error.quota, "limit": error.limit, "current": error.current}
+        return JSONResponse({"error": error.to_record(), **quota, "queued_ids": error.queued_ids}, status_code=429)
+
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, HTTPException)
         code = _HTTP_CODES.get(error.status_code, "http_error")
@@ -104,6 +111,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(BrokerUnavailable, broker_unavailable)
+    app.add_exception_handler(QuotaExceeded, quota_exceeded)
     app.add_exception_handler(BertqError, bertq_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

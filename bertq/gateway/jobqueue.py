@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bertq.client import Client
 from bertq.connection import broker_error
-from bertq.errors import SubmitIncomplete
+from bertq.errors import QuotaExceeded, SubmitIncomplete
 from bertq.gateway.completions import Completions
 from bertq.records import JobView
 
@@ -37,6 +37,9 @@ class JobQueue:
                     queued.append(self.client.submit(**job))
                 except SubmitIncomplete as error:
                     raise SubmitIncomplete(error.message, queued, error.unconfirmed_ids) from error
+                except QuotaExceeded as error:  # the jobs before it stay queued: say which
+                    error.queued_ids = queued
+                    raise
             return queued
 
         job_ids: list[str] = await run_in_threadpool(submit_all)

@@ -1,6 +1,6 @@
 """The asynchronous job API: queue jobs (202 with their ids), read them (as `bertq result` prints them,
-optionally long-polled with ``?wait=``), cancel them. Tenants do not exist in bertq yet, so jobs carry
-none."""
+optionally long-polled with ``?wait=``), cancel them. A job may name its tenant, as ``Client.submit``
+takes it (README, Tenants); one over its tenant's quota is answered 429 and queues nothing."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class JobRequest(BaseModel):
         None, pattern=r"^https?://", description="A worker POSTs the final record here (README, Webhooks)."
     )
     priority: int | None = Field(None, ge=0, le=9, description="0 (the default) is served first.")
+    tenant: str | None = Field(None, description="Who the job is for (README, Tenants); default: `default`.")
 
 
 class BatchRequest(BaseModel):
@@ -77,14 +78,24 @@ def _send(state: Gateway, job: JobRequest) -> dict[str, Any]:
     return job.model_dump()
 
 
-@router.post("/v1/jobs", status_code=202, response_model=Queued, responses={422: {"model": ErrorAnswer}})
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=Queued,
+    responses={422: {"model": ErrorAnswer}, 429: {"model": ErrorAnswer}},
+)
 async def submit_job(job: JobRequest, state: GatewayState) -> JSONResponse:
     send = _send(state, job)
     job_id = await state.queue.submit(send.pop("task"), send.pop("items"), **send)
     return JSONResponse({"job_id": job_id, "status": "queued"}, status_code=202, headers={"Location": _path(job_id)})
 
 
-@router.post("/v1/jobs:batch", status_code=202, response_model=BatchQueued, responses={422: {"model": ErrorAnswer}})
+@router.post(
+    "/v1/jobs:batch",
+    status_code=202,
+    response_model=BatchQueued,
+    responses={422: {"model": ErrorAnswer}, 429: {"model": ErrorAnswer}},
+)
 async def submit_jobs(batch: BatchRequest, state: GatewayState) -> JSONResponse:
     """Every job is checked before any is queued; then they are queued in order."""
     jobs = []

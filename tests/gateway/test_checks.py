@@ -324,3 +324,54 @@ def test_openapi_lists_every_route_with_bertqs_own_schemas(redis_db: str) -> Non
     )
     schemas = document["components"]["schemas"]
     assert {"ErrorRecord", "JobStatus", "TaskName", "EmbeddingsRequest", "EmbeddingsResponse"} <= set(schemas)
+
+
+def test_a_job_names_its_tenant_and_one_over_its_quota_is_429_queuing_nothing(
+    redis_db: str, store: redis.Redis
+) -> None:
+    quotas = json.dumps({"shop-a": {"max_queued_items": 3}})
+    settings = settings_for(redis_db, tenant_quotas=quotas)
+    first, over, batch, bad = calls(
+        settings,
+        (
+            "POST",
+            "/v1/jobs",
+            {"json": {"task": "embedding", "items": ["a", "b"], "tenant": "shop-a"}, "headers": BEARER},
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            {"json": {"task": "embedding", "items": ["c", "d"], "tenant": "shop-a"}, "headers": BEARER},
+        ),
+        (
+            "POST",
+            "/v1/jobs:batch",
+            {
+                "json": {
+                    "jobs": [
+                        {"task": "embedding", "items": ["e"], "tenant": "shop-a"},
+                        {"task": "embedding", "items": ["f"], "tenant": "shop-a"},
+                    ]
+                },
+                "headers": BEARER,
+            },
+        ),
+        ("POST", "/v1/jobs", {"json": {"task": "embedding", "items": ["x"], "tenant": "a b"}, "headers": BEARER}),
+    )
+    assert first.status_code == 202
+    assert over.status_code == 429
+    assert error_of_quota(over) == ("quota_exceeded", "tenant")
+    assert {k: over.json()[k] for k in ("tenant", "quota", "limit", "current")} == {
+        "tenant": "shop-a",
+        "quota": "max_queued_items",
+        "limit": 3,
+        "current": 2,
+    }
+    assert batch.status_code == 429 and len(batch.json()["queued_ids"]) == 1  # the first fit, the second did not
+    assert bad.status_code == 422 and error_of(bad)["field"] == "tenant"
+    assert store.llen(f"{QUEUE}@shop-a") == 2 and store.llen(QUEUE) == 0  # 2 + 1 items, nothing of the refused
+
+
+def error_of_quota(response: httpx.Response) -> tuple[str, str]:
+    error = response.json()["error"]
+    return error["code"], error["field"]
