@@ -53,13 +53,19 @@ def test_the_client_carries_the_callers_trace_context_and_nothing_without_one(re
     assert "traceparent" not in untraced and trace_context() == {}
 
 
-def test_a_traced_job_continues_its_trace_and_its_batch_is_linked_to_every_traced_job(
-    tiny_models: dict[str, Path], producer: Any
-) -> None:
+def recording() -> tuple[InMemorySpanExporter, Tracing]:
+    """A Tracing observer whose spans are kept in memory, exported as each ends."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    sink, tracing = MemorySink(), Tracing(provider)
+    return exporter, Tracing(provider)
+
+
+def test_a_traced_job_continues_its_trace_and_its_batch_is_linked_to_every_traced_job(
+    tiny_models: dict[str, Path], producer: Any
+) -> None:
+    exporter, tracing = recording()
+    sink = MemorySink()
     settings = Settings(model_sentiment=str(tiny_models["sentiment"]), max_wait_ms=200)  # the jobs share a batch
     engine = Engine(settings, ModelCache(), "test", tracing)
     engine.start()
@@ -155,10 +161,8 @@ def test_a_worker_process_exports_the_continued_trace_over_otlp(
 def test_a_delivery_of_several_traced_stream_entries_links_each_from_a_span_of_its_own(
     tiny_models: dict[str, Path], producer: Any
 ) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    sink, tracing = MemorySink(), Tracing(provider)
+    exporter, tracing = recording()
+    sink = MemorySink()
     engine = Engine(Settings(model_sentiment=str(tiny_models["sentiment"])), ModelCache(), "test", tracing)
     engine.start()
     traced = []
