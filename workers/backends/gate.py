@@ -7,8 +7,9 @@ Embeddings: minimum and mean cosine of the vectors. Other tasks: top-1 agreement
 reads: the sentiment label, NER entity spans (label, start, end; matched over all texts, Jaccard),
 the QA answer span, the fill-mask top token of every mask, the NSP decision.
 
-A report is stored beside the cached model it measured (``admit``) and judged again by today's
-thresholds when read back, so a path is measured once per model, precision and held-out set."""
+A report is stored beside the cached model it measured (``report_of``) and judged again by today's
+thresholds when read back, so a path is measured once per model, precision and held-out set;
+``enforce`` refuses a path whose report failed."""
 
 from __future__ import annotations
 
@@ -46,21 +47,6 @@ AGREEMENT_OF = {
 
 #: Two similarity scores this close are the same decision.
 SCORE_TOLERANCE = 0.01
-
-
-def admit(
-    task: Task,
-    item: disk_cache.Entry,
-    loaded: Loaded,
-    reference: Callable[[], Loaded],
-    config: BackendConfig,
-    found: list[heldout.Domain] | None = None,
-    recipe: str | None = None,
-) -> dict[str, Any]:
-    """``report_of`` this path, then refuse it when it failed (unless BERTQ_ACCEPT_ANY_ACCURACY)."""
-    report = report_of(task, item, loaded, reference, config, found, recipe)
-    enforce(report, config.accept_any_accuracy)
-    return report
 
 
 def report_of(
