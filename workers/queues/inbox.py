@@ -162,8 +162,8 @@ class Inbox:
         self.client = client
         self.consumer = consumer
         self.queues = list(queues)
-        self.weights = dict(weights or {})
         self.tenants = tenants  # configured: served before any submit indexes them
+        self._fair_args = [json.dumps(dict(weights or {})), json.dumps(sorted(tenants))]  # as FAIR_FETCH reads them
         self.block_s = block_s
         self.dead_letters = dead_letters or DeadLetterLimits()
         self.inflight = inflight_key(consumer)
@@ -180,7 +180,7 @@ class Inbox:
         queue's tenants in weighted fair turns, each tenant's work by priority step."""
         keys = [self.inflight, SEQUENCE, CONSUMERS, *(landing_key(self.consumer, queue) for queue in self.queues)]
         args: list[Any] = [most, budget_bytes, len(self.queues), self.consumer, *self.queues]
-        args += [json.dumps(self.weights), json.dumps(sorted(self.tenants)), budget_items]
+        args += [*self._fair_args, budget_items]
         reply = self._fetch(keys=keys, args=args)
         return _fetched(reply)
 
